@@ -1,0 +1,201 @@
+"""The notebook side of a run: provenance, metrics with intervals, tests, tables and glued numbers.
+
+A notebook creates one :class:`Report`, records every number it shows through it, and calls
+:meth:`Report.save` at the end. ``save`` writes ``results/<experiment>/<profile>/summary.json`` (the
+contract of DESIGN.md) and one CSV per tidy table, atomically, so a crash never leaves a torn summary.
+Prose quotes numbers with :meth:`Report.glue`, so text cannot drift from results.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .cache import atomic_write_json, atomic_write_text
+from .errors import LayerwiseError
+from .paths import REPO_ROOT, results_dir
+
+#: Distributions whose versions are recorded with every result.
+TRACKED_PACKAGES = (
+    "analysis-kit", "torch", "transformers", "peft", "bitsandbytes", "captum", "shap", "statsmodels",
+    "scipy", "numpy", "pandas", "scikit-learn", "altair", "papermill", "jupyter-book", "myst-nb",
+)
+
+
+def _git_commit() -> str:
+    """The checked-out commit (with ``+dirty`` when the tree has uncommitted changes), or ``unknown``."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "analysis_kit", "notebooks"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def hardware() -> dict[str, Any]:
+    """CPU model, core count, memory and accelerator of this machine."""
+    import psutil
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")  # Linux only; elsewhere platform.processor() is the best we have
+    if cpuinfo.exists():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpu": gpu,
+        "device": "cuda" if gpu else "cpu",
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the packages that determine results."""
+    out = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def provenance(start: float | None = None) -> dict[str, Any]:
+    """Everything needed to say where a number came from."""
+    now = time.time()
+    return {
+        "git_commit": _git_commit(),
+        "versions": versions(),
+        "hardware": hardware(),
+        "device": hardware()["device"],
+        "start_time": _dt.datetime.fromtimestamp(start or now, _dt.timezone.utc).isoformat(timespec="seconds"),
+        "duration_s": round(now - start, 1) if start else None,
+    }
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe scalars: numpy to python, NaN/inf to None."""
+    if isinstance(x, (np.floating, float)):
+        x = float(x)
+        return None if math.isnan(x) or math.isinf(x) else x
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+class Report:
+    """Collects the results of one notebook run and writes them to ``results/<experiment>/<profile>/``."""
+
+    def __init__(self, experiment: str, profile: str, params: dict[str, Any]):
+        self.experiment = experiment
+        self.profile = profile
+        self.params = {k: v for k, v in params.items() if not k.startswith("_")}
+        self.start = time.time()
+        self.metrics: dict[str, dict[str, Any]] = {}
+        self.tests: list[dict[str, Any]] = []
+        self.tables: dict[str, pd.DataFrame] = {}
+        self.glued: dict[str, Any] = {}
+        self.notes: list[str] = []
+
+    @property
+    def out_dir(self) -> Path:
+        """``results/<experiment>/<profile>/``."""
+        return results_dir() / self.experiment / self.profile
+
+    def header(self) -> pd.DataFrame:
+        """A one-table view of profile, parameters, hardware, versions and commit for the notebook's top."""
+        prov = provenance(self.start)
+        rows = [("profile", self.profile), ("git commit", prov["git_commit"]), ("started", prov["start_time"])]
+        rows += [(f"hardware: {k}", v) for k, v in prov["hardware"].items()]
+        rows += [(f"param: {k}", v) for k, v in self.params.items()]
+        rows += [(f"version: {k}", v) for k, v in prov["versions"].items()]
+        return pd.DataFrame(rows, columns=["what", "value"]).astype({"value": str}).set_index("what")
+
+    def metric(self, name: str, record: dict[str, Any]) -> dict[str, Any]:
+        """Record a metric; ``record`` is a :func:`analysis_kit.stats.summarize` dict."""
+        missing = {"mean", "ci_low", "ci_high", "n", "unit", "method"} - set(record)
+        if missing:
+            raise LayerwiseError(f"metric {name!r} lacks {sorted(missing)}; build it with stats.summarize().")
+        self.metrics[name] = _clean(dict(record))
+        return self.metrics[name]
+
+    def test(self, result: Any) -> None:
+        """Record a test (a ``stats.TestResult`` or a dict with name, statistic, p_value, p_holm, effect_size)."""
+        rec = result.as_dict() if hasattr(result, "as_dict") else dict(result)
+        missing = {"name", "statistic", "p_value", "p_holm", "effect_size"} - set(rec)
+        if missing:
+            raise LayerwiseError(f"test record lacks {sorted(missing)}; Holm-correct the family with stats.holm_family().")
+        self.tests.append(_clean(rec))
+
+    def table(self, name: str, df: pd.DataFrame) -> pd.DataFrame:
+        """Keep a tidy table; it is written as ``<name>.csv`` beside summary.json."""
+        self.tables[name] = df.reset_index(drop=True) if not isinstance(df.index, pd.RangeIndex) else df
+        return df
+
+    def glue(self, name: str, value: Any, fmt: str | None = None, display: bool = False) -> Any:
+        """Glue a number for the prose (``{glue:text}`name```); ``fmt`` formats it (e.g. ``".1%"``)."""
+        from myst_nb import glue
+
+        shown = format(value, fmt) if fmt else value
+        self.glued[name] = _clean(value)
+        glue(name, shown, display=display)
+        return shown
+
+    def glue_metric(self, name: str, record: dict[str, Any], fmt: str = ".3f", scale: float = 1.0) -> str:
+        """Record a metric and glue ``"<mean> (95% CI <lo>–<hi>)"`` under ``name``."""
+        self.metric(name, record)
+        lo, hi = record["ci_low"], record["ci_high"]
+        ci = "" if lo is None or hi is None or (isinstance(lo, float) and math.isnan(lo)) else \
+            f" (95% CI {format(lo * scale, fmt)}–{format(hi * scale, fmt)})"
+        return self.glue(name, f"{format(record['mean'] * scale, fmt)}{ci}")
+
+    def note(self, text: str) -> None:
+        """A caveat that travels with the results."""
+        self.notes.append(text)
+
+    def summary(self) -> dict[str, Any]:
+        """The summary.json payload."""
+        return {
+            "experiment": self.experiment,
+            "profile": self.profile,
+            "params": _clean(self.params),
+            "provenance": provenance(self.start),
+            "metrics": self.metrics,
+            "tests": self.tests,
+            "glued": self.glued,
+            "notes": self.notes,
+            "tables": sorted(f"{n}.csv" for n in self.tables),
+        }
+
+    def save(self) -> Path:
+        """Write summary.json and the tables atomically; returns the folder."""
+        out = self.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        for name, df in self.tables.items():
+            atomic_write_text(out / f"{name}.csv", df.to_csv(index=False))
+        atomic_write_json(out / "summary.json", self.summary())
+        return out

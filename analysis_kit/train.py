@@ -1,0 +1,258 @@
+"""Seeded fine-tuning and evaluation, with a content-addressed cache of trained models.
+
+``fine_tune`` is a plain loop (AdamW, linear warm-up/decay, gradient clipping, early stopping on
+validation loss, best weights restored) so that every step is visible and deterministic on CPU.
+``get_trained`` wraps it in the cache: the key is everything that determines the weights (model spec,
+task spec, training config, seed), so notebooks stay independent and nothing is trained twice.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import f1_score
+
+from . import data as data_mod
+from .cache import atomic_write_json, cached_dir
+from .device import pick, progress, seed_everything
+from .errors import LayerwiseError
+
+#: Bump when the training code changes in a way that changes weights (invalidates the cache).
+TRAIN_CODE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one fine-tuning run."""
+
+    epochs: int = 4
+    lr: float = 5e-5
+    batch_size: int = 32
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    patience: int = 2
+    max_steps: int | None = None
+    max_length: int = 128
+    eval_every: int | None = None
+    grad_clip: float = 1.0
+
+    def validate(self) -> None:
+        """Fail fast on impossible settings."""
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.max_length < 8:
+            raise LayerwiseError(f"invalid TrainConfig {self}: need epochs>=1, batch_size>=1, lr>0, max_length>=8.")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Which data a model is trained on: domain, label mode, neutral band, training-set cap."""
+
+    domain: str = "amazon"
+    label_mode: str = "polarity"
+    neutral_band: float = 0.5
+    max_train: int | None = None
+    max_eval: int | None = None
+
+    @property
+    def num_labels(self) -> int:
+        return {"polarity": 2, "bins5": 5, "regression": 1}[self.label_mode]
+
+
+def load_task(task: TaskSpec, seed: int) -> dict[str, pd.DataFrame]:
+    """Load, split (seeded, stratified) and optionally subsample the task's data."""
+    if task.label_mode not in data_mod.LABEL_MODES:
+        raise LayerwiseError(f"label_mode {task.label_mode!r} unknown; choose from {data_mod.LABEL_MODES}.")
+    df = data_mod.load_snippets(task.domain, task.label_mode, task.neutral_band)
+    splits = data_mod.split(df, seed=seed, stratify=task.label_mode != "regression")
+    strat = task.label_mode != "regression"
+    if task.max_train is not None and len(splits["train"]) > task.max_train:
+        splits["train"] = data_mod.subsample(splits["train"], task.max_train, seed, stratify=strat)
+    if task.max_eval is not None:
+        for name in ("val", "test"):
+            if len(splits[name]) > task.max_eval:
+                splits[name] = data_mod.subsample(splits[name], task.max_eval, seed, stratify=strat)
+    return splits
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if logits.shape[-1] == 1:
+        return F.mse_loss(logits.squeeze(-1), labels.float())
+    return F.cross_entropy(logits, labels.long())
+
+
+def _batches(tokenizer, df: pd.DataFrame, cfg_batch: int, max_length: int, shuffle: bool, seed: int):
+    labels = df["label"].to_numpy()
+    return data_mod.make_loader(tokenizer, df["text"].tolist(), labels, batch_size=cfg_batch, shuffle=shuffle,
+                                seed=seed, max_length=max_length, bucket=True)
+
+
+@torch.no_grad()
+def predict(model, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 128,
+            device: str | torch.device = "auto") -> np.ndarray:
+    """Logits for ``texts`` in their original order, shape (n, num_labels)."""
+    dev = pick(device)
+    model.eval().to(dev)
+    loader = data_mod.make_loader(tokenizer, texts, np.zeros(len(texts)), batch_size=batch_size, shuffle=False,
+                                  seed=0, max_length=max_length, bucket=False)
+    out = []
+    for batch in loader:
+        batch = {k: v.to(dev) for k, v in batch.items() if k != "labels"}
+        out.append(model(**batch).logits.float().cpu())
+    return torch.cat(out).numpy()
+
+
+def metrics_from_logits(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Accuracy, macro-F1, loss and per-example arrays (probs, preds, correct, entropy)."""
+    logits_t = torch.as_tensor(logits)
+    labels = np.asarray(labels)
+    if logits.shape[1] == 1:
+        pred = logits[:, 0]
+        mse = float(np.mean((pred - labels) ** 2))
+        return {"mse": mse, "loss": mse, "pearson": float(np.corrcoef(pred, labels)[0, 1]), "preds": pred}
+    probs = torch.softmax(logits_t, -1).numpy()
+    preds = probs.argmax(1)
+    loss = float(F.cross_entropy(logits_t, torch.as_tensor(labels).long()).item())
+    entropy = -(probs * np.log(np.clip(probs, 1e-12, 1))).sum(1)
+    return {
+        "accuracy": float((preds == labels).mean()),
+        "macro_f1": float(f1_score(labels, preds, average="macro", labels=list(range(logits.shape[1])),
+                                   zero_division=0)),
+        "loss": loss,
+        "probs": probs,
+        "preds": preds,
+        "correct": preds == labels,
+        "entropy": entropy,
+    }
+
+
+def evaluate(model, tokenizer, df: pd.DataFrame, batch_size: int = 64, max_length: int = 128,
+             device: str | torch.device = "auto") -> dict[str, Any]:
+    """Evaluate on a frame with ``text`` and ``label`` columns; see :func:`metrics_from_logits`."""
+    logits = predict(model, tokenizer, df["text"].tolist(), batch_size, max_length, device)
+    return metrics_from_logits(logits, df["label"].to_numpy())
+
+
+def fine_tune(model, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFrame, cfg: TrainConfig, seed: int,
+              device: str | torch.device = "auto") -> tuple[Any, pd.DataFrame]:
+    """Train ``model`` on ``train_df``; early-stop on validation loss and restore the best weights.
+
+    Returns the model (best validation weights) and a history frame (step, epoch, train_loss, val_loss,
+    val_accuracy or val_mse, seconds).
+    """
+    cfg.validate()
+    if len(train_df) == 0 or len(val_df) == 0:
+        raise LayerwiseError("empty training or validation set; lower neutral_band or raise max_train.")
+    dev = pick(device)
+    seed_everything(seed)
+    model.to(dev)
+    steps_per_epoch = math.ceil(len(train_df) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    eval_every = cfg.eval_every or steps_per_epoch
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    warm = max(1, int(cfg.warmup_ratio * total))
+
+    def lr_factor(s: int) -> float:  # linear warm-up, then linear decay to zero at the last step
+        return (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    state = {"best": math.inf, "weights": None, "bad": 0}
+    step, rows, run_loss = 0, [], []
+    start = time.time()
+
+    def validate() -> None:
+        """Evaluate, log a history row, keep the best weights and count evaluations without progress."""
+        val = evaluate(model, tokenizer, val_df, max_length=cfg.max_length, device=dev)
+        row = {"step": step, "epoch": step / steps_per_epoch, "train_loss": float(np.mean(run_loss)),
+               "val_loss": val["loss"], "seconds": time.time() - start}
+        row.update({f"val_{k}": val[k] for k in ("accuracy", "macro_f1", "mse") if k in val})
+        rows.append(row)
+        run_loss.clear()
+        if val["loss"] < state["best"] - 1e-6:
+            state.update(best=val["loss"], bad=0,
+                         weights={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        else:
+            state["bad"] += 1
+
+    bar = progress(total=total, desc="fine-tune")
+    for epoch in range(cfg.epochs):
+        loader = _batches(tokenizer, train_df, cfg.batch_size, cfg.max_length, True, seed * 1000 + epoch)
+        for batch in loader:
+            model.train()
+            batch = {k: v.to(dev) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            loss = _loss(model(**batch).logits, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            run_loss.append(loss.item())
+            bar.update(1)
+            if step % eval_every == 0:
+                validate()
+            if step >= total or state["bad"] >= cfg.patience:
+                break
+        if run_loss:  # the epoch ended between evaluations
+            validate()
+        if step >= total or state["bad"] >= cfg.patience:
+            break
+    bar.close()
+    if state["weights"] is not None:
+        model.load_state_dict(state["weights"])
+    model.eval()
+    return model, pd.DataFrame(rows)
+
+
+def get_trained(model_spec, task: TaskSpec, cfg: TrainConfig, seed: int, device: str | torch.device = "auto",
+                ) -> tuple[Any, Any, dict[str, Any]]:
+    """Fine-tuned classifier for (model, task, config, seed), trained once and cached on disk.
+
+    Returns ``(model, tokenizer, record)``; ``record`` holds the training history, the validation
+    metrics at the best step, the wall time and the device it was trained on.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    from . import models
+
+    spec = {"kind": "trained_classifier", "model": asdict(model_spec), "task": asdict(task), "train": asdict(cfg),
+            "seed": seed, "code": TRAIN_CODE_VERSION}
+    tokenizer = models.load_tokenizer(model_spec)
+
+    def build(folder: Path) -> None:
+        splits = load_task(task, seed)
+        seed_everything(seed)
+        model = models.build_classifier(model_spec, task.num_labels, seed=seed)
+        start = time.time()
+        model, hist = fine_tune(model, tokenizer, splits["train"], splits["val"], cfg, seed, device)
+        secs = time.time() - start
+        val = evaluate(model, tokenizer, splits["val"], max_length=cfg.max_length, device=device)
+        model.cpu().save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        atomic_write_json(folder / "record.json", {
+            "history": hist.to_dict(orient="records"), "train_seconds": secs, "device": str(pick(device)),
+            "val": {k: v for k, v in val.items() if isinstance(v, float)},
+            "n_train": len(splits["train"]), "steps": int(hist["step"].max()) if len(hist) else 0})
+
+    folder = cached_dir("trained", spec, build)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    record = json.loads((folder / "record.json").read_text())
+    record["folder"] = str(folder)
+    return model, tokenizer, record
+
+
+def clone(model):
+    """A deep copy (for experiments that mutate a cached model)."""
+    return copy.deepcopy(model)

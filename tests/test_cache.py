@@ -1,0 +1,57 @@
+"""The content-addressed cache: stable keys, atomic entries, nothing left behind on failure."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from analysis_kit import cache
+
+
+@pytest.fixture(autouse=True)
+def _tmp_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path / "cache"))
+
+
+def test_key_is_order_independent_and_sensitive():
+    assert cache.key_of({"a": 1, "b": [1, 2]}) == cache.key_of({"b": [1, 2], "a": 1})
+    assert cache.key_of({"a": 1}) != cache.key_of({"a": 2})
+    assert cache.key_of((1, 2)) == cache.key_of([1, 2])
+
+
+def test_cached_dir_builds_once():
+    calls = []
+
+    def build(folder: Path) -> None:
+        calls.append(folder)
+        (folder / "x.txt").write_text("hello")
+
+    a = cache.cached_dir("k", {"n": 1}, build)
+    b = cache.cached_dir("k", {"n": 1}, build)
+    assert a == b and len(calls) == 1
+    assert (a / "x.txt").read_text() == "hello"
+    assert json.loads((a / "spec.json").read_text()) == {"n": 1}
+
+
+def test_failed_build_leaves_nothing_and_retries():
+    def bad(folder: Path) -> None:
+        (folder / "partial").write_text("half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        cache.cached_dir("k", {"n": 2}, bad)
+    kind_dir = Path(cache.cache_dir()) / "k"
+    assert list(kind_dir.iterdir()) == []
+    path = cache.cached_dir("k", {"n": 2}, lambda f: (f / "ok").write_text("1"))
+    assert (path / "ok").exists() and not (path / "partial").exists()
+
+
+def test_cached_json_and_atomic_write(tmp_path):
+    n = []
+    assert cache.cached_json("j", {"q": 1}, lambda: n.append(1) or {"v": 3}) == {"v": 3}
+    assert cache.cached_json("j", {"q": 1}, lambda: n.append(1) or {"v": 4}) == {"v": 3}
+    assert len(n) == 1
+    target = tmp_path / "out" / "f.json"
+    cache.atomic_write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in target.parent.iterdir()] == ["f.json"]
