@@ -256,3 +256,46 @@ def get_trained(model_spec, task: TaskSpec, cfg: TrainConfig, seed: int, device:
 def clone(model):
     """A deep copy (for experiments that mutate a cached model)."""
     return copy.deepcopy(model)
+
+
+#: The standard fine-tuned models every chapter shares (same spec → same cache entry → trained once).
+STANDARD_TRAIN = {
+    "minilm": TrainConfig(epochs=4, lr=5e-5, batch_size=32, patience=2),
+    "scratch": TrainConfig(epochs=12, lr=2e-4, batch_size=32, patience=3, warmup_ratio=0.06),
+}
+SMOKE_TRAIN = TrainConfig(epochs=1, lr=1e-3, batch_size=16, patience=1, max_length=64)
+SMOKE_TASK = TaskSpec(max_train=240, max_eval=120)
+
+
+def standard_task(tiny: bool = False) -> TaskSpec:
+    """The default task (Amazon snippets, polarity, band 0.5); capped in size for the smoke profile."""
+    return SMOKE_TASK if tiny else TaskSpec()
+
+
+def standard_spec(name: str, tiny: bool = False, num_layers: int | None = None):
+    """ModelSpec of a standard model: ``minilm`` (pretrained, 6 blocks) or ``scratch`` (12-block BERT-style).
+
+    ``tiny`` gives the smoke-profile stand-in of the same architecture (random init, ≤ 4 blocks, hidden ≤ 64).
+    """
+    from .models import ModelSpec
+
+    if name == "minilm":
+        return ModelSpec("minilm", num_layers=num_layers or (3 if tiny else None), tiny=tiny)
+    if name == "scratch":
+        if tiny:
+            return ModelSpec("scratch", num_layers=num_layers or 4, hidden=32, heads=2, intermediate=64, tiny=True)
+        return ModelSpec("scratch", num_layers=num_layers or 12, hidden=256, heads=4, intermediate=1024)
+    raise LayerwiseError(f"unknown standard model {name!r}; choose 'minilm' or 'scratch'.")
+
+
+def baseline(name: str, seed: int, tiny: bool = False, task: TaskSpec | None = None, num_layers: int | None = None,
+             device: str | torch.device = "auto") -> tuple[Any, Any, dict[str, Any]]:
+    """The standard fine-tuned ``minilm`` or ``scratch`` classifier for ``seed`` (cached; shared by chapters).
+
+    With ``tiny`` (smoke profile) the model is the tiny stand-in and the task is capped at
+    :data:`SMOKE_TASK` sizes with a one-epoch schedule, so the pipeline runs in seconds.
+    """
+    spec = standard_spec(name, tiny, num_layers)
+    cfg = SMOKE_TRAIN if tiny else STANDARD_TRAIN[name]
+    task = task or standard_task(tiny)
+    return get_trained(spec, task, cfg, seed, device)

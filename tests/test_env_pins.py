@@ -1,9 +1,9 @@
 """pyproject.toml, environment.yml and requirements.lock must pin the same versions."""
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
