@@ -77,6 +77,9 @@ def cached_dir(kind: str, spec: Any, build: Callable[[Path], None]) -> Path:
         build(tmp)
         atomic_write_json(tmp / "spec.json", spec)
         (tmp / ".complete").touch()
+        if (final / ".complete").exists():  # another process finished the same work first: keep theirs
+            shutil.rmtree(tmp)
+            return final
         if final.exists():  # an incomplete leftover from an interrupted run
             shutil.rmtree(final)
         os.replace(tmp, final)

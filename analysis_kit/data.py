@@ -160,7 +160,7 @@ def make_loader(tokenizer: Any, texts: list[str], labels: Any, batch_size: int =
     enc = tokenizer(list(texts), truncation=True, max_length=max_length)
     ids = enc["input_ids"]
     lengths = np.array([len(x) for x in ids])
-    labels_t = torch.as_tensor(np.asarray(labels))
+    labels_t = torch.as_tensor(np.array(labels))  # a copy: pandas arrays may be read-only
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = []
     for b in batch_order(lengths, batch_size, shuffle, seed, bucket):

@@ -40,8 +40,8 @@ def progress_enabled() -> bool:
 
 
 def progress(iterable=None, **kwargs):
-    """``tqdm.auto.tqdm`` that honours ``LAYERWISE_PROGRESS``."""
-    from tqdm.auto import tqdm
+    """``tqdm`` (text) that honours ``LAYERWISE_PROGRESS``; the runner turns it off inside executed notebooks."""
+    from tqdm import tqdm
 
     kwargs.setdefault("disable", not progress_enabled())
     kwargs.setdefault("leave", False)

@@ -10,7 +10,9 @@ against the cell before any notebook starts, so a typo never costs a 15-minute r
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -18,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,18 +90,33 @@ _RANGE = re.compile(r"range:\s*([-+0-9.eE]*)\s*\.\.\s*([-+0-9.eE]*)")
 _CHOICES = re.compile(r"choices:\s*([^;]+)")
 
 
-def notebook_params(slug: str) -> dict[str, Param]:
-    """Parse the ``parameters`` cell of ``notebooks/<slug>.ipynb``."""
-    import papermill as pm
+def _parameters_source(slug: str) -> str:
+    import nbformat
 
-    raw = pm.inspect_notebook(str(_check_slug(slug)))
+    nb = nbformat.read(_check_slug(slug), as_version=4)
+    cells = [c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
+    if len(cells) != 1:
+        raise LayerwiseError(f"notebooks/{slug}.ipynb must have exactly one cell tagged 'parameters' (has {len(cells)}).")
+    return cells[0].source
+
+
+def notebook_params(slug: str) -> dict[str, Param]:
+    """Parse the ``parameters`` cell of ``notebooks/<slug>.ipynb`` (names, literal defaults, comments)."""
+    source = _parameters_source(slug)
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
     out: dict[str, Param] = {}
-    for name, info in raw.items():
+    for node in ast.parse(source).body:
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
+            node.target if isinstance(node, ast.AnnAssign) else None
+        if not isinstance(target, ast.Name) or node.value is None:
+            raise LayerwiseError(f"{slug}: the parameters cell may only hold `name = literal  # help` lines "
+                                 f"(line {node.lineno}).")
         try:
-            default = ast.literal_eval(info["default"])
-        except (ValueError, SyntaxError) as exc:
-            raise LayerwiseError(f"{slug}: parameter {name} default {info['default']!r} is not a literal") from exc
-        helptext = info.get("help", "") or ""
+            default = ast.literal_eval(node.value)
+        except ValueError as exc:
+            raise LayerwiseError(f"{slug}: parameter {target.id} (line {node.lineno}) is not a literal") from exc
+        helptext = comments.get(node.end_lineno, "")
         lo = hi = None
         if m := _RANGE.search(helptext):
             lo = float(m.group(1)) if m.group(1) else None
@@ -106,7 +124,7 @@ def notebook_params(slug: str) -> dict[str, Param]:
         choices = None
         if m := _CHOICES.search(helptext):
             choices = tuple(c.strip() for c in m.group(1).split(","))
-        out[name] = Param(name, default, helptext, lo, hi, choices)
+        out[target.id] = Param(target.id, default, helptext, lo, hi, choices)
     return out
 
 
@@ -225,6 +243,21 @@ def output_path(slug: str, profile: str) -> Path:
     return (SMOKE_OUT if profile == "smoke" else BOOK / "experiments") / f"{slug}.ipynb"
 
 
+@contextlib.contextmanager
+def _env(**values: str):
+    """Temporarily set environment variables (inherited by the notebook kernel)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @dataclass
 class RunResult:
     """Outcome of one notebook execution."""
@@ -253,8 +286,12 @@ def run_one(slug: str, profile: str, overrides: dict[str, Any] | None = None, fo
     partial = out.with_name(f".{out.stem}.running.ipynb")
     start = time.time()
     try:
-        pm.execute_notebook(str(NOTEBOOKS / f"{slug}.ipynb"), str(partial), parameters=params, kernel_name="python3",
-                            cwd=str(NOTEBOOKS), progress_bar=False, log_output=False)
+        # progress: papermill's per-cell bar on the console; tqdm bars inside the notebook would only clutter
+        # the published page, so the kernel inherits LAYERWISE_PROGRESS=0
+        with _env(LAYERWISE_PROGRESS=os.environ.get("LAYERWISE_NOTEBOOK_PROGRESS", "0")):
+            pm.execute_notebook(str(NOTEBOOKS / f"{slug}.ipynb"), str(partial), parameters=params,
+                                kernel_name="python3", cwd=str(NOTEBOOKS),
+                                progress_bar=os.environ.get("LAYERWISE_PROGRESS", "1") != "0", log_output=False)
     except pm.PapermillExecutionError as exc:
         failed = out.with_name(f"{out.stem}.failed.ipynb")
         partial.replace(failed)

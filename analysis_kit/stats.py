@@ -205,14 +205,16 @@ def t_ci(values: Sequence[float] | np.ndarray, confidence: float = 0.95) -> tupl
 
 def summarize(values: Sequence[float] | np.ndarray, unit: str = "", over: Literal["seeds", "examples"] = "seeds",
               ci: Literal["auto", "bootstrap", "t"] = "auto", confidence: float = 0.95, n_resamples: int = 10_000,
-              seed: int = 0) -> dict[str, Any]:
+              seed: int = 0, bounds: tuple[float, float] | None = None) -> dict[str, Any]:
     """The ``summary.json`` metric record ``{mean, ci_low, ci_high, n, unit, method}`` for one metric.
 
     ``over`` says what the values are (one per seed, or one per test example) and appears in ``method``.
     ``ci="auto"`` picks a Student t interval when ``over == "seeds"`` and n < 10 (a bootstrap over so
     few seeds is too narrow, see the module docstring), a BCa bootstrap otherwise. ``method`` is a
     sentence a reader can check, e.g. "BCa bootstrap 95% CI over 500 examples (10000 resamples)".
-    An undefined bound (a single value) is ``None`` so the record stays valid JSON.
+    An undefined bound (a single value) is ``None`` so the record stays valid JSON. ``bounds`` clips the
+    interval to the metric's possible range (e.g. ``(0, 1)`` for accuracy: a t interval over two seeds
+    can otherwise pass 100%); clipping is stated in ``method``.
     """
     if over not in ("seeds", "examples"):
         raise StatsError(f"over={over!r} must be 'seeds' or 'examples' (what one value stands for).")
@@ -236,6 +238,9 @@ def summarize(values: Sequence[float] | np.ndarray, unit: str = "", over: Litera
                                            n_resamples=n_resamples, seed=seed, method="BCa")
         why = "; BCa needs n >= 3" if used == "percentile" and n < 3 else "; BCa degenerate" if used != "BCa" else ""
         method = f"{used} bootstrap {pct} CI over {what} ({n_resamples} resamples{why})"
+    if bounds is not None and not math.isnan(low) and (low < bounds[0] or high > bounds[1]):
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+        method += f", clipped to [{bounds[0]:g}, {bounds[1]:g}]"
     return {"mean": float(mean), "ci_low": _jsonable(low), "ci_high": _jsonable(high), "n": n, "unit": unit,
             "method": method}
 

@@ -12,6 +12,7 @@ Exit 1 with a list of problems when any check fails.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -40,16 +41,10 @@ def check_site(html_dir: Path, browser) -> tuple[list[dict], list[str]]:
     for page_path in pages:
         page = browser.new_page(viewport={"width": 1280, "height": 1600})
         external: list[str] = []
-
-        def route(r, external=external):
-            if r.request.url.startswith(("file:", "data:", "blob:")):
-                r.continue_()
-            else:
-                external.append(r.request.url)
-                r.abort()
-
-        page.route("**/*", route)
-        page.goto(page_path.as_uri(), wait_until="load")
+        page.on("request", lambda r, ext=external: None if r.url.startswith(("file:", "data:", "blob:"))
+                else ext.append(r.url))
+        page.route(re.compile(r"^(https?|wss?)://"), lambda route: route.abort())
+        page.goto(page_path.as_uri(), wait_until="load", timeout=20000)
         page.wait_for_timeout(300)
         info = page.evaluate("""() => {
             const imgs = [...document.querySelectorAll('img')];

@@ -336,3 +336,12 @@ def test_prob_improvement_symmetry():
     a, b = rng.normal(size=8), rng.normal(size=8)
     assert S.prob_improvement(a, b)[0] + S.prob_improvement(b, a)[0] == pytest.approx(1.0)
     assert S.prob_improvement(a, b, paired=False)[0] + S.prob_improvement(b, a, paired=False)[0] == pytest.approx(1.0)
+
+
+def test_summarize_clips_to_bounds():
+    wide = S.summarize([0.2, 0.99], unit="fraction", over="seeds")
+    assert wide["ci_high"] > 1
+    clipped = S.summarize([0.2, 0.99], unit="fraction", over="seeds", bounds=(0, 1))
+    assert clipped["ci_high"] == 1 and clipped["ci_low"] == 0 and "clipped" in clipped["method"]
+    inside = S.summarize([0.5, 0.52, 0.51], over="seeds", bounds=(0, 1))
+    assert "clipped" not in inside["method"]
