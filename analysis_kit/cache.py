@@ -8,6 +8,7 @@ run never leaves a half-written entry: the next run simply recomputes what is mi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -62,30 +63,45 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(_canonical(obj), indent=2, sort_keys=False, default=str) + "\n")
 
 
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive advisory lock on ``path`` (POSIX ``flock``) so concurrent runs build an entry once."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def cached_dir(kind: str, spec: Any, build: Callable[[Path], None]) -> Path:
     """Return the cache folder for ``spec``, calling ``build(tmp_folder)`` only if it is missing.
 
     ``build`` fills an empty temporary folder; on success it is renamed to its final, content-addressed
     name and ``spec.json`` is stored beside the payload for inspection. On failure nothing is left.
+    Concurrent callers with the same spec (two notebooks running at once) wait on a lock instead of
+    doing the same expensive work twice.
     """
     final = cache_dir() / kind / key_of(spec)
     if (final / ".complete").exists():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name[:12]}."))
-    try:
-        build(tmp)
-        atomic_write_json(tmp / "spec.json", spec)
-        (tmp / ".complete").touch()
-        if (final / ".complete").exists():  # another process finished the same work first: keep theirs
-            shutil.rmtree(tmp)
+    with _locked(final.parent / f".{final.name}.lock"):
+        if (final / ".complete").exists():  # another process built it while we waited
             return final
-        if final.exists():  # an incomplete leftover from an interrupted run
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name[:12]}."))
+        try:
+            build(tmp)
+            atomic_write_json(tmp / "spec.json", spec)
+            (tmp / ".complete").touch()
+            if final.exists():  # an incomplete leftover from an interrupted run
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return final
 
 

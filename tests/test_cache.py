@@ -41,7 +41,7 @@ def test_failed_build_leaves_nothing_and_retries():
     with pytest.raises(RuntimeError):
         cache.cached_dir("k", {"n": 2}, bad)
     kind_dir = Path(cache.cache_dir()) / "k"
-    assert list(kind_dir.iterdir()) == []
+    assert [p for p in kind_dir.iterdir() if not p.name.endswith(".lock")] == []  # lock files are reused
     path = cache.cached_dir("k", {"n": 2}, lambda f: (f / "ok").write_text("1"))
     assert (path / "ok").exists() and not (path / "partial").exists()
 
@@ -55,3 +55,29 @@ def test_cached_json_and_atomic_write(tmp_path):
     cache.atomic_write_json(target, {"a": 1})
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in target.parent.iterdir()] == ["f.json"]
+
+
+def test_concurrent_builders_build_once(tmp_path):
+    import multiprocessing as mp
+
+    marker = tmp_path / "calls"
+    marker.mkdir()
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_slow_build, args=(str(marker), i)) for i in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert all(p.exitcode == 0 for p in procs)
+    assert len(list(marker.iterdir())) == 1  # one build, two waiters
+
+
+def _slow_build(marker: str, i: int) -> None:
+    import time
+
+    def build(folder: Path) -> None:
+        (Path(marker) / f"call{i}").touch()
+        time.sleep(0.5)
+        (folder / "x").write_text("done")
+
+    cache.cached_dir("concurrent", {"same": True}, build)
