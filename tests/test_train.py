@@ -1,0 +1,114 @@
+"""Training: same seed → identical metrics on CPU; early stopping; the trained-model cache."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from analysis_kit import train
+from analysis_kit.errors import LayerwiseError
+
+
+class WordTokenizer:
+    """A deterministic whitespace tokenizer (enough for make_loader)."""
+
+    pad_token_id = 0
+    vocab = {w: i + 1 for i, w in enumerate("good great fine bad awful poor the a movie phone it is".split())}
+
+    def __call__(self, texts, truncation=True, max_length=128):
+        return {"input_ids": [[self.vocab.get(w, 13) for w in t.split()][:max_length] or [13] for t in texts]}
+
+
+def _frame(n: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    pos, neg = ["good", "great", "fine"], ["bad", "awful", "poor"]
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = list(rng.choice(pos if label else neg, 2)) + list(rng.choice(["the", "a", "movie", "phone", "it"], 3))
+        rng.shuffle(words)
+        rows.append({"id": f"s{i}", "text": " ".join(words), "label": label})
+    return pd.DataFrame(rows)
+
+
+def _model(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                     max_position_embeddings=32, num_labels=2)
+    return BertForSequenceClassification(cfg)
+
+
+CFG = train.TrainConfig(epochs=3, lr=3e-3, batch_size=8, patience=5, max_length=16)
+
+
+def test_same_seed_gives_identical_metrics_on_cpu():
+    tr, va = _frame(64, 0), _frame(32, 1)
+    runs = []
+    for _ in range(2):
+        model, hist = train.fine_tune(_model(), WordTokenizer(), tr, va, CFG, seed=7, device="cpu")
+        runs.append((hist, train.evaluate(model, WordTokenizer(), va, device="cpu")))
+    pd.testing.assert_frame_equal(runs[0][0].drop(columns="seconds"), runs[1][0].drop(columns="seconds"))
+    assert runs[0][1]["accuracy"] == runs[1][1]["accuracy"]
+    np.testing.assert_array_equal(runs[0][1]["probs"], runs[1][1]["probs"])
+    other, _ = train.fine_tune(_model(), WordTokenizer(), tr, va, CFG, seed=8, device="cpu")
+    assert not np.array_equal(train.evaluate(other, WordTokenizer(), va, device="cpu")["probs"], runs[0][1]["probs"])
+
+
+def test_training_learns_and_restores_best_weights():
+    tr, va = _frame(96, 0), _frame(48, 1)
+    cfg = train.TrainConfig(epochs=12, lr=5e-3, batch_size=8, patience=12, max_length=16)
+    model, hist = train.fine_tune(_model(), WordTokenizer(), tr, va, cfg, seed=0, device="cpu")
+    final = train.evaluate(model, WordTokenizer(), va, device="cpu")
+    assert final["accuracy"] >= 0.9  # the words decide the label: a working loop learns it
+    assert final["loss"] == pytest.approx(hist["val_loss"].min(), rel=1e-5)  # best weights restored
+    assert {"step", "epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1"} <= set(hist.columns)
+
+
+def test_early_stopping_stops():
+    tr, va = _frame(64, 0), _frame(32, 1)
+    cfg = train.TrainConfig(epochs=30, lr=1e-9, batch_size=8, patience=1, max_length=16, eval_every=2)
+    _, hist = train.fine_tune(_model(), WordTokenizer(), tr, va, cfg, seed=0, device="cpu")
+    assert hist["step"].max() < 30 * 8  # a learning rate of ~0 cannot improve validation loss for long
+
+
+def test_bad_config_and_empty_data_fail_fast():
+    with pytest.raises(LayerwiseError, match="invalid TrainConfig"):
+        train.fine_tune(_model(), WordTokenizer(), _frame(8, 0), _frame(8, 1), train.TrainConfig(epochs=0), 0, "cpu")
+    with pytest.raises(LayerwiseError, match="empty"):
+        train.fine_tune(_model(), WordTokenizer(), _frame(8, 0).iloc[:0], _frame(8, 1), CFG, 0, "cpu")
+
+
+def test_metrics_from_logits_by_hand():
+    logits = np.log(np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]]))
+    m = train.metrics_from_logits(logits, np.array([0, 1, 1, 1]))
+    assert m["accuracy"] == 0.75 and m["correct"].tolist() == [True, True, False, True]
+    assert m["loss"] == pytest.approx(-np.mean(np.log([0.9, 0.8, 0.4, 0.7])))
+    assert m["macro_f1"] == pytest.approx(np.mean([2 / 3, 0.8]))
+
+
+def test_get_trained_caches_by_spec(tmp_path, monkeypatch):
+    """The cache trains once per (model, task, config, seed) and reloads identical weights."""
+    from analysis_kit import assets
+
+    try:
+        found = {name: assets.fetch(name, offline=True)[name] for name in ("snippets", "minilm")}
+    except assets.AssetError as exc:
+        pytest.skip(f"assets not fetched: {exc}")
+    monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path))
+    (tmp_path / "assets").mkdir()
+    for name, folder in found.items():  # reuse the fetched assets; trained models go to the tmp cache
+        (tmp_path / "assets" / name).symlink_to(folder)
+    calls = []
+    real = train.fine_tune
+    monkeypatch.setattr(train, "fine_tune", lambda *a, **k: calls.append(1) or real(*a, **k))
+    task = train.TaskSpec(max_train=48, max_eval=24)
+    cfg = train.TrainConfig(epochs=1, batch_size=16, max_length=32)
+    spec = train.standard_spec("scratch", tiny=True)
+    m1, _, rec1 = train.get_trained(spec, task, cfg, seed=0, device="cpu")
+    m2, _, rec2 = train.get_trained(spec, task, cfg, seed=0, device="cpu")
+    assert len(calls) == 1 and rec1["folder"] == rec2["folder"]
+    for (k, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    train.get_trained(spec, task, cfg, seed=1, device="cpu")
+    assert len(calls) == 2
