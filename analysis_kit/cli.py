@@ -6,6 +6,7 @@ Examples::
     analysis-kit list                       # experiments and their parameters with defaults
     analysis-kit run baselines --profile smoke -p n_seeds=2
     analysis-kit book                       # default profile (unchanged notebooks skipped) + HTML build
+    analysis-kit compress MODEL_DIR OUT_DIR --strategy greedy --ratio 2 --texts calib.txt
 """
 
 from __future__ import annotations
@@ -77,6 +78,25 @@ def _cmd_book(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import compress
+
+    texts = None
+    if args.texts:
+        path = Path(args.texts).expanduser()
+        if not path.is_file():
+            raise compress.CompressError(f"--texts {path} is not a file; pass a text file with one example per line.")
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    record = compress.compress_folder(args.model, args.out, args.strategy, keep=args.keep, ratio=args.ratio,
+                                      drop_fraction=args.drop_fraction, method=args.method, texts=texts,
+                                      seed=args.seed, device=args.device)
+    print(f"kept blocks {record['kept']} of {record['n_blocks']} ({record['strategy']}); "
+          f"parameters {record['params_before']:,} -> {record['params_after']:,}; saved {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="analysis-kit", description=__doc__,
@@ -101,6 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--no-run", action="store_true", help="only build from the executed notebooks")
             p.add_argument("--lenient", action="store_true", help="do not turn warnings into errors")
         p.set_defaults(func=_cmd_run if name == "run" else _cmd_book)
+
+    p = sub.add_parser("compress", help="remove blocks from a model folder and save a plain Hugging Face folder")
+    p.add_argument("model", help="a Hugging Face model folder (BERT, MPNet, LLaMA/Mistral/Qwen2 or GPT-2)")
+    p.add_argument("out", help="new folder for the compressed model (must not exist or be empty)")
+    p.add_argument("--strategy", default="drop_last",
+                   choices=("importance", "distributed", "angular", "drop_last", "greedy", "random"))
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--keep", type=int, help="number of blocks to keep")
+    size.add_argument("--ratio", type=float, help="compression ratio L/L' (2 keeps half the blocks)")
+    size.add_argument("--drop-fraction", type=float, help="share of blocks to remove (0.25 removes a quarter)")
+    p.add_argument("--method", help="importance method for --strategy importance")
+    p.add_argument("--texts", help="calibration texts, one per line (importance, angular, greedy)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_compress)
 
     return parser
 

@@ -2,18 +2,22 @@
 
 Latency is measured the way a reader would deploy: eval mode, no grad, warm-up runs first, then the
 median (and inter-quartile range) of repeated timed runs on the same fixed batch. Peak memory is CUDA's
-peak allocator statistic on GPU and the process's peak RSS growth on CPU (coarser: say so in reports).
+peak allocator statistic on GPU and the sampled peak growth of the process's RSS on CPU (coarser: say so
+in reports).
 """
 
 from __future__ import annotations
 
-import resource
+import ctypes
+import gc
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from .device import pick
@@ -47,7 +51,8 @@ def fixed_batch(tokenizer, batch_size: int, seq_len: int = 64, seed: int = 0) ->
 @torch.no_grad()
 def latency(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: int = 20, warmup: int = 3,
             device: str | torch.device = "auto") -> dict[str, float]:
-    """Median, p25 and p75 wall time in milliseconds of ``model(**batch)``; also per-example ms."""
+    """Median, p25 and p75 wall time in milliseconds of ``model(**batch)``; also per-example ms and the raw
+    ``times_ms`` (for intervals, e.g. a bootstrap of a ratio of medians)."""
     dev = pick(device)
     model.eval().to(dev)
     batch = {k: v.to(dev) for k, v in batch.items()}
@@ -65,18 +70,52 @@ def latency(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: int
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     n = next(iter(batch.values())).shape[0]
     return {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2],
-            "per_example_ms": statistics.median(times) / n, "repeats": repeats}
+            "per_example_ms": statistics.median(times) / n, "repeats": repeats, "times_ms": times}
 
 
-def peak_memory(fn, device: str | torch.device = "auto") -> dict[str, float]:
-    """Run ``fn()`` and report peak memory in MiB: CUDA peak allocated, or CPU max-RSS growth."""
+def _malloc_trim() -> None:
+    """Return freed heap pages to the OS (glibc), so that RSS growth measures new allocations only."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): RSS growth is then a lower bound
+        return
+
+
+def peak_memory(fn, device: str | torch.device = "auto", interval_s: float = 0.001) -> dict[str, float]:
+    """Run ``fn()`` and report its peak memory in MiB above what was in use before.
+
+    CUDA: the allocator's peak statistic. CPU: the process's resident set size sampled every
+    ``interval_s`` by a background thread (psutil), after handing freed heap pages back to the OS
+    (glibc ``malloc_trim``) so that memory freed by earlier work is not silently reused unseen. The
+    process-lifetime ``ru_maxrss`` used before could only grow, so every measurement after the largest
+    one read 0. Sampling can miss a peak shorter than the interval: treat CPU numbers as estimates.
+    """
     dev = pick(device)
     if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
         fn()
+        torch.cuda.synchronize(dev)
         return {"peak_mib": (torch.cuda.max_memory_allocated(dev) - base) / 2**20, "kind": "cuda_allocated"}
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_mib": (after - before) / 1024, "kind": "cpu_maxrss_growth"}
+    proc = psutil.Process()
+    gc.collect()
+    _malloc_trim()
+    base = proc.memory_info().rss
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            stop.wait(interval_s)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+        peak[0] = max(peak[0], proc.memory_info().rss)
+    finally:
+        stop.set()
+        thread.join()
+    return {"peak_mib": max(0, peak[0] - base) / 2**20, "kind": "cpu_rss_sampled"}

@@ -1,0 +1,1136 @@
+"""Layer removal: which blocks to keep, the smaller model, how good it is and what it costs.
+
+Every selection strategy answers one question, "which ``k`` of the ``L`` blocks do we keep?", and
+returns the kept indices in increasing order:
+
+- ``keep_top_k``: the ``k`` blocks an importance score ranks highest (any table from ``importance``);
+- ``keep_distributed``: ``k`` blocks spread evenly over depth, first and last included (the original
+  research's "distributed" pick);
+- ``keep_angular``: drop the contiguous run of ``L - k`` blocks whose input and output representations
+  are closest in angular distance (Gromov et al., 2024);
+- ``keep_drop_last``: drop the last ``L - k`` blocks (the best simple strategy of Sajjad et al., 2023);
+- ``greedy_removal``: repeatedly drop the block whose removal hurts a calibration set least, re-scoring
+  after every removal;
+- ``random_keeps``: uniformly random subsets, the null distribution every strategy is compared with.
+
+``compact(model, keep)`` turns a choice into a plain Hugging Face model (``layers.keep_blocks``).
+Candidate subsets are *evaluated* without building models: ``subset_outputs`` runs the kept blocks of
+the full model and shares the work of common prefixes (the hidden states after blocks ``(0, 1)`` serve
+every subset that starts with them), which is what makes the greedy search and the random null cheap.
+The result equals the compacted model's output (a test proves it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from . import layers, measure, stats
+from .cache import atomic_write_json, cached_json
+from .device import pick, progress
+from .errors import LayerwiseError
+
+STRATEGIES = ("importance", "distributed", "angular", "drop_last", "greedy", "random")
+
+#: The original research's headline claims, quoted from its report (the only typed numbers in this
+#: package; they are *claims*, shown beside what we measure, never used as results).
+#: The report does not say whether "accuracy" is absolute or relative to the full model; ``headline`` shows
+#: both our retention and our absolute accuracy beside each claim.
+ORIGINAL_CLAIMS = (
+    {"claim_ratio": 1.35, "claimed_retention": 0.873, "quote": "1.35× → 87.3%"},
+    {"claim_ratio": 1.8, "claimed_retention": 0.846, "quote": "1.8× → 84.6%"},
+    {"claim_ratio": 2.5, "claimed_retention": 0.783, "quote": "2.5× compression keeping 78.3% accuracy"},
+)
+
+Keep = tuple[int, ...]
+Readout = Callable[[torch.nn.Module, torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
+
+
+class CompressError(LayerwiseError):
+    """A compression request that cannot be met (bad ratio, missing scores or calibration data)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# How many blocks to keep
+
+
+def n_keep(n_blocks: int, *, keep: int | None = None, ratio: float | None = None,
+           drop_fraction: float | None = None) -> int:
+    """Blocks to keep, from exactly one of: ``keep`` (a count), ``ratio`` (L / L', e.g. 2.0 keeps half),
+    or ``drop_fraction`` (share of blocks removed, e.g. 0.25). Rounded to the nearest count, at least 1."""
+    given = [x is not None for x in (keep, ratio, drop_fraction)]
+    if sum(given) != 1:
+        raise CompressError("give exactly one of keep= (blocks kept), ratio= (L/L') or drop_fraction= "
+                            f"(share removed); got keep={keep}, ratio={ratio}, drop_fraction={drop_fraction}.")
+    if keep is not None:
+        k = keep
+    elif ratio is not None:
+        if not ratio >= 1:
+            raise CompressError(f"ratio={ratio} must be >= 1 (L/L': 2.0 keeps half the blocks).")
+        k = round(n_blocks / ratio)
+    else:
+        if not 0 <= drop_fraction < 1:
+            raise CompressError(f"drop_fraction={drop_fraction} must be in [0, 1) (0.25 removes a quarter).")
+        k = n_blocks - round(n_blocks * drop_fraction)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_blocks:
+        raise CompressError(f"cannot keep {k} of {n_blocks} blocks; keep between 1 and {n_blocks}.")
+    return int(k)
+
+
+def _check_k(n_blocks: int, k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_blocks:
+        raise CompressError(f"k={k!r} blocks to keep is impossible for a model with {n_blocks} blocks; "
+                            f"use 1..{n_blocks}.")
+    return int(k)
+
+
+# --------------------------------------------------------------------------------------------------
+# Strategies that need no data
+
+
+def _score_vector(scores: pd.DataFrame | Mapping[int, float] | Sequence[float], n_blocks: int,
+                  method: str | None) -> np.ndarray:
+    """One score per block (higher = more important), averaging rows of the same layer (e.g. seeds)."""
+    if isinstance(scores, pd.DataFrame):
+        missing = {"layer", "score"} - set(scores.columns)
+        if missing:
+            raise CompressError(f"the score table lacks columns {sorted(missing)}; pass importance.compute(...) "
+                                "output (method, layer, score, ...).")
+        df = scores
+        if "method" in df.columns:
+            methods = df["method"].unique().tolist()
+            if method is None and len(methods) > 1:
+                raise CompressError(f"the score table holds several methods {methods}; pass method= to choose one.")
+            if method is not None:
+                if method not in methods:
+                    raise CompressError(f"method {method!r} is not in the score table (it has {methods}).")
+                df = df[df["method"] == method]
+        series = df.groupby("layer")["score"].mean()
+    elif isinstance(scores, Mapping):
+        series = pd.Series(dict(scores), dtype=float)
+    else:
+        series = pd.Series(list(scores), dtype=float)
+    if sorted(series.index.tolist()) != list(range(n_blocks)):
+        raise CompressError(f"scores cover layers {sorted(series.index.tolist())}, but the model has blocks "
+                            f"0..{n_blocks - 1}; score every block once.")
+    vec = series.sort_index().to_numpy(dtype=float)
+    if not np.isfinite(vec).all():
+        raise CompressError("scores contain NaN/inf; recompute the importance table.")
+    return vec
+
+
+def keep_top_k(scores: pd.DataFrame | Mapping[int, float] | Sequence[float], k: int, n_blocks: int | None = None,
+               method: str | None = None) -> Keep:
+    """The ``k`` blocks with the highest importance score (ties broken towards the earlier block).
+
+    ``scores``: an ``importance.compute`` table (``layer``, ``score``; rows of one layer are averaged, so
+    several seeds may be passed), a ``{layer: score}`` mapping or a sequence indexed by layer.
+    """
+    n = n_blocks if n_blocks is not None else (
+        int(scores["layer"].nunique()) if isinstance(scores, pd.DataFrame) else len(scores))
+    k = _check_k(n, k)
+    vec = _score_vector(scores, n, method)
+    order = sorted(range(n), key=lambda i: (-vec[i], i))
+    return tuple(sorted(order[:k]))
+
+
+def keep_distributed(n_blocks: int, k: int) -> Keep:
+    """``k`` blocks spread evenly over depth: ``round(linspace(0, L-1, k))``, so the first and last stay."""
+    k = _check_k(n_blocks, k)
+    if k == 1:
+        return (n_blocks - 1,)
+    picks = np.floor(np.linspace(0, n_blocks - 1, k) + 0.5).astype(int)  # round half up, no banker's rounding
+    return tuple(int(i) for i in picks)
+
+
+def keep_drop_last(n_blocks: int, k: int) -> Keep:
+    """The first ``k`` blocks (drop the last ``L - k``)."""
+    return tuple(range(_check_k(n_blocks, k)))
+
+
+def random_keeps(n_blocks: int, k: int, n_draws: int = 20, seed: int = 0) -> list[Keep]:
+    """Distinct uniformly random ``k``-subsets: the null distribution of "any ``k`` blocks".
+
+    When there are at most ``n_draws`` subsets in all (``C(L, k) <= n_draws``) every subset is returned,
+    so the null is exact rather than sampled; otherwise ``n_draws`` distinct subsets, seeded.
+    """
+    k = _check_k(n_blocks, k)
+    if n_draws < 1:
+        raise CompressError(f"n_draws={n_draws} must be at least 1 (20 or more for a usable null).")
+    if math.comb(n_blocks, k) <= n_draws:
+        return [tuple(c) for c in itertools.combinations(range(n_blocks), k)]
+    rng = np.random.default_rng(seed)
+    seen: dict[Keep, None] = {}
+    while len(seen) < n_draws:
+        seen.setdefault(tuple(sorted(int(i) for i in rng.choice(n_blocks, size=k, replace=False))), None)
+    return list(seen)
+
+
+def compact(model: torch.nn.Module, keep: Iterable[int]) -> torch.nn.Module:
+    """A new Hugging Face model holding only blocks ``keep`` (``layers.keep_blocks``; ``model`` unchanged)."""
+    return layers.keep_blocks(model, sorted(keep))
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenized data, and evaluating many subsets of one model
+
+
+@dataclass
+class Encoded:
+    """Tokenized examples in length-sorted batches (little padding), and the way back to input order.
+
+    ``batches[i]`` holds ``input_ids``, ``attention_mask`` (and ``token_type_ids``, ``labels`` when
+    present); ``order[j]`` is the input position of the ``j``-th example in batch order.
+    """
+
+    batches: list[dict[str, torch.Tensor]]
+    order: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def restore(self, values: np.ndarray) -> np.ndarray:
+        """Per-example values in batch order → input order."""
+        values = np.asarray(values)
+        out = np.empty_like(values)
+        out[self.order] = values
+        return out
+
+
+def encode(tokenizer: Any, texts: Sequence[str], labels: Sequence[Any] | None = None, batch_size: int = 32,
+           max_length: int = 64) -> Encoded:
+    """Tokenize ``texts`` into length-sorted batches with dynamic padding (see ``Encoded``)."""
+    texts = list(texts)
+    if not texts:
+        raise CompressError("no texts to encode; pass at least one example.")
+    if labels is not None and len(labels) != len(texts):
+        raise CompressError(f"{len(texts)} texts but {len(labels)} labels; pass one label per text.")
+    if batch_size < 1 or max_length < 2:
+        raise CompressError(f"batch_size={batch_size} and max_length={max_length} must be >= 1 and >= 2.")
+    if tokenizer.pad_token is None:
+        raise CompressError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token.")
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    batches = []
+    side = getattr(tokenizer, "padding_side", "right")
+    tokenizer.padding_side = "right"  # positions 0..n-1 for every text, as in training
+    try:
+        for start in range(0, len(texts), batch_size):
+            idx = order[start:start + batch_size]
+            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt")
+            batch = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            if labels is not None:
+                lab = np.asarray(labels)[idx]
+                batch["labels"] = torch.as_tensor(lab, dtype=torch.float32 if lab.dtype.kind == "f" else torch.long)
+            batches.append(batch)
+    finally:
+        tokenizer.padding_side = side
+    return Encoded(batches, order)
+
+
+def logits_readout(model: torch.nn.Module, hidden: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The task head's logits (classifiers: (B, C)); ``layers.classify``."""
+    return layers.classify(model, hidden, batch.get("attention_mask"))
+
+
+def lm_nll_readout(model: torch.nn.Module, hidden: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Per-text mean next-token negative log-likelihood (nats) of a causal LM over its real tokens."""
+    logits = layers.classify(model, hidden, batch.get("attention_mask"))[:, :-1].float()
+    target = batch["input_ids"][:, 1:].to(logits.device)
+    mask = batch["attention_mask"][:, 1:].to(logits.device).float()
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+    nll = nll.view_as(mask) * mask
+    return nll.sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def choice_readout(choices: Sequence[Sequence[int]]) -> Readout:
+    """Readout for a prompted choice: log-probability of each answer at the prompt's last token.
+
+    ``choices[c]`` lists token ids that spell answer ``c`` (e.g. "positive" with and without a leading
+    space); their probabilities are summed. Returns (B, C) log-scores; argmax is the model's answer.
+    """
+    id_lists = [list(c) for c in choices]
+    if len(id_lists) < 2 or any(not c for c in id_lists):
+        raise CompressError("choice_readout needs at least two answers, each with at least one token id.")
+
+    def readout(model: torch.nn.Module, hidden: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        mask = batch["attention_mask"].to(hidden.device)
+        last = (torch.arange(mask.shape[1], device=hidden.device) * (mask != 0)).argmax(-1)
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].unsqueeze(1)
+        logp = torch.log_softmax(layers.classify(model, h, None)[:, 0].float(), -1)
+        return torch.stack([torch.logsumexp(logp[:, ids], -1) for ids in id_lists], -1)
+
+    return readout
+
+
+def _as_keep(keep: Iterable[int], n: int) -> Keep:
+    """A non-empty, strictly increasing tuple of block indices in 0..n-1, or a clear error."""
+    try:
+        idx = tuple(int(i) for i in keep)
+    except (TypeError, ValueError):
+        raise CompressError(f"keep={keep!r} must be block indices such as (0, 2, 5).") from None
+    if not idx or list(idx) != sorted(set(idx)) or idx[0] < 0 or idx[-1] >= n:
+        raise CompressError(f"keep={idx} must be distinct increasing block indices in 0..{n - 1}, at least one.")
+    return idx
+
+
+def _to(batch: Mapping[str, torch.Tensor], dev: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(dev) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def subset_outputs(model: torch.nn.Module, data: Encoded, keeps: Iterable[Iterable[int]],
+                   readout: Readout = logits_readout, device: str | torch.device = "auto",
+                   desc: str | None = None) -> dict[Keep, np.ndarray]:
+    """``readout`` of the model that keeps only blocks ``keep``, for every ``keep`` in ``keeps``.
+
+    The full model runs its kept blocks in order, the others treated as removed; this equals the output of
+    ``compact(model, keep)``. Subsets are visited in lexicographic order and the hidden states of the
+    current prefix are kept on a stack, so blocks shared by a common prefix run once per batch. Values
+    are returned per example in input order, as float numpy arrays.
+    """
+    n = layers.num_blocks(model)
+    todo = sorted({_as_keep(k, n) for k in keeps})
+    if not todo:
+        raise CompressError("keeps is empty; pass at least one subset of block indices.")
+    dev = pick(device)
+    model.eval().to(dev)
+    parts: dict[Keep, list[np.ndarray]] = {k: [] for k in todo}
+    batches = progress(data.batches, desc=desc) if desc else data.batches
+    for batch in batches:
+        batch = _to(batch, dev)
+        hidden0 = layers.embed(model, batch)
+        stack: list[tuple[int, torch.Tensor]] = []  # (block index, hidden after it) along the current prefix
+        for keep in todo:
+            common = 0
+            while common < min(len(stack), len(keep)) and stack[common][0] == keep[common]:
+                common += 1
+            del stack[common:]
+            hidden = stack[-1][1] if stack else hidden0
+            rest = keep[common:]
+            if rest:  # one call runs the rest of the subset (mask and positions prepared once)
+                outs = layers.run_blocks(model, batch, skip=set(range(rest[0], n)) - set(rest), start=rest[0],
+                                         hidden=hidden, return_all=True)
+                stack.extend((b, outs[b - rest[0]]) for b in rest)
+                hidden = stack[-1][1]
+            parts[keep].append(readout(model, hidden, batch).float().cpu().numpy())
+    return {k: data.restore(np.concatenate(v)) for k, v in parts.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Strategies that look at data
+
+
+def _labels(data: Encoded) -> np.ndarray | None:
+    if not all("labels" in b for b in data.batches):
+        return None
+    return data.restore(np.concatenate([b["labels"].numpy() for b in data.batches]))
+
+
+def _is_causal_lm(model: torch.nn.Module) -> bool:
+    return hasattr(model, "lm_head") and not type(model).__name__.endswith("ForSequenceClassification")
+
+
+def _criterion(model: torch.nn.Module, data: Encoded, criterion: str, device: str | torch.device,
+               ) -> tuple[Readout, Callable[[np.ndarray], float], str]:
+    """(readout, reducer, name): how much a subset hurts on the calibration set; lower is better."""
+    if criterion not in ("auto", "loss", "kl"):
+        raise CompressError(f"criterion={criterion!r}; choose 'auto', 'loss' (labels / LM loss) or 'kl' "
+                            "(divergence from the full model, no labels needed).")
+    if _is_causal_lm(model):
+        if criterion == "kl":
+            raise CompressError("criterion='kl' is for classifiers; a causal LM uses its own loss ('loss').")
+        return lm_nll_readout, lambda v: float(np.mean(v)), "lm_nll"
+    labels = _labels(data)
+    if criterion == "loss" and labels is None:
+        raise CompressError("criterion='loss' needs labels in the calibration batches; encode them with labels= "
+                            "or use criterion='kl'.")
+    if criterion in ("auto", "loss") and labels is not None:
+        lab = torch.as_tensor(labels)
+
+        def ce(logits: np.ndarray) -> float:
+            t = torch.as_tensor(logits)
+            if t.shape[1] == 1:
+                return float(F.mse_loss(t[:, 0], lab.float()))
+            return float(F.cross_entropy(t, lab.long()))
+
+        return logits_readout, ce, "loss"
+    full = subset_outputs(model, data, [range(layers.num_blocks(model))], device=device)
+    ref = torch.log_softmax(torch.as_tensor(next(iter(full.values()))), -1)
+
+    def kl(logits: np.ndarray) -> float:
+        return float(F.kl_div(torch.log_softmax(torch.as_tensor(logits), -1), ref, log_target=True,
+                              reduction="batchmean"))
+
+    return logits_readout, kl, "kl_from_full"
+
+
+def greedy_removal(model: torch.nn.Module, data: Encoded, k: int, criterion: str = "auto",
+                   device: str | torch.device = "auto") -> tuple[Keep, pd.DataFrame]:
+    """Remove blocks one at a time, each time the one whose removal hurts the calibration set least.
+
+    ``criterion``: ``"loss"`` (cross-entropy on the batches' labels; a causal LM's own next-token loss),
+    ``"kl"`` (KL divergence from the full model's predictions, needs no labels) or ``"auto"`` (loss when
+    labels are there). After every removal all remaining candidates are re-scored. Returns the kept
+    blocks and a trace (step, removed, n_kept, value of the criterion after the removal, candidates).
+    """
+    n = layers.num_blocks(model)
+    k = _check_k(n, k)
+    readout, reduce, name = _criterion(model, data, criterion, device)
+    kept = list(range(n))
+    rows = []
+    while len(kept) > k:
+        candidates = {c: tuple(b for b in kept if b != c) for c in kept}
+        outs = subset_outputs(model, data, candidates.values(), readout, device)
+        values = {c: reduce(outs[sub]) for c, sub in candidates.items()}
+        worst_first = min(values, key=lambda c: (values[c], c))
+        kept.remove(worst_first)
+        rows.append({"step": len(rows) + 1, "removed": worst_first, "n_kept": len(kept), "criterion": name,
+                     "value": values[worst_first], "candidates": len(candidates)})
+    return tuple(kept), pd.DataFrame(rows, columns=["step", "removed", "n_kept", "criterion", "value", "candidates"])
+
+
+@torch.no_grad()
+def angular_distances(model: torch.nn.Module, data: Encoded, device: str | torch.device = "auto") -> pd.DataFrame:
+    """Mean angular distance arccos(cos)/π between the residual stream entering block ``start`` and the
+    one leaving block ``start + n - 1``, for every run (start, n), averaged over all real tokens.
+
+    Gromov et al. (2024) drop the run of ``n`` blocks with the smallest distance (their input already
+    resembles their output). Columns: ``start``, ``n``, ``distance``, ``tokens``.
+    """
+    dev = pick(device)
+    model.eval().to(dev)
+    n_blocks = layers.num_blocks(model)
+    total = torch.zeros(n_blocks + 1, n_blocks + 1, dtype=torch.float64)
+    count = 0
+    for batch in data.batches:
+        batch = _to(batch, dev)
+        states = [layers.embed(model, batch)] + layers.run_blocks(model, batch, return_all=True)
+        mask = batch["attention_mask"].bool()
+        h = torch.stack([s[mask] for s in states]).float()  # (L+1, tokens, d)
+        h = F.normalize(h, dim=-1)
+        cos = torch.einsum("atd,btd->abt", h, h).clamp(-1.0, 1.0)
+        total += (torch.arccos(cos) / math.pi).sum(-1).double().cpu()
+        count += int(mask.sum())
+    dist = (total / max(count, 1)).numpy()
+    rows = [{"start": s, "n": m, "distance": float(dist[s, s + m]), "tokens": count}
+            for m in range(1, n_blocks) for s in range(0, n_blocks - m + 1)]
+    return pd.DataFrame(rows)
+
+
+def keep_angular(model: torch.nn.Module, data: Encoded, k: int, table: pd.DataFrame | None = None,
+                 device: str | torch.device = "auto") -> Keep:
+    """Keep all blocks except the contiguous run of ``L - k`` with the smallest angular distance."""
+    n = layers.num_blocks(model)
+    k = _check_k(n, k)
+    if k == n:
+        return tuple(range(n))
+    table = angular_distances(model, data, device) if table is None else table
+    run = table[table["n"] == n - k]
+    if run.empty:
+        raise CompressError(f"the angular-distance table has no runs of {n - k} blocks; recompute it for this model.")
+    best = run.sort_values(["distance", "start"]).iloc[0]
+    start = int(best["start"])
+    return tuple(i for i in range(n) if not start <= i < start + n - k)
+
+
+def select(strategy: str, model: torch.nn.Module, k: int, *, scores: pd.DataFrame | None = None,
+           method: str | None = None, data: Encoded | None = None, seed: int = 0, criterion: str = "auto",
+           device: str | torch.device = "auto") -> Keep:
+    """The blocks ``strategy`` keeps (one of ``STRATEGIES``; ``random`` gives one seeded draw)."""
+    if strategy not in STRATEGIES:
+        raise CompressError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}.")
+    n = layers.num_blocks(model)
+    k = _check_k(n, k)
+    if strategy == "importance":
+        if scores is None:
+            raise CompressError("strategy 'importance' needs scores= (an importance.compute table) and method=.")
+        return keep_top_k(scores, k, n, method)
+    if strategy == "distributed":
+        return keep_distributed(n, k)
+    if strategy == "drop_last":
+        return keep_drop_last(n, k)
+    if strategy == "random":
+        return random_keeps(n, k, 1, seed)[0] if math.comb(n, k) > 1 else tuple(range(n))
+    if data is None:
+        raise CompressError(f"strategy {strategy!r} needs calibration data= (compress.encode(tokenizer, texts)).")
+    if strategy == "angular":
+        return keep_angular(model, data, k, device=device)
+    return greedy_removal(model, data, k, criterion, device)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Quality and cost
+
+
+def retention(compressed: Any, full: Any) -> np.ndarray:
+    """Compressed metric / full metric (per seed, or per anything aligned)."""
+    c, f = np.asarray(compressed, dtype=float), np.asarray(full, dtype=float)
+    if c.shape != f.shape:
+        raise CompressError(f"compressed {c.shape} and full {f.shape} metrics are not aligned; pass one per seed.")
+    if (f <= 0).any():
+        raise CompressError("a full-model metric is <= 0; retention is undefined. Check the evaluation.")
+    return c / f
+
+
+def cost_table(model: torch.nn.Module, tokenizer: Any, kept_counts: Sequence[int],
+               batch_sizes: Sequence[int] = (1, 64), seq_len: int = 64, repeats: int = 10, warmup: int = 2,
+               device: str | torch.device = "auto") -> pd.DataFrame:
+    """Parameters, file size, latency (median of ``repeats`` after ``warmup``) and peak memory of the
+    model with ``k`` blocks kept, for each ``k`` in ``kept_counts`` (the full model included).
+
+    Cost depends on how many blocks remain, not which, so the first ``k`` blocks stand in for any
+    ``k``-subset. ``speedup`` = full latency / compressed latency; ``ideal`` = L / k; ``efficiency`` =
+    speedup / ideal (1.0 means the saving is exactly proportional to the blocks removed).
+    """
+    n = layers.num_blocks(model)
+    counts = sorted({n, *(_check_k(n, k) for k in kept_counts)}, reverse=True)
+    rows = []
+    for k in progress(counts, desc="cost"):
+        sub = model if k == n else compact(model, range(k))
+        params, size = measure.count_parameters(sub), measure.file_size(sub)
+        for bs in batch_sizes:
+            batch = measure.fixed_batch(tokenizer, bs, seq_len)
+            lat = measure.latency(sub, batch, repeats=repeats, warmup=warmup, device=device)
+            mem = measure.peak_memory(lambda sub=sub, batch=batch: _forward(sub, batch, device), device=device)
+            rows.append({"n_blocks": n, "n_kept": k, "batch_size": bs, "seq_len": seq_len, "params": params,
+                         "file_bytes": size, "median_ms": lat["median_ms"], "p25_ms": lat["p25_ms"],
+                         "p75_ms": lat["p75_ms"], "times_ms": lat["times_ms"], "peak_mib": mem["peak_mib"],
+                         "memory_kind": mem["kind"]})
+        del sub
+    df = pd.DataFrame(rows)
+    full = df[df["n_kept"] == n].set_index("batch_size")
+    df["speedup"] = df["batch_size"].map(full["median_ms"]) / df["median_ms"]
+    bounds = [_median_ratio_ci(full.loc[r.batch_size, "times_ms"], r.times_ms) for r in df.itertuples()]
+    df["speedup_ci_low"], df["speedup_ci_high"] = zip(*bounds, strict=True) if bounds else ([], [])
+    df["ideal"] = n / df["n_kept"]
+    df["efficiency"] = df["speedup"] / df["ideal"]
+    df["efficiency_ci_low"] = df["speedup_ci_low"] / df["ideal"]
+    df["efficiency_ci_high"] = df["speedup_ci_high"] / df["ideal"]
+    df["param_ratio"] = df["params"].max() / df["params"]
+    return df.drop(columns=["times_ms"])
+
+
+def _median_ratio_ci(full_ms: Sequence[float], ms: Sequence[float], n_resamples: int = 2000,
+                     seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of median(full) / median(compressed), resampling each set of
+    timed runs independently."""
+    rng = np.random.default_rng(seed)
+    a, b = np.asarray(full_ms, dtype=float), np.asarray(ms, dtype=float)
+    ra = np.median(rng.choice(a, (n_resamples, a.size)), axis=1)
+    rb = np.median(rng.choice(b, (n_resamples, b.size)), axis=1)
+    low, high = np.percentile(ra / rb, [2.5, 97.5])
+    return float(low), float(high)
+
+
+@torch.no_grad()
+def _forward(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], device: str | torch.device) -> None:
+    dev = pick(device)
+    model.eval().to(dev)
+    model(**_to(batch, dev))
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics: strategies against a reference, and the headline table
+
+
+def paired_tests(df: pd.DataFrame, value: str, reference: str, by: Sequence[str] = ("n_kept",),
+                 pair_on: Sequence[str] = ("seed",), strategy: str = "strategy", alternative: str = "greater",
+                 label: str = "") -> list[stats.TestResult]:
+    """Paired t-test of every strategy against ``reference`` within each group ``by``, pairing rows on
+    ``pair_on`` (seeds, or examples), with Cohen's d_z and the probability of improvement (in ``extras``).
+
+    ``alternative="greater"``: is the strategy's ``value`` higher than the reference's (use "less" for
+    losses). Not Holm-corrected: pass the family to ``stats.holm_family``. When every paired difference
+    is the same non-zero number the t statistic is undefined; the Wilcoxon signed-rank test is used instead.
+    """
+    need = {value, strategy, *by, *pair_on}
+    missing = need - set(df.columns)
+    if missing:
+        raise CompressError(f"paired_tests: columns {sorted(missing)} missing (have {list(df.columns)}).")
+    out: list[stats.TestResult] = []
+    for key, g in df.groupby(list(by), sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        where = ", ".join(f"{b}={v}" for b, v in zip(by, key, strict=True))
+        ref = g[g[strategy] == reference].set_index(list(pair_on))[value]
+        if ref.empty:
+            continue
+        if ref.index.duplicated().any():
+            raise CompressError(f"reference {reference!r} has several rows per {list(pair_on)} at {where}; "
+                                "average them first (e.g. the random draws of one seed).")
+        for name, s in g[g[strategy] != reference].groupby(strategy, sort=False):
+            s = s.set_index(list(pair_on))[value]
+            common = s.index.intersection(ref.index)
+            a, b = s.loc[common].to_numpy(float), ref.loc[common].to_numpy(float)
+            title = f"{label}{where}: {name} vs {reference}"
+            if len(common) < 2:
+                continue
+            try:
+                res = stats.paired_ttest(a, b, alternative=alternative, name=title)
+            except stats.DegenerateDataError:
+                res = stats.wilcoxon(a, b, alternative=alternative, name=title)
+            sign = 1.0 if alternative != "less" else -1.0
+            pi, lo, hi = stats.prob_improvement(sign * a, sign * b, paired=True, n_resamples=2000)
+            res.extras.update({"strategy": name, "reference": reference, **dict(zip(by, key, strict=True)),
+                               "mean_a": float(a.mean()), "mean_b": float(b.mean()), "prob_improvement": pi,
+                               "prob_improvement_ci_low": lo, "prob_improvement_ci_high": hi})
+            out.append(res)
+    return out
+
+
+def tests_table(tests: Sequence[stats.TestResult]) -> pd.DataFrame:
+    """A tidy frame of test records (one row per test, extras as columns)."""
+    return pd.DataFrame([t.as_dict() for t in tests])
+
+
+def nearest_ratio(claim: float, ratios: Sequence[float]) -> float:
+    """The measured ratio closest to ``claim`` on a log scale (ties → the more compressed one)."""
+    if not ratios:
+        raise CompressError("no measured ratios to compare with.")
+    return min(ratios, key=lambda r: (abs(math.log(r / claim)), -r))
+
+
+def headline(results: pd.DataFrame, claims: Sequence[Mapping[str, Any]] = ORIGINAL_CLAIMS,
+             value: str = "retention", select_on: str = "val_retention",
+             absolute: str = "test_accuracy") -> pd.DataFrame:
+    """The original claims beside our measured retention at the nearest measured compression ratio.
+
+    ``results``: one row per (model, n_blocks, n_kept, strategy, heal, seed) with ``value`` (test-set
+    retention) and ``select_on`` (validation-set retention). For each model and claim, the configuration
+    (strategy and healing) with the best mean *validation* retention is chosen, and its *test* retention
+    is reported with a 95% CI over seeds, so the choice does not flatter the reported number. Random
+    draws never count as a configuration. When ``absolute`` is a column, its mean and CI are added too.
+    """
+    need = {"model", "n_blocks", "n_kept", "strategy", "heal", "seed", value, select_on}
+    missing = need - set(results.columns)
+    if missing:
+        raise CompressError(f"headline: results lack columns {sorted(missing)}.")
+    rows = []
+    for model_name, g in results.groupby("model", sort=False):
+        n = int(g["n_blocks"].iloc[0])
+        ratios = sorted({n / k for k in g["n_kept"].unique() if k < n})
+        for claim in claims:
+            r = nearest_ratio(float(claim["claim_ratio"]), ratios)
+            k = round(n / r)
+            at = g[(g["n_kept"] == k) & (g["strategy"] != "random")]
+            means = at.groupby(["strategy", "heal"])[select_on].mean()
+            strat, heal_method = means.idxmax()
+            best = at[(at["strategy"] == strat) & (at["heal"] == heal_method)]
+            rec = stats.summarize(best[value].to_numpy(), over="seeds")
+            extra = {}
+            if absolute in best.columns:
+                acc = stats.summarize(best[absolute].to_numpy(), over="seeds")
+                extra = {absolute: acc["mean"], f"{absolute}_ci_low": acc["ci_low"],
+                         f"{absolute}_ci_high": acc["ci_high"]}
+            rows.append({**extra, "model": model_name, "claim": claim["quote"], "claim_ratio": claim["claim_ratio"],
+                         "claimed_retention": claim["claimed_retention"], "measured_ratio": r, "n_kept": k,
+                         "n_blocks": n, "best_strategy": strat, "heal": heal_method, "retention": rec["mean"],
+                         "ci_low": rec["ci_low"], "ci_high": rec["ci_high"], "n_seeds": rec["n"],
+                         "interval": rec["method"]})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Compress any folder (the `analysis-kit compress` command)
+
+
+def _load_any(folder: Path) -> tuple[torch.nn.Module, Any]:
+    """The folder's model with its head (sequence classifier, causal LM, or bare) and its tokenizer."""
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    if not (folder / "config.json").is_file():
+        raise CompressError(f"{folder} is not a Hugging Face model folder (no config.json); point at a folder "
+                            "written by save_pretrained.")
+    archs = AutoConfig.from_pretrained(folder).architectures or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        cls = AutoModelForSequenceClassification
+    elif any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        cls = AutoModelForCausalLM
+    else:
+        cls = AutoModel
+    model = cls.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def compress_folder(src: str | Path, out: str | Path, strategy: str = "drop_last", *, keep: int | None = None,
+                    ratio: float | None = None, drop_fraction: float | None = None, method: str | None = None,
+                    texts: Sequence[str] | None = None, seed: int = 0, max_length: int = 64,
+                    device: str | torch.device = "auto") -> dict[str, Any]:
+    """Compress the model in folder ``src`` and save a plain Hugging Face folder at ``out``.
+
+    ``strategy`` is one of ``STRATEGIES``; the size is one of ``keep``/``ratio``/``drop_fraction``.
+    ``importance``, ``angular`` and ``greedy`` need calibration ``texts``, which carry no labels: greedy
+    uses KL from the full model (classifiers) or the LM loss (causal LMs), and importance methods score
+    a classifier against its own predictions. ``out`` receives the
+    model, its tokenizer and ``compression.json`` (source, strategy, kept blocks). Returns that record.
+    """
+    src, out = Path(src).expanduser(), Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CompressError(f"output folder {out} exists and is not empty; choose a new folder or delete it.")
+    if strategy not in STRATEGIES:
+        raise CompressError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}.")
+    if strategy in ("importance", "angular", "greedy") and not texts:
+        raise CompressError(f"strategy {strategy!r} needs calibration texts (--texts FILE, one text per line).")
+    if strategy == "importance" and not method:
+        raise CompressError("strategy 'importance' needs --method (an importance method name).")
+    model, tokenizer = _load_any(src)
+    n = layers.num_blocks(model)
+    k = n_keep(n, keep=keep, ratio=ratio, drop_fraction=drop_fraction)
+    data = encode(tokenizer, texts, batch_size=16, max_length=max_length) if texts else None
+    scores = None
+    if strategy == "importance":
+        from . import importance
+
+        if _is_causal_lm(model):
+            batches = importance.lm_batches(tokenizer, texts, 16, max_length)
+        else:  # no labels given: score against the model's own predictions
+            logits = subset_outputs(model, data, [range(n)], device=device)[tuple(range(n))]
+            batches = encode(tokenizer, texts, logits.argmax(1), batch_size=16, max_length=max_length).batches
+        scores = importance.compute(method, model, batches, seed=seed)
+    kept = select(strategy, model, k, scores=scores, method=method, data=data, seed=seed,
+                  criterion="auto" if _is_causal_lm(model) else "kl", device=device)
+    small = compact(model, kept)
+    record = {"source": str(src), "strategy": strategy, "method": method, "n_blocks": n, "kept": list(kept),
+              "n_kept": len(kept), "ratio": n / len(kept), "seed": seed,
+              "params_before": measure.count_parameters(model), "params_after": measure.count_parameters(small)}
+    save_folder(small, tokenizer, out, record)
+    return record
+
+
+def save_folder(model: torch.nn.Module, tokenizer: Any, out: str | Path, record: Mapping[str, Any]) -> Path:
+    """Save ``model`` + ``tokenizer`` + ``compression.json`` (``record``) as a plain Hugging Face folder.
+
+    Written to a temporary sibling and renamed into place, so ``out`` is never half-written; an existing
+    empty ``out`` is replaced, a non-empty one is an error.
+    """
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CompressError(f"output folder {out} exists and is not empty; choose a new folder or delete it.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / "compression.json", dict(record))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Study helpers: every strategy's pick at every size, and their evaluation
+
+
+def greedy_path(trace: pd.DataFrame, n_blocks: int) -> dict[int, Keep]:
+    """The kept blocks after each greedy removal, ``{n_kept: keep}`` (the full stack included)."""
+    kept = list(range(n_blocks))
+    path = {n_blocks: tuple(kept)}
+    for removed in trace.sort_values("step")["removed"]:
+        kept.remove(int(removed))
+        path[len(kept)] = tuple(kept)
+    return path
+
+
+def candidates(model: torch.nn.Module, calib: Encoded | None, ks: Sequence[int], *,
+               scores: pd.DataFrame | None = None, n_random: int = 20, seed: int = 0,
+               strategies: Sequence[str] = STRATEGIES, criterion: str = "auto",
+               device: str | torch.device = "auto") -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """Every strategy's choice of blocks for every ``k`` in ``ks``.
+
+    Returns ``(picks, extras)``: ``picks`` has one row per (strategy, n_kept, draw) with ``keep`` (a
+    tuple) and ``seconds`` (selection time, shared work split evenly over the ks); importance strategies
+    are named ``importance:<method>``, one per method in ``scores``; random draws have ``draw`` 0..n-1
+    (others -1). ``extras`` holds the greedy trace and the angular-distance table.
+    """
+    n = layers.num_blocks(model)
+    ks = sorted({_check_k(n, k) for k in ks}, reverse=True)
+    unknown = set(strategies) - set(STRATEGIES)
+    if unknown:
+        raise CompressError(f"unknown strategies {sorted(unknown)}; choose from {', '.join(STRATEGIES)}.")
+    if {"angular", "greedy"} & set(strategies) and calib is None:
+        raise CompressError("angular and greedy need calibration data (calib=compress.encode(...)).")
+    if "importance" in strategies and scores is None:
+        raise CompressError("the importance strategy needs scores= (importance.compute_all output).")
+    rows: list[dict[str, Any]] = []
+    extras: dict[str, pd.DataFrame] = {}
+
+    def add(strategy: str, k: int, keep: Keep, seconds: float, draw: int = -1) -> None:
+        rows.append({"strategy": strategy, "n_blocks": n, "n_kept": k, "draw": draw, "keep": tuple(keep),
+                     "seconds": seconds})
+
+    for strategy in strategies:
+        t0 = time.perf_counter()
+        if strategy == "importance":
+            for method in scores["method"].unique():
+                for k in ks:
+                    add(f"importance:{method}", k, keep_top_k(scores, k, n, method), 0.0)
+        elif strategy == "distributed":
+            for k in ks:
+                add(strategy, k, keep_distributed(n, k), 0.0)
+        elif strategy == "drop_last":
+            for k in ks:
+                add(strategy, k, keep_drop_last(n, k), 0.0)
+        elif strategy == "random":
+            for k in ks:
+                for d, keep in enumerate(random_keeps(n, k, n_random, seed=seed * 1000 + k)):
+                    add(strategy, k, keep, 0.0, d)
+        elif strategy == "angular":
+            table = angular_distances(model, calib, device)
+            spent = (time.perf_counter() - t0) / len(ks)
+            extras["angular"] = table
+            for k in ks:
+                add(strategy, k, keep_angular(model, calib, k, table=table), spent)
+        elif strategy == "greedy":
+            keep, trace = greedy_removal(model, calib, min(ks), criterion, device)
+            spent = (time.perf_counter() - t0) / len(ks)
+            extras["greedy"] = trace
+            path = greedy_path(trace, n)
+            for k in ks:
+                add(strategy, k, path[k], spent)
+    return pd.DataFrame(rows), extras
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy, macro-F1 and cross-entropy of class logits."""
+    from sklearn.metrics import f1_score
+
+    logits, labels = np.asarray(logits, dtype=float), np.asarray(labels)
+    preds = logits.argmax(1)
+    loss = float(F.cross_entropy(torch.as_tensor(logits), torch.as_tensor(labels).long()))
+    return {"accuracy": float((preds == labels).mean()), "loss": loss,
+            "macro_f1": float(f1_score(labels, preds, average="macro", labels=list(range(logits.shape[1])),
+                                       zero_division=0))}
+
+
+def evaluate_keeps(model: torch.nn.Module, splits: Mapping[str, Encoded], keeps: Iterable[Iterable[int]],
+                   device: str | torch.device = "auto") -> pd.DataFrame:
+    """Accuracy, macro-F1 and loss of every kept-block subset on every split (labels from the batches).
+
+    One row per (split, keep); the full stack is always included. Subsets share computation through
+    ``subset_outputs``.
+    """
+    n = layers.num_blocks(model)
+    todo = sorted({_as_keep(k, n) for k in keeps} | {tuple(range(n))})
+    rows = []
+    for split, data in splits.items():
+        labels = _labels(data)
+        if labels is None:
+            raise CompressError(f"split {split!r} has no labels; encode it with labels=.")
+        outs = subset_outputs(model, data, todo, logits_readout, device, desc=f"subsets ({split})")
+        for keep, logits in outs.items():
+            rows.append({"split": split, "keep": keep, "n_kept": len(keep), "n": len(labels),
+                         **classification_metrics(logits, labels)})
+    return pd.DataFrame(rows)
+
+
+def with_retention(picks: pd.DataFrame, evals: pd.DataFrame, metrics: Sequence[str] = ("accuracy", "macro_f1"),
+                   ) -> pd.DataFrame:
+    """Join picks with their evaluation on each split, as wide columns ``<split>_<metric>`` plus
+    ``<split>_<metric>_retention`` (compressed / full model on the same split)."""
+    n = int(picks["n_blocks"].iloc[0])
+    full = evals[evals["keep"] == tuple(range(n))].set_index("split")
+    wide = picks.copy()
+    for split, g in evals.groupby("split", sort=False):
+        table = g.set_index("keep")
+        for m in (*metrics, "loss"):
+            wide[f"{split}_{m}"] = wide["keep"].map(table[m])
+            if m in metrics:
+                wide[f"{split}_{m}_retention"] = wide[f"{split}_{m}"] / float(full.loc[split, m])
+    return wide
+
+
+def random_null(wide: pd.DataFrame, value_cols: Sequence[str], by: Sequence[str] = ("seed", "n_kept"),
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Collapse the random draws of each (seed, k) into one ``random`` row holding the draws' mean (the
+    expected value of a random choice), and add, for every other strategy, the share of draws it beats
+    (``beats_random`` on the first value column; ties count half). Returns (strategies, draws)."""
+    draws = wide[wide["strategy"] == "random"]
+    others = wide[wide["strategy"] != "random"].copy()
+    if draws.empty:
+        raise CompressError("no random draws to build the null from; include 'random' in the strategies.")
+    mean = draws.groupby(list(by), as_index=False)[list(value_cols)].mean()
+    mean = mean.assign(strategy="random", draw=-1, n_draws=draws.groupby(list(by)).size().to_numpy())
+    first = value_cols[0]
+    pools = {key: g[first].to_numpy() for key, g in draws.groupby(list(by))}
+
+    def share(row: pd.Series) -> float:
+        pool = pools[tuple(row[b] for b in by)]
+        return float(((pool < row[first]).sum() + 0.5 * (pool == row[first]).sum()) / pool.size)
+
+    others["beats_random"] = [share(row) for _, row in others.iterrows()]
+    for col in ("model", "n_blocks"):
+        if col in draws.columns:
+            mean[col] = draws.groupby(list(by))[col].first().to_numpy()
+    return pd.concat([others, mean], ignore_index=True), draws
+
+
+# --------------------------------------------------------------------------------------------------
+# Causal LMs: language-model loss and a prompted sentiment question
+
+SENTIMENT_QUESTION = "Is the sentiment of this product review positive or negative? Answer with one word."
+SENTIMENT_ANSWERS = ("negative", "positive")  # label 0, label 1
+
+
+def sentiment_prompts(tokenizer: Any, texts: Sequence[str], style: str = "plain") -> list[str]:
+    """Zero-shot prompts asking for the review's sentiment: ``"plain"`` (a short completion prompt) or
+    ``"chat"`` (the tokenizer's chat template, with the assistant turn opened)."""
+    if style == "plain":
+        return [f"Review: {t}\nQuestion: is this review positive or negative?\nAnswer:" for t in texts]
+    if style == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise CompressError("this tokenizer has no chat template; use style='plain'.")
+        return [tokenizer.apply_chat_template([{"role": "user", "content": f"{SENTIMENT_QUESTION}\nReview: {t}"}],
+                                              tokenize=False, add_generation_prompt=True) for t in texts]
+    raise CompressError(f"prompt style {style!r}; choose 'plain' or 'chat'.")
+
+
+def answer_tokens(tokenizer: Any, words: Sequence[str] = SENTIMENT_ANSWERS) -> list[list[int]]:
+    """First token ids of each answer word in the spellings a model may use (with/without a leading space,
+    lower/capitalised), for ``choice_readout``."""
+    out = []
+    for word in words:
+        ids = {tokenizer.encode(v, add_special_tokens=False)[0]
+               for v in (word, " " + word, word.capitalize(), " " + word.capitalize())}
+        out.append(sorted(ids))
+    if any(set(a) & set(b) for a, b in itertools.combinations(out, 2)):
+        raise CompressError(f"answers {list(words)} share a first token; choose answers that differ in it.")
+    return out
+
+
+def evaluate_lm_keeps(model: torch.nn.Module, keeps: Iterable[Iterable[int]], lm_data: Encoded,
+                      prompt_data: Encoded | None = None, answers: Sequence[Sequence[int]] | None = None,
+                      device: str | torch.device = "auto") -> pd.DataFrame:
+    """Per-example results of a causal LM with only blocks ``keep``, for every ``keep``.
+
+    Long table: ``keep, n_kept, metric, example, value`` with metric ``nll`` (mean next-token loss of each
+    text in ``lm_data``, nats) and, with ``prompt_data`` (labels = true answer index) and ``answers``,
+    ``correct`` (1 if the answer with the higher log-probability is the true one). The full stack is
+    always included.
+    """
+    n = layers.num_blocks(model)
+    todo = sorted({_as_keep(k, n) for k in keeps} | {tuple(range(n))})
+    frames = []
+    nll = subset_outputs(model, lm_data, todo, lm_nll_readout, device, desc="LM loss")
+    for keep, v in nll.items():
+        frames.append(pd.DataFrame({"keep": [keep] * len(v), "metric": "nll", "example": np.arange(len(v)),
+                                    "value": v.astype(float)}))
+    if prompt_data is not None:
+        labels = _labels(prompt_data)
+        if labels is None or answers is None:
+            raise CompressError("prompt_data needs labels (the true answer index) and answers= token ids.")
+        scores = subset_outputs(model, prompt_data, todo, choice_readout(answers), device, desc="prompts")
+        for keep, v in scores.items():
+            correct = (v.argmax(1) == labels).astype(float)
+            frames.append(pd.DataFrame({"keep": [keep] * len(v), "metric": "correct",
+                                        "example": np.arange(len(v)), "value": correct}))
+    out = pd.concat(frames, ignore_index=True)
+    out["n_kept"] = out["keep"].map(len)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# One fine-tuned classifier: every strategy at every size, healing, other domains
+
+#: Bump when selection or evaluation changes in a way that changes cached picks.
+STUDY_CODE_VERSION = 1
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{k: (list(v) if isinstance(v, tuple) else v) for k, v in row.items()} for row in df.to_dict("records")]
+
+
+def _frame(records: list[dict[str, Any]], tuple_cols: Sequence[str] = ("keep",)) -> pd.DataFrame:
+    df = pd.DataFrame(records)
+    for col in tuple_cols:
+        if col in df.columns:
+            df[col] = df[col].map(lambda v: tuple(int(i) for i in v))
+    return df
+
+
+def study_classifier(model: torch.nn.Module, tokenizer: Any, splits: Mapping[str, pd.DataFrame], ks: Sequence[int],
+                     *, seed: int, key: Mapping[str, Any], methods: Sequence[str] = (), n_random: int = 20,
+                     n_calib: int = 256, max_length: int = 128, batch_size: int = 64,
+                     device: str | torch.device = "auto") -> dict[str, Any]:
+    """Every strategy's choice at every size ``ks`` for one fine-tuned classifier, evaluated on its own
+    validation and test splits.
+
+    Calibration data (importance scores, angular distances, greedy search) is a seeded subsample of
+    ``n_calib`` training examples, so neither the validation split (used to choose strategies) nor the
+    test split (used to report) is looked at while choosing blocks. Importance scores and picks are cached
+    under ``key`` (which must identify the model, e.g. its trained-model cache folder).
+
+    Returns ``picks`` (one row per strategy, size and random draw, with ``val_*``/``test_*`` metrics and
+    retentions), ``evals`` (per subset), ``scores``, ``greedy``, ``angular`` and the ``encoded`` splits.
+    """
+    from . import data as data_mod
+    from . import importance
+
+    train = splits["train"]
+    calib_df = data_mod.subsample(train, n_calib, seed) if len(train) > n_calib else train
+    calib = encode(tokenizer, calib_df["text"], calib_df["label"].to_numpy(), batch_size=32, max_length=max_length)
+    spec = {"key": dict(key), "seed": seed, "n_calib": n_calib, "max_length": max_length,
+            "methods": list(methods), "code": STUDY_CODE_VERSION}
+    scores = None
+    if methods:
+        scores = pd.DataFrame(cached_json("importance_scores", spec, lambda: importance.compute_all(
+            model, calib.batches, list(methods), seed).to_dict("records")))
+    strategies = [s for s in STRATEGIES if s != "importance" or methods]
+
+    def pick() -> dict[str, Any]:
+        picks, extras = candidates(model, calib, ks, scores=scores, n_random=n_random, seed=seed,
+                                   strategies=strategies, device=device)
+        return {"picks": _records(picks), **{k: _records(v) for k, v in extras.items()}}
+
+    cached = cached_json("compress_picks", {**spec, "ks": sorted(ks), "n_random": n_random}, pick)
+    picks = _frame(cached["picks"])
+    encoded = {name: encode(tokenizer, df["text"], df["label"].to_numpy(), batch_size, max_length)
+               for name, df in splits.items() if name != "train"}
+    evals = evaluate_keeps(model, encoded, picks["keep"], device)
+    return {"picks": with_retention(picks, evals), "evals": evals, "scores": scores,
+            "greedy": pd.DataFrame(cached.get("greedy", [])), "angular": pd.DataFrame(cached.get("angular", [])),
+            "encoded": encoded}
+
+
+def full_metrics(evals: pd.DataFrame, n_blocks: int) -> pd.DataFrame:
+    """The full model's rows of an ``evaluate_keeps`` table, indexed by split."""
+    return evals[evals["keep"] == tuple(range(n_blocks))].set_index("split")
+
+
+def healed_row(model: torch.nn.Module, encoded: Mapping[str, Encoded], full: pd.DataFrame,
+               metrics: Sequence[str] = ("accuracy", "macro_f1"), device: str | torch.device = "auto",
+               ) -> dict[str, float]:
+    """Metrics and retentions (vs ``full``, the uncompressed model's rows by split) of a healed model, in
+    the same ``<split>_<metric>[_retention]`` columns as ``with_retention``."""
+    evals = evaluate_keeps(model, encoded, [], device)
+    row: dict[str, float] = {}
+    for _, r in evals.iterrows():
+        for m in (*metrics, "loss"):
+            row[f"{r['split']}_{m}"] = float(r[m])
+            if m in metrics:
+                row[f"{r['split']}_{m}_retention"] = float(r[m]) / float(full.loc[r["split"], m])
+    return row
+
+
+def best_configs(results: pd.DataFrame, select_on: str = "val_accuracy_retention",
+                 exclude: Sequence[str] = ("random",)) -> pd.DataFrame:
+    """Per (model, n_kept): the (strategy, heal) with the highest mean ``select_on`` over seeds."""
+    pool = results[~results["strategy"].isin(exclude)]
+    means = pool.groupby(["model", "n_kept", "strategy", "heal"], as_index=False)[select_on].mean()
+    best = means.sort_values(select_on, ascending=False, kind="stable").groupby(["model", "n_kept"]).head(1)
+    return best.sort_values(["model", "n_kept"], ascending=[True, False]).reset_index(drop=True)
+
+
+def save_best(models: Mapping[str, tuple[torch.nn.Module, Any, Mapping[str, Any]]], results_folder: Path,
+              max_mb: float) -> pd.DataFrame:
+    """Save each compressed model ``{name: (model, tokenizer, record)}`` as a plain Hugging Face folder.
+
+    Under ``results_folder/<name>`` when all of them together fit in ``max_mb`` (so that results stay
+    small enough to commit), otherwise in the cache (``<cache>/compressed/<key>``); the table says where.
+    """
+    from .cache import cached_dir
+
+    sizes = {name: measure.weight_bytes(m) for name, (m, _, _) in models.items()}
+    in_results = sum(sizes.values()) / 2**20 <= max_mb
+    rows = []
+    for name, (model, tokenizer, record) in models.items():
+        if in_results:
+            out = Path(results_folder) / name
+            if out.exists():
+                shutil.rmtree(out)
+            save_folder(model, tokenizer, out, record)
+        else:
+            def build(folder: Path, model: torch.nn.Module = model, tokenizer: Any = tokenizer,
+                      record: Mapping[str, Any] = record) -> None:
+                save_folder(model, tokenizer, folder / "model", record)
+
+            out = cached_dir("compressed", {"name": name, "record": dict(record)}, build) / "model"
+        files = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        rows.append({"name": name, "where": "results" if in_results else "cache", "path": str(out),
+                     "mib": files / 2**20, **{k: v for k, v in record.items() if k != "kept"},
+                     "kept": str(list(record.get("kept", [])))})
+    return pd.DataFrame(rows)
+
+
+def study_lm(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], labels: Sequence[int],
+             calib_texts: Sequence[str], ks: Sequence[int], *, seed: int, key: Mapping[str, Any],
+             methods: Sequence[str] = (), n_random: int = 20, strategies: Sequence[str] = STRATEGIES,
+             prompt_style: str = "plain", max_length: int = 64, batch_size: int = 8,
+             device: str | torch.device = "auto") -> dict[str, Any]:
+    """Every strategy's choice at every size ``ks`` for a causal LM, evaluated per example on the language-model
+    loss of ``texts`` and on a zero-shot sentiment question about them (``labels``: 0 negative, 1 positive).
+
+    Selection looks only at ``calib_texts`` (greedy minimises their LM loss). Picks and per-example results
+    are cached under ``key``. Returns ``picks``, ``examples`` (one row per strategy, size, draw, metric and
+    example), ``scores``, ``greedy`` and ``angular``.
+    """
+    from . import importance
+
+    texts, labels, calib_texts = list(texts), np.asarray(labels), list(calib_texts)
+    spec = {"key": dict(key), "seed": seed, "calib": calib_texts, "max_length": max_length, "methods": list(methods),
+            "code": STUDY_CODE_VERSION}
+    scores = None
+    if methods and "importance" in strategies:
+        scores = pd.DataFrame(cached_json("importance_scores", spec, lambda: importance.compute_all(
+            model, importance.lm_batches(tokenizer, calib_texts, batch_size, max_length), list(methods),
+            seed).to_dict("records")))
+    chosen = [s for s in strategies if s != "importance" or scores is not None]
+    calib = encode(tokenizer, calib_texts, batch_size=batch_size, max_length=max_length)
+
+    def pick() -> dict[str, Any]:
+        picks, extras = candidates(model, calib, ks, scores=scores, n_random=n_random, seed=seed, strategies=chosen,
+                                   device=device)
+        return {"picks": _records(picks), **{k: _records(v) for k, v in extras.items()}}
+
+    cached = cached_json("compress_picks", {**spec, "ks": sorted(ks), "n_random": n_random, "strategies": chosen},
+                         pick)
+    picks = _frame(cached["picks"])
+
+    def run() -> list[dict[str, Any]]:
+        lm_data = encode(tokenizer, texts, batch_size=batch_size, max_length=max_length)
+        prompts = encode(tokenizer, sentiment_prompts(tokenizer, texts, prompt_style), labels, batch_size=batch_size,
+                         max_length=max_length + 48)
+        return _records(evaluate_lm_keeps(model, picks["keep"], lm_data, prompts, answer_tokens(tokenizer), device))
+
+    ev_spec = {"key": dict(key), "texts": texts, "labels": labels.tolist(), "keeps": sorted(map(list, set(picks["keep"]))),
+               "prompt_style": prompt_style, "max_length": max_length, "code": STUDY_CODE_VERSION}
+    per_keep = _frame(cached_json("lm_subset_eval", ev_spec, run))
+    examples = picks.merge(per_keep.drop(columns=["n_kept"]), on="keep", how="left")
+    full = per_keep[per_keep["n_kept"] == layers.num_blocks(model)].assign(strategy="full", draw=-1)
+    return {"picks": picks, "examples": pd.concat([examples, full], ignore_index=True), "scores": scores,
+            "greedy": pd.DataFrame(cached.get("greedy", [])), "angular": pd.DataFrame(cached.get("angular", []))}
+
+
+def lm_vs_random(examples: pd.DataFrame) -> pd.DataFrame:
+    """Per-example results with the random draws of each size replaced by their per-example mean
+    (strategy ``random``), the null every strategy is paired with."""
+    draws = examples[examples["strategy"] == "random"]
+    mean = draws.groupby(["n_kept", "metric", "example"], as_index=False)["value"].mean().assign(strategy="random")
+    return pd.concat([examples[examples["strategy"] != "random"], mean], ignore_index=True)

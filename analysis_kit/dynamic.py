@@ -1,0 +1,1232 @@
+"""Dynamic depth: spend fewer blocks on easy inputs, and measure what that really saves.
+
+An encoder classifier runs every input through all of its blocks, although many inputs are already
+decided after a few. This module attaches an *exit classifier* after every block and asks when an input
+may leave early:
+
+- ``ExitHeads``: one pooler-style head per block ([CLS] → dense → tanh → dropout → linear), each
+  initialised from the model's own pooler and classifier, so the last exit starts as the model itself.
+- ``train_exits``: ``mode="joint"`` trains backbone and heads together on a depth-weighted loss (weights
+  growing with depth, as PABEE's weighted average, Zhou et al. 2020); ``mode="frozen"`` trains only the
+  heads on a frozen backbone (DeeBERT's second stage, Xin et al. 2020). ``exit_model`` caches the result.
+- Policies (``ExitPolicy``): normalised-entropy and confidence thresholds (DeeBERT), patience (PABEE),
+  a planned depth per input (``PlannedPolicy``: static truncation, or the complexity predictor's
+  budget), and ``oracle_depths`` (the earliest exit that is correct) as the bound no policy can beat.
+  One ``step`` function serves both the simulation on all exits (``simulate``) and real early exit
+  (``early_exit_forward``), so the two cannot disagree.
+- ``ComplexityFeatures`` / ``ComplexityPredictor``: cheap text features (length, lexical diversity,
+  rare-word rate from train-set word counts, semantic density: content-word share and hits of a
+  polarity lexicon learned from the training split) and a small sklearn regressor of the blocks an
+  input needs, fitted on validation data; it decides the depth *before* the model runs.
+- Budget mode (``calibrate``): a target average depth or latency → the setting that meets it on
+  validation, then reported on test; static truncation at the same average depth is the baseline.
+- Cost: ``depth_profile`` (batch-1 latency of every depth), ``time_policy`` (real early exit at batch 1
+  and batched, the batch shrinking as examples leave or not), ``complexity_overhead``.
+- ``analyse``: one (model, seed) through all of the above, as tidy tables for the notebook.
+
+All exits are computed in one pass for accuracy-vs-depth curves; latency is only ever measured with
+real early exit, never inferred from block counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import layers
+from .cache import atomic_write_json, cached_dir
+from .device import pick, progress, seed_everything
+from .errors import LayerwiseError
+
+#: Bump when exit-head training changes in a way that changes weights (invalidates cached heads).
+EXITS_CODE_VERSION = 1
+#: Policies whose decision is made online, from the input or the exits seen so far.
+ONLINE_POLICIES = ("entropy", "confidence", "patience", "complexity")
+#: Everything ``analyse`` compares: the online policies, static truncation and the oracle bound.
+POLICIES = (*ONLINE_POLICIES, "static", "oracle")
+MODES = ("joint", "frozen")
+WEIGHTINGS = ("linear", "uniform")
+
+
+class DynamicError(LayerwiseError):
+    """Bad input to the dynamic-depth tools (wrong shapes, settings out of range, unsupported models)."""
+
+
+Planner = Callable[[np.ndarray, list[str]], "ExitPolicy"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Batching (tokenise per batch; bucket by length so CPU time is not spent on padding)
+
+
+def _encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+
+
+def _batch_plan(lengths: np.ndarray, batch_size: int, seed: int | None = None) -> list[np.ndarray]:
+    """Index batches of similar length: sorted (``seed=None``), or shuffled, bucketed and in shuffled order."""
+    n = len(lengths)
+    if seed is None:
+        order = np.argsort(lengths, kind="stable")
+        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    window = batch_size * 20
+    chunks = [perm[i:i + window] for i in range(0, n, window)]
+    order = np.concatenate([c[np.argsort(lengths[c], kind="stable")] for c in chunks])
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def _lengths(tokenizer: Any, texts: Sequence[str], max_length: int) -> np.ndarray:
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    return np.array([len(x) for x in ids])
+
+
+def _check_frame(df: pd.DataFrame, what: str) -> None:
+    if not isinstance(df, pd.DataFrame) or not {"text", "label"} <= set(df.columns) or len(df) == 0:
+        raise DynamicError(f"{what} must be a non-empty DataFrame with 'text' and 'label' columns "
+                           "(as train.load_task returns).")
+
+
+# --------------------------------------------------------------------------------------------------
+# Exit heads
+
+
+def _check_encoder(model: nn.Module) -> int:
+    """The model's number of labels; a clear error for decoders, regression heads and unknown families."""
+    fam = layers.family(model)
+    if fam not in ("bert", "mpnet"):
+        raise DynamicError(f"exit heads read the [CLS] state of an encoder; {fam!r} is a decoder. Use a BERT or "
+                           "MPNet sequence classifier (e.g. train.baseline('minilm', seed)).")
+    num_labels = int(getattr(model.config, "num_labels", 0))
+    if num_labels < 2:
+        raise DynamicError(f"the model has num_labels={num_labels}; early exit needs class probabilities, so "
+                           "use a classification task (label_mode 'polarity' or 'bins5'), not regression.")
+    return num_labels
+
+
+class ExitHeads(nn.Module):
+    """One classifier per block on the [CLS] state: dense → tanh → dropout → linear (BERT's pooler + head).
+
+    ``heads(cls_stack)`` maps (batch, blocks, hidden) to (batch, blocks, labels); ``head(k, cls)`` is exit
+    ``k`` (0-based block index) alone, which real early exit uses.
+    """
+
+    def __init__(self, n_blocks: int, hidden: int, num_labels: int, dropout: float = 0.1):
+        super().__init__()
+        if n_blocks < 1 or hidden < 1 or num_labels < 2 or not 0 <= dropout < 1:
+            raise DynamicError(f"ExitHeads(n_blocks={n_blocks}, hidden={hidden}, num_labels={num_labels}, "
+                               f"dropout={dropout}) needs >= 1 block, hidden >= 1, >= 2 labels, 0 <= dropout < 1.")
+        self.spec = {"n_blocks": n_blocks, "hidden": hidden, "num_labels": num_labels, "dropout": dropout}
+        self.dense = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(n_blocks))
+        self.out = nn.ModuleList(nn.Linear(hidden, num_labels) for _ in range(n_blocks))
+        self.dropout = nn.Dropout(dropout)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.dense)
+
+    def head(self, k: int, cls: torch.Tensor) -> torch.Tensor:
+        """Logits of exit ``k`` for [CLS] states ``cls`` (batch, hidden)."""
+        return self.out[k](self.dropout(torch.tanh(self.dense[k](cls))))
+
+    def forward(self, cls_stack: torch.Tensor) -> torch.Tensor:
+        if cls_stack.ndim != 3 or cls_stack.shape[1] != self.n_blocks:
+            raise DynamicError(f"expected [CLS] states of shape (batch, {self.n_blocks}, hidden), got "
+                               f"{tuple(cls_stack.shape)}; build them with cls_states(model, batch).")
+        return torch.stack([self.head(k, cls_stack[:, k]) for k in range(self.n_blocks)], 1)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, seed: int = 0) -> ExitHeads:
+        """Heads for every block of ``model``, each a copy of its pooler + classifier when it has them (BERT).
+
+        Starting every exit from the trained head makes the last exit equal the model (in eval mode) and
+        gives the earlier exits a sensible start; models without a pooler get a seeded random init.
+        """
+        num_labels = _check_encoder(model)
+        cfg = model.config
+        dropout = cfg.classifier_dropout if getattr(cfg, "classifier_dropout", None) is not None \
+            else cfg.hidden_dropout_prob
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            heads = cls(layers.num_blocks(model), cfg.hidden_size, num_labels, float(dropout))
+        pooler = getattr(model.base_model, "pooler", None)
+        classifier = getattr(model, "classifier", None)
+        if layers.family(model) == "bert" and pooler is not None and isinstance(classifier, nn.Linear):
+            for dense, out in zip(heads.dense, heads.out, strict=True):
+                dense.load_state_dict(pooler.dense.state_dict())
+                out.load_state_dict(classifier.state_dict())
+        return heads.to(next(model.parameters()).device)
+
+
+def cls_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[CLS] hidden state after every block, (batch, blocks, hidden), from one forward pass."""
+    outs = layers.run_blocks(model, batch, return_all=True)
+    return torch.stack([h[:, 0] for h in outs], 1)
+
+
+def exit_weights(n_blocks: int, weighting: str = "linear") -> torch.Tensor:
+    """Loss weight of each exit, summing to 1: ``linear`` ∝ depth (PABEE's weighted average), or ``uniform``."""
+    if weighting not in WEIGHTINGS:
+        raise DynamicError(f"weighting={weighting!r} unknown; choose from {WEIGHTINGS}.")
+    w = torch.arange(1, n_blocks + 1, dtype=torch.float32) if weighting == "linear" else torch.ones(n_blocks)
+    return w / w.sum()
+
+
+def _weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    losses = torch.stack([F.cross_entropy(logits[:, k], labels) for k in range(logits.shape[1])])
+    return (losses * weights.to(losses.device)).sum()
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass(frozen=True)
+class ExitTrainConfig:
+    """How exit heads are trained. ``mode``: ``joint`` (backbone + heads, weighted loss) or ``frozen``
+    (heads only). ``lr`` is the backbone's learning rate (joint only), ``head_lr`` the heads'."""
+
+    mode: str = "joint"
+    epochs: int = 2
+    lr: float = 2.5e-5
+    head_lr: float = 1e-3
+    batch_size: int = 32
+    weighting: str = "linear"
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    patience: int = 2
+    max_length: int = 128
+    grad_clip: float = 1.0
+
+    def validate(self) -> None:
+        """Fail fast on impossible settings."""
+        if self.mode not in MODES:
+            raise DynamicError(f"mode={self.mode!r} unknown; choose 'joint' (backbone + heads) or 'frozen' "
+                               "(heads only).")
+        if self.weighting not in WEIGHTINGS:
+            raise DynamicError(f"weighting={self.weighting!r} unknown; choose from {WEIGHTINGS}.")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.head_lr <= 0 or self.max_length < 8 \
+                or self.patience < 1:
+            raise DynamicError(f"invalid ExitTrainConfig {self}: need epochs >= 1, batch_size >= 1, lr > 0, "
+                               "head_lr > 0, max_length >= 8, patience >= 1.")
+
+
+@torch.no_grad()
+def _features(model: nn.Module, tokenizer: Any, texts: list[str], batch_size: int, max_length: int,
+              dev: torch.device) -> torch.Tensor:
+    """[CLS] states of every block for ``texts`` (n, blocks, hidden), in the original order (eval mode)."""
+    model.eval()
+    out = torch.empty(len(texts), layers.num_blocks(model), model.config.hidden_size)
+    for idx in _batch_plan(_lengths(tokenizer, texts, max_length), batch_size):
+        batch = {k: v.to(dev) for k, v in _encode(tokenizer, [texts[i] for i in idx], max_length).items()}
+        out[torch.as_tensor(idx)] = cls_states(model, batch).float().cpu()
+    return out
+
+
+def _snapshot(*modules: nn.Module) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.detach().cpu().clone() for k, v in m.state_dict().items()} for m in modules]
+
+
+def _history_row(epoch: int, train_loss: float, val_logits: torch.Tensor, val_y: torch.Tensor,
+                 weights: torch.Tensor, start: float) -> dict[str, float]:
+    acc = (val_logits.argmax(-1) == val_y[:, None]).float().mean(0)
+    return {"epoch": epoch, "train_loss": train_loss, "val_loss": float(_weighted_loss(val_logits, val_y, weights)),
+            "val_acc_last": float(acc[-1]), "val_acc_mean": float(acc.mean()), "seconds": time.time() - start}
+
+
+def _train_frozen(model, heads, tokenizer, train_df, val_df, cfg, seed, dev, weights):
+    start = time.time()
+    x_tr = _features(model, tokenizer, train_df["text"].tolist(), 64, cfg.max_length, dev)
+    x_va = _features(model, tokenizer, val_df["text"].tolist(), 64, cfg.max_length, dev)
+    y_tr = torch.tensor(train_df["label"].to_numpy(), dtype=torch.long)
+    y_va = torch.tensor(val_df["label"].to_numpy(), dtype=torch.long)
+    heads.cpu()
+    opt = torch.optim.AdamW(heads.parameters(), lr=cfg.head_lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    best, bad, state, rows = math.inf, 0, None, []
+    for epoch in range(cfg.epochs):
+        heads.train()
+        losses = []
+        for idx in torch.randperm(len(y_tr), generator=gen).split(cfg.batch_size):
+            loss = _weighted_loss(heads(x_tr[idx]), y_tr[idx], weights)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        heads.eval()
+        with torch.no_grad():
+            rows.append(_history_row(epoch + 1, float(np.mean(losses)), heads(x_va), y_va, weights, start))
+        if rows[-1]["val_loss"] < best - 1e-6:
+            best, bad, state = rows[-1]["val_loss"], 0, _snapshot(heads)
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    heads.load_state_dict(state[0])
+    return model, heads.to(dev).eval(), pd.DataFrame(rows)
+
+
+def _train_joint(model, heads, tokenizer, train_df, val_df, cfg, seed, dev, weights):
+    start = time.time()
+    texts = train_df["text"].tolist()
+    y_all = torch.tensor(train_df["label"].to_numpy(), dtype=torch.long)
+    lengths = _lengths(tokenizer, texts, cfg.max_length)
+    steps_per_epoch = math.ceil(len(texts) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    warm = max(1, int(cfg.warmup_ratio * total))
+    params = [(p, cfg.lr, n) for n, p in model.named_parameters() if p.requires_grad]
+    params += [(p, cfg.head_lr, n) for n, p in heads.named_parameters()]
+    groups = [{"params": [p for p, lr_, n in params if lr_ == lr and (p.ndim > 1) == decay],
+               "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0}
+              for lr in {cfg.lr, cfg.head_lr} for decay in (True, False)]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]])
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    val_texts = val_df["text"].tolist()
+    y_va = torch.tensor(val_df["label"].to_numpy(), dtype=torch.long)
+    best, bad, state, rows = math.inf, 0, None, []
+    bar = progress(total=total, desc="exit heads (joint)")
+    for epoch in range(cfg.epochs):
+        model.train()
+        heads.train()
+        losses = []
+        for idx in _batch_plan(lengths, cfg.batch_size, seed=seed * 1000 + epoch):
+            batch = {k: v.to(dev) for k, v in _encode(tokenizer, [texts[i] for i in idx], cfg.max_length).items()}
+            loss = _weighted_loss(heads(cls_states(model, batch)), y_all[idx].to(dev), weights)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p, _, _ in params], cfg.grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.update(1)
+        heads.eval()
+        with torch.no_grad():
+            val_logits = heads(_features(model, tokenizer, val_texts, 64, cfg.max_length, dev).to(dev)).cpu()
+        rows.append(_history_row(epoch + 1, float(np.mean(losses)), val_logits, y_va, weights, start))
+        if rows[-1]["val_loss"] < best - 1e-6:
+            best, bad, state = rows[-1]["val_loss"], 0, _snapshot(model, heads)
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    bar.close()
+    model.load_state_dict(state[0])
+    heads.load_state_dict(state[1])
+    return model.eval(), heads.eval(), pd.DataFrame(rows)
+
+
+def train_exits(model: nn.Module, tokenizer: Any, train_df: pd.DataFrame, val_df: pd.DataFrame,
+                cfg: ExitTrainConfig, seed: int, device: str | torch.device = "auto",
+                ) -> tuple[nn.Module, ExitHeads, pd.DataFrame]:
+    """Train an exit head after every block; returns ``(model, heads, history)`` at the best validation loss.
+
+    ``joint`` updates ``model`` in place (pass a copy to keep the original); ``frozen`` leaves it untouched.
+    The loss is the ``cfg.weighting``-weighted sum of every exit's cross-entropy. History: one row per
+    epoch with train/val weighted loss, validation accuracy of the last exit and mean over exits.
+    """
+    cfg.validate()
+    _check_frame(train_df, "train_df")
+    _check_frame(val_df, "val_df")
+    num_labels = _check_encoder(model)
+    labels = np.concatenate([train_df["label"].to_numpy(), val_df["label"].to_numpy()])
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= num_labels:
+        raise DynamicError(f"labels must be integers in 0..{num_labels - 1} (the model has {num_labels} labels); "
+                           f"got {np.unique(labels)[:6].tolist()}.")
+    dev = pick(device)
+    seed_everything(seed)
+    model.to(dev)
+    heads = ExitHeads.from_model(model, seed).to(dev)
+    weights = exit_weights(heads.n_blocks, cfg.weighting)
+    if cfg.mode == "frozen":
+        return _train_frozen(model, heads, tokenizer, train_df, val_df, cfg, seed, dev, weights)
+    return _train_joint(model, heads, tokenizer, train_df, val_df, cfg, seed, dev, weights)
+
+
+@torch.no_grad()
+def predict_exits(model: nn.Module, heads: ExitHeads, tokenizer: Any, texts: Sequence[str], batch_size: int = 64,
+                  max_length: int = 128, device: str | torch.device = "auto") -> np.ndarray:
+    """Logits of every exit for ``texts``, shape (n, blocks, labels), in input order, from one pass each."""
+    if isinstance(texts, str) or len(texts) == 0:
+        raise DynamicError("texts must be a non-empty list of strings.")
+    dev = pick(device)
+    model.eval().to(dev)
+    heads.eval().to(dev)
+    feats = _features(model, tokenizer, list(texts), batch_size, max_length, dev)
+    return torch.cat([heads(f.to(dev)).float().cpu() for f in feats.split(512)]).numpy()
+
+
+def _frame_digest(*dfs: pd.DataFrame) -> str:
+    h = hashlib.sha256()
+    for df in dfs:
+        h.update(json.dumps([df["text"].tolist(), df["label"].tolist()], default=str).encode())
+    return h.hexdigest()
+
+
+def exit_model(model: nn.Module, tokenizer: Any, base_key: str, train_df: pd.DataFrame, val_df: pd.DataFrame,
+               cfg: ExitTrainConfig, seed: int, device: str | torch.device = "auto",
+               ) -> tuple[nn.Module, ExitHeads, dict[str, Any]]:
+    """``train_exits`` on a copy of ``model``, cached on disk; returns ``(model, heads, record)``.
+
+    The cache key holds ``base_key`` (what identifies the starting model, e.g. its cache folder name),
+    the config, the seed and a digest of the training and validation data, so heads are never reused
+    for another model or split. ``frozen`` returns ``model`` itself with the cached heads.
+    """
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForSequenceClassification
+
+    cfg.validate()
+    _check_frame(train_df, "train_df")
+    _check_frame(val_df, "val_df")
+    spec = {"kind": "exit_heads", "base": base_key, "cfg": asdict(cfg), "seed": seed,
+            "data": _frame_digest(train_df, val_df), "code": EXITS_CODE_VERSION}
+
+    def build(folder: Path) -> None:
+        import copy
+
+        start = time.time()
+        work = model if cfg.mode == "frozen" else copy.deepcopy(model)
+        trained, heads, hist = train_exits(work, tokenizer, train_df, val_df, cfg, seed, device)
+        save_file({k: v.contiguous() for k, v in heads.cpu().state_dict().items()}, str(folder / "heads.safetensors"))
+        if cfg.mode == "joint":
+            trained.cpu().save_pretrained(folder / "backbone")
+        atomic_write_json(folder / "record.json", {"heads": heads.spec, "history": hist.to_dict(orient="records"),
+                                                   "train_seconds": time.time() - start, "device": str(pick(device))})
+
+    folder = cached_dir("exit_heads", spec, build)
+    record = json.loads((folder / "record.json").read_text())
+    heads = ExitHeads(**record["heads"])
+    heads.load_state_dict(load_file(str(folder / "heads.safetensors")))
+    out = model if cfg.mode == "frozen" else AutoModelForSequenceClassification.from_pretrained(folder / "backbone")
+    record["folder"] = str(folder)
+    return out.eval(), heads.eval(), record
+
+
+def default_exit_config(name: str, mode: str = "joint", tiny: bool = False, epochs: int | None = None,
+                        lr_factor: float = 0.5, head_lr: float = 1e-3, weighting: str = "linear") -> ExitTrainConfig:
+    """Exit-head training for a standard model: backbone lr = ``lr_factor`` × the baseline's fine-tuning lr.
+
+    ``epochs`` defaults to 2 for joint training (continuing from the fine-tuned model) and 30 for frozen
+    (heads alone on cached [CLS] states, cheap); smoke (``tiny``) uses 1 and 5.
+    """
+    from . import train
+
+    if name not in train.STANDARD_TRAIN:
+        raise DynamicError(f"unknown standard model {name!r}; choose from {sorted(train.STANDARD_TRAIN)}.")
+    base = train.SMOKE_TRAIN if tiny else train.STANDARD_TRAIN[name]
+    if epochs is None:
+        epochs = (1 if mode == "joint" else 5) if tiny else (2 if mode == "joint" else 30)
+    patience = 2 if mode == "joint" else 3
+    cfg = ExitTrainConfig(mode=mode, epochs=epochs, lr=lr_factor * base.lr, head_lr=head_lr, weighting=weighting,
+                          batch_size=base.batch_size, max_length=base.max_length, patience=patience)
+    cfg.validate()
+    return cfg
+
+
+def get_exit_model(name: str, seed: int, tiny: bool = False, cfg: ExitTrainConfig | None = None, task: Any = None,
+                   device: str | torch.device = "auto") -> dict[str, Any]:
+    """Standard baseline ``name`` for ``seed`` with trained exit heads (all cached).
+
+    Returns ``{"model", "heads", "tokenizer", "base_model", "splits", "record", "base_record"}``; the
+    splits are ``train.load_task`` for the same task and seed the baseline was trained on.
+    """
+    from . import train
+
+    cfg = cfg or default_exit_config(name, tiny=tiny)
+    task = task or train.standard_task(tiny)
+    base, tok, base_rec = train.baseline(name, seed, tiny, task, device=device)
+    splits = train.load_task(task, seed)
+    model, heads, rec = exit_model(base, tok, Path(base_rec["folder"]).name, splits["train"], splits["val"], cfg,
+                                   seed, device)
+    return {"model": model, "heads": heads, "tokenizer": tok, "base_model": base, "splits": splits, "record": rec,
+            "base_record": base_rec}
+
+
+# --------------------------------------------------------------------------------------------------
+# Exit policies
+
+
+def _probs(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def normalised_entropy(probs: np.ndarray) -> np.ndarray:
+    """Entropy of each probability vector divided by log(labels): 0 = certain, 1 = uniform."""
+    p = np.clip(probs, 1e-12, 1.0)
+    return -(p * np.log(p)).sum(-1) / math.log(probs.shape[-1])
+
+
+class ExitPolicy:
+    """Decides, block by block, which examples leave. ``start(n)`` resets per-example state; ``step(k,
+    probs, rows)`` gets exit ``k``'s probabilities for the still-active examples ``rows`` (indices into
+    the ``n``) and returns a boolean mask of those that exit after block ``k`` (0-based). Policies with
+    ``needs_probs = False`` decide without the exits (``probs`` may then be ``None``)."""
+
+    name = "policy"
+    needs_probs = True
+
+    def __init__(self, setting: float):
+        self.setting = setting
+
+    def start(self, n: int) -> None:  # noqa: B027 - stateless policies need no reset
+        """Reset per-example state for ``n`` examples."""
+
+    def step(self, k: int, probs: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.setting!r})"
+
+
+class EntropyPolicy(ExitPolicy):
+    """DeeBERT: exit once the exit's normalised entropy is at most ``threshold`` (in [0, 1]; < 0 never exits)."""
+
+    name = "entropy"
+
+    def step(self, k, probs, rows):
+        return normalised_entropy(probs) <= self.setting
+
+
+class ConfidencePolicy(ExitPolicy):
+    """Exit once the exit's top probability is at least ``threshold`` (> 1 never exits)."""
+
+    name = "confidence"
+
+    def step(self, k, probs, rows):
+        return probs.max(-1) >= self.setting
+
+
+class PatiencePolicy(ExitPolicy):
+    """PABEE: exit once ``patience`` consecutive exits after the first agree with the one before (0 = block 1)."""
+
+    name = "patience"
+
+    def __init__(self, patience: int):
+        if isinstance(patience, bool) or int(patience) != patience or patience < 0:
+            raise DynamicError(f"patience={patience!r} must be a non-negative integer (0 exits after block 1).")
+        super().__init__(int(patience))
+
+    def start(self, n):
+        self._prev = np.full(n, -1)
+        self._count = np.zeros(n, dtype=int)
+
+    def step(self, k, probs, rows):
+        pred = probs.argmax(-1)
+        count = np.where((k > 0) & (pred == self._prev[rows]), self._count[rows] + 1, 0)
+        self._prev[rows], self._count[rows] = pred, count
+        return count >= self.setting
+
+
+class PlannedPolicy(ExitPolicy):
+    """A depth fixed per example before the model runs (``depths``, 1-based; an int for all): static
+    truncation or the complexity predictor's plan. ``probe=True`` still evaluates every exit (to time
+    what a threshold policy pays for its heads)."""
+
+    def __init__(self, depths: np.ndarray | int, name: str = "static", setting: float | None = None,
+                 probe: bool = False):
+        self.depths = np.asarray(depths, dtype=int)
+        if self.depths.ndim > 1 or (self.depths < 1).any():
+            raise DynamicError(f"depths must be an int or a 1-D array of depths >= 1, got {depths!r}.")
+        super().__init__(float(self.depths.mean()) if setting is None else setting)
+        self.name = name
+        self.needs_probs = probe
+
+    def step(self, k, probs, rows):
+        d = self.depths if self.depths.ndim == 0 else self.depths[rows]
+        return np.broadcast_to(d == k + 1, rows.shape).copy()
+
+
+def make_policy(name: str, setting: float) -> ExitPolicy:
+    """The policy ``name`` (entropy, confidence, patience) at ``setting``."""
+    table = {"entropy": EntropyPolicy, "confidence": ConfidencePolicy, "patience": PatiencePolicy}
+    if name not in table:
+        raise DynamicError(f"make_policy knows {sorted(table)}; static and complexity depths are planned per "
+                           "example: use PlannedPolicy / ComplexityPredictor.policy.")
+    return table[name](setting)
+
+
+def _check_probs(probs: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    probs = np.asarray(probs, dtype=float)
+    if probs.ndim != 3 or probs.shape[1] < 1 or probs.shape[2] < 2:
+        raise DynamicError(f"probs must have shape (examples, blocks, labels >= 2), got {probs.shape}; use "
+                           "exit_probs(predict_exits(...)).")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (probs.shape[0],):
+            raise DynamicError(f"labels has shape {labels.shape} but probs has {probs.shape[0]} examples.")
+    return probs, labels
+
+
+def exit_probs(logits: np.ndarray) -> np.ndarray:
+    """Softmax over labels of every exit's logits (n, blocks, labels)."""
+    return _probs(np.asarray(logits, dtype=float))
+
+
+def simulate(policy: ExitPolicy, probs: np.ndarray) -> np.ndarray:
+    """Depth (blocks executed, 1-based) at which each example exits under ``policy``, from all exits at once.
+
+    The same ``step`` calls as real early exit; the last block always exits.
+    """
+    probs, _ = _check_probs(probs)
+    n, n_blocks, _ = probs.shape
+    depth = np.full(n, n_blocks)
+    active = np.arange(n)
+    policy.start(n)
+    for k in range(n_blocks - 1):
+        if active.size == 0:
+            break
+        ex = np.asarray(policy.step(k, probs[active, k] if policy.needs_probs else None, active), dtype=bool)
+        depth[active[ex]] = k + 1
+        active = active[~ex]
+    return depth
+
+
+def outcome(probs: np.ndarray, labels: np.ndarray, depths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Predictions and per-example correctness when each example uses the exit at its depth."""
+    probs, labels = _check_probs(probs, labels)
+    depths = np.asarray(depths, dtype=int)
+    if depths.shape != labels.shape or depths.min() < 1 or depths.max() > probs.shape[1]:
+        raise DynamicError(f"depths must be one value in 1..{probs.shape[1]} per example.")
+    preds = probs[np.arange(len(labels)), depths - 1].argmax(-1)
+    return preds, preds == labels
+
+
+def oracle_depths(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The bound: the earliest exit whose prediction is correct; 1 where no exit is (no depth can help)."""
+    probs, labels = _check_probs(probs, labels)
+    right = probs.argmax(-1) == labels[:, None]
+    return np.where(right.any(1), right.argmax(1) + 1, 1)
+
+
+def blocks_needed(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Smallest depth from which every later exit is correct; all blocks where the last exit is wrong.
+
+    The complexity predictor's target: "stays right from here on" is a steadier notion of difficulty
+    than "right once by chance".
+    """
+    probs, labels = _check_probs(probs, labels)
+    right = probs.argmax(-1) == labels[:, None]
+    n_blocks = probs.shape[1]
+    wrong_after = np.cumsum(~right[:, ::-1], axis=1)[:, ::-1]  # wrong exits at depth >= d
+    stays = wrong_after == 0
+    return np.where(stays[:, -1], stays.argmax(1) + 1, n_blocks)
+
+
+def static_depths(n: int, avg_depth: float, n_blocks: int, seed: int = 0) -> np.ndarray:
+    """Static truncation at a (possibly fractional) average depth: ⌊d⌋ or ⌈d⌉ blocks, mixed in the exact
+    proportion that gives mean ``avg_depth`` (a seeded random choice of which examples get ⌈d⌉)."""
+    if not 1 <= avg_depth <= n_blocks:
+        raise DynamicError(f"avg_depth={avg_depth} must lie in 1..{n_blocks} (blocks of the model).")
+    lo = int(math.floor(avg_depth))
+    n_hi = int(round((avg_depth - lo) * n))
+    depth = np.full(n, lo)
+    depth[np.random.default_rng(seed).permutation(n)[:n_hi]] += 1
+    return np.minimum(depth, n_blocks)
+
+
+def settings_grid(name: str, val_probs: np.ndarray, n_points: int = 41) -> list[float]:
+    """Settings that span a policy's range on validation data: quantiles of the normalised entropies /
+    top probabilities seen at the exits (plus never-exit), or every patience 0..blocks-1."""
+    probs, _ = _check_probs(val_probs)
+    n_blocks = probs.shape[1]
+    q = np.linspace(0, 1, n_points)
+    if name == "entropy":
+        return sorted({float(v) for v in np.quantile(normalised_entropy(probs[:, :-1]), q)} | {-1.0})
+    if name == "confidence":
+        return sorted({float(v) for v in np.quantile(probs[:, :-1].max(-1), q)} | {2.0})
+    if name == "patience":
+        return list(range(n_blocks))
+    raise DynamicError(f"settings_grid knows entropy, confidence and patience, not {name!r}.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Complexity features and the budget predictor
+
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+#: Words that flip or weaken polarity; content-free otherwise.
+NEGATIONS = frozenset({"not", "no", "never", "nor", "none", "nothing", "neither", "cannot", "without", "hardly",
+                       "barely", "n't", "don't", "doesn't", "didn't", "isn't", "wasn't", "aren't", "weren't",
+                       "won't", "wouldn't", "couldn't", "shouldn't", "can't"})
+#: Discourse markers of contrast: a sentence that turns is harder to read off its first words.
+CONTRASTS = frozenset({"but", "however", "although", "though", "yet", "except", "while", "whereas", "despite"})
+
+
+class ComplexityFeatures:
+    """Per-input text features computed before the model runs; ``fit`` on the training split.
+
+    Features (``NAMES``): words, mean word length, type-token ratio (lexical diversity), rare-word rate
+    (share of words seen at most ``rare_max_count`` times in training), content-word share (not an
+    English stop word: semantic density), polar-word rate (hits of a polarity lexicon learned from the
+    training labels: words with smoothed |log-odds| >= ``polar_min_logodds`` and >= ``polar_min_count``
+    occurrences), polar conflict (share of hits that disagree with the majority polarity of the input),
+    negations, contrast markers, and '!'/'?' count.
+    """
+
+    NAMES = ("n_words", "mean_word_len", "type_token_ratio", "rare_rate", "content_share", "polar_rate",
+             "polar_conflict", "negations", "contrasts", "exclaim_question")
+
+    def __init__(self, rare_max_count: int = 1, polar_min_count: int = 3, polar_min_logodds: float = 1.0):
+        self.rare_max_count = rare_max_count
+        self.polar_min_count = polar_min_count
+        self.polar_min_logodds = polar_min_logodds
+        self.counts: Counter | None = None
+        self.polar: dict[str, int] = {}
+
+    @staticmethod
+    def words(text: str) -> list[str]:
+        """Lower-cased word tokens (letters/digits, with an optional apostrophe suffix)."""
+        return _WORD.findall(text.lower())
+
+    def fit(self, texts: Sequence[str], labels: Sequence[int]) -> ComplexityFeatures:
+        """Count training words and learn the polarity lexicon (one-vs-rest smoothed log-odds per class)."""
+        labels = np.asarray(labels)
+        if len(texts) != len(labels) or len(texts) == 0:
+            raise DynamicError(f"fit needs one label per text; got {len(texts)} texts and {len(labels)} labels.")
+        self.counts = Counter()
+        per_class: dict[int, Counter] = {int(c): Counter() for c in np.unique(labels)}
+        for text, y in zip(texts, labels, strict=True):
+            ws = self.words(text)
+            self.counts.update(ws)
+            per_class[int(y)].update(ws)
+        vocab = len(self.counts)
+        totals = {c: sum(cnt.values()) for c, cnt in per_class.items()}
+        grand = sum(totals.values())
+        self.polar = {}
+        for w, n in self.counts.items():
+            if n < self.polar_min_count or len(per_class) < 2:
+                continue
+            best_c, best_lo = -1, 0.0
+            for c, cnt in per_class.items():
+                rest = n - cnt[w]
+                lo = math.log((cnt[w] + 1) / (totals[c] + vocab)) - math.log((rest + 1) / (grand - totals[c] + vocab))
+                if lo > best_lo:
+                    best_c, best_lo = c, lo
+            if best_lo >= self.polar_min_logodds:
+                self.polar[w] = best_c
+        return self
+
+    def transform(self, texts: Sequence[str]) -> np.ndarray:
+        """Feature matrix (n, len(NAMES)), float64."""
+        if self.counts is None:
+            raise DynamicError("ComplexityFeatures is not fitted; call fit(train_texts, train_labels) first.")
+        from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+        out = np.zeros((len(texts), len(self.NAMES)))
+        for i, text in enumerate(texts):
+            ws = self.words(text)
+            n = max(len(ws), 1)
+            hits = [self.polar[w] for w in ws if w in self.polar]
+            major = Counter(hits).most_common(1)[0][1] if hits else 0
+            out[i] = (len(ws), sum(map(len, ws)) / n, len(set(ws)) / n,
+                      sum(self.counts.get(w, 0) <= self.rare_max_count for w in ws) / n,
+                      sum(w not in ENGLISH_STOP_WORDS for w in ws) / n, len(hits) / n,
+                      (len(hits) - major) / len(hits) if hits else 0.0,
+                      sum(w in NEGATIONS for w in ws), sum(w in CONTRASTS for w in ws),
+                      text.count("!") + text.count("?"))
+        return out
+
+
+class ComplexityPredictor:
+    """Predicts the blocks an input needs from ``ComplexityFeatures`` with a small gradient-boosted
+    regressor (sklearn; 100 depth-2 trees), fitted on validation data; its ``policy`` plans a depth
+    per input = ⌈prediction + offset⌉ clipped to 1..blocks, so ``offset`` trades depth for accuracy."""
+
+    def __init__(self, features: ComplexityFeatures, n_blocks: int, seed: int = 0):
+        from sklearn.ensemble import GradientBoostingRegressor
+
+        self.features = features
+        self.n_blocks = n_blocks
+        self.seed = seed
+        self.model = GradientBoostingRegressor(n_estimators=100, max_depth=2, learning_rate=0.05, subsample=0.8,
+                                               random_state=seed)
+
+    def _target(self, texts: Sequence[str], needed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        needed = np.asarray(needed, dtype=float)
+        if needed.shape != (len(texts),) or needed.min() < 1 or needed.max() > self.n_blocks:
+            raise DynamicError(f"needed must hold one depth in 1..{self.n_blocks} per text (blocks_needed(...)).")
+        return self.features.transform(texts), needed
+
+    def fit(self, texts: Sequence[str], needed: np.ndarray) -> ComplexityPredictor:
+        """Fit on (validation) texts and their ``blocks_needed``."""
+        self.model.fit(*self._target(texts, needed))
+        return self
+
+    def out_of_fold(self, texts: Sequence[str], needed: np.ndarray, folds: int = 5) -> np.ndarray:
+        """Cross-validated predictions on the fitting data, so a setting calibrated on them is not optimistic."""
+        from sklearn.base import clone
+        from sklearn.model_selection import KFold, cross_val_predict
+
+        x, y = self._target(texts, needed)
+        folds = min(folds, len(y))
+        if folds < 2:
+            raise DynamicError("out_of_fold needs at least 2 examples.")
+        return cross_val_predict(clone(self.model), x, y, cv=KFold(folds, shuffle=True, random_state=self.seed))
+
+    def predict(self, texts: Sequence[str]) -> np.ndarray:
+        """Predicted blocks needed per text (float). The features are finite by construction, so sklearn's
+        finiteness check (a sizeable share of a one-input prediction) is skipped."""
+        from sklearn import config_context
+
+        with config_context(assume_finite=True):
+            return self.model.predict(self.features.transform(texts))
+
+    def plan(self, predicted: np.ndarray, offset: float) -> np.ndarray:
+        """Depths ⌈predicted + offset⌉ clipped to 1..blocks."""
+        return np.clip(np.ceil(np.asarray(predicted) + offset - 1e-9), 1, self.n_blocks).astype(int)
+
+    def policy(self, texts: Sequence[str], offset: float) -> PlannedPolicy:
+        """The planned-depth policy for ``texts`` (features + prediction happen here: time them with it)."""
+        return PlannedPolicy(self.plan(self.predict(texts), offset), name="complexity", setting=offset)
+
+
+@dataclass
+class _Timer:
+    dev: torch.device
+
+    def now(self) -> float:
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        return time.perf_counter()
+
+
+def complexity_overhead(predictor: ComplexityPredictor, texts: Sequence[str], repeats: int = 3) -> np.ndarray:
+    """Per-input milliseconds of features + prediction at batch 1 (median of ``repeats`` per input)."""
+    out = np.empty(len(texts))
+    predictor.predict([texts[0]])  # warm-up (imports, first-call allocation)
+    for i, text in enumerate(texts):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            predictor.predict([text])
+            times.append((time.perf_counter() - t0) * 1000)
+        out[i] = statistics.median(times)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Curves and budget mode
+
+
+def curve(probs: np.ndarray, labels: np.ndarray, name: str, settings: Sequence[float],
+          depth_fn: Callable[[float], np.ndarray] | None = None, latency_ms: np.ndarray | None = None,
+          ) -> pd.DataFrame:
+    """One row per setting: ``policy, setting, avg_depth, accuracy`` (+ ``pred_latency_ms`` when the
+    per-depth latency profile ``latency_ms[d - 1]`` is given). ``depth_fn(setting)`` gives depths for
+    planned policies; otherwise ``make_policy(name, setting)`` is simulated."""
+    probs, labels = _check_probs(probs, labels)
+    rows = []
+    for s in settings:
+        depths = depth_fn(s) if depth_fn is not None else simulate(make_policy(name, s), probs)
+        _, correct = outcome(probs, labels, depths)
+        row = {"policy": name, "setting": float(s), "avg_depth": float(depths.mean()),
+               "accuracy": float(correct.mean())}
+        if latency_ms is not None:
+            row["pred_latency_ms"] = float(np.asarray(latency_ms)[depths - 1].mean())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def calibrate(val_curve: pd.DataFrame, target: float, cost: str = "avg_depth") -> pd.Series:
+    """Budget mode: the setting with the best validation accuracy among those whose validation ``cost``
+    is at most ``target`` (ties: the cheaper). When none meets it, the cheapest, with ``met = False``."""
+    if cost not in val_curve.columns or val_curve.empty:
+        raise DynamicError(f"val_curve needs a {cost!r} column and rows (build it with curve(...)).")
+    if val_curve["policy"].nunique() != 1:
+        raise DynamicError("calibrate one policy at a time: filter val_curve to one policy first.")
+    ok = val_curve[val_curve[cost] <= target + 1e-9]
+    if ok.empty:
+        row = val_curve.sort_values([cost, "accuracy"], ascending=[True, False]).iloc[0].copy()
+        row["met"] = False
+    else:
+        row = ok.sort_values(["accuracy", cost], ascending=[False, True]).iloc[0].copy()
+        row["met"] = True
+    row["target"] = target
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
+# Real early exit and its latency
+
+
+@torch.no_grad()
+def early_exit_forward(model: nn.Module, heads: ExitHeads, batch: dict[str, torch.Tensor], policy: ExitPolicy,
+                       shrink: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``batch`` block by block, letting examples leave as ``policy`` says; ``(logits, depths)``.
+
+    ``shrink=True`` drops exited rows from the batch, so the work falls as examples leave;
+    ``shrink=False`` keeps the batch whole until its last example exits (what a static-shape batch
+    pays: the slowest example sets the depth of all). Exits are evaluated only where the policy needs
+    them, and at the depth where an example leaves.
+    """
+    dev = next(model.parameters()).device
+    model.eval()
+    heads.eval()
+    hidden = layers.embed(model, batch)
+    n = hidden.shape[0]
+    mask = batch["attention_mask"].to(dev) if "attention_mask" in batch \
+        else torch.ones(hidden.shape[:2], dtype=torch.long, device=dev)
+    n_blocks = layers.num_blocks(model)
+    out = np.zeros((n, heads.spec["num_labels"]), dtype=np.float32)
+    depth = np.full(n, n_blocks)
+    active = np.arange(n)  # examples not yet exited
+    rows = np.arange(n)  # the row of `hidden` that holds each active example
+    policy.start(n)
+    for k in range(n_blocks):
+        hidden = layers.block_forward(model, k, hidden, mask)
+        cls = hidden[:, 0] if shrink else hidden[torch.as_tensor(rows, device=dev), 0]
+        if k == n_blocks - 1:
+            ex = np.ones(len(active), bool)
+            leaving = heads.head(k, cls)
+        elif policy.needs_probs:
+            logits = heads.head(k, cls)
+            ex = np.asarray(policy.step(k, torch.softmax(logits.float(), -1).cpu().numpy(), active), bool)
+            leaving = logits[torch.as_tensor(ex, device=dev)]
+        else:
+            ex = np.asarray(policy.step(k, None, active), bool)
+            leaving = heads.head(k, cls[torch.as_tensor(ex, device=dev)]) if ex.any() else None
+        if ex.any():
+            out[active[ex]] = leaving.float().cpu().numpy()
+            depth[active[ex]] = k + 1
+        active, rows = active[~ex], rows[~ex]
+        if active.size == 0:
+            break
+        if shrink and ex.any():
+            keep = torch.as_tensor(rows, device=dev)
+            hidden, mask = hidden[keep], mask[keep]
+            rows = np.arange(len(active))
+    return out, depth
+
+
+def _tokenised_batches(tokenizer, texts, batch_size, max_length):
+    idx = _batch_plan(_lengths(tokenizer, texts, max_length), batch_size)
+    return [(i, [texts[j] for j in i], _encode(tokenizer, [texts[j] for j in i], max_length)) for i in idx]
+
+
+@torch.no_grad()
+def time_policy(model: nn.Module, heads: ExitHeads, tokenizer: Any, texts: Sequence[str], planner: Planner,
+                batch_size: int = 1, repeats: int = 3, shrink: bool = True, max_length: int = 128,
+                device: str | torch.device = "auto") -> dict[str, Any]:
+    """Real early exit over ``texts``: ``planner(indices, batch_texts)`` gives each batch's policy (inside
+    the timer, so a complexity predictor's features are paid for). Tokenisation is outside the timer.
+
+    Returns ``ms_per_example`` (median over ``repeats`` of total time / n), ``avg_depth``, ``preds``.
+    Batches are length-bucketed; batch 1 times each input alone.
+    """
+    if repeats < 1 or batch_size < 1:
+        raise DynamicError("repeats and batch_size must be >= 1.")
+    dev = pick(device)
+    model.eval().to(dev)
+    heads.eval().to(dev)
+    batches = [(i, t, {k: v.to(dev) for k, v in b.items()})
+               for i, t, b in _tokenised_batches(tokenizer, list(texts), batch_size, max_length)]
+    timer = _Timer(dev)
+    warm_i, warm_t, warm_b = batches[0]
+    early_exit_forward(model, heads, warm_b, planner(warm_i, warm_t), shrink)
+    totals, depth, preds = [], np.zeros(len(texts), int), np.zeros(len(texts), int)
+    for _ in range(repeats):
+        t0 = timer.now()
+        for idx, btexts, batch in batches:
+            logits, d = early_exit_forward(model, heads, batch, planner(idx, btexts), shrink)
+            depth[idx], preds[idx] = d, logits.argmax(-1)
+        totals.append((timer.now() - t0) * 1000 / len(texts))
+    return {"ms_per_example": statistics.median(totals), "avg_depth": float(depth.mean()), "preds": preds,
+            "depths": depth}
+
+
+@torch.no_grad()
+def time_full(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 1, repeats: int = 3,
+              max_length: int = 128, device: str | torch.device = "auto") -> float:
+    """Milliseconds per example of the plain Hugging Face forward (no exits), same batching as ``time_policy``."""
+    dev = pick(device)
+    model.eval().to(dev)
+    batches = [{k: v.to(dev) for k, v in b.items()}
+               for _, _, b in _tokenised_batches(tokenizer, list(texts), batch_size, max_length)]
+    timer = _Timer(dev)
+    model(**batches[0])
+    totals = []
+    for _ in range(repeats):
+        t0 = timer.now()
+        for batch in batches:
+            model(**batch)
+        totals.append((timer.now() - t0) * 1000 / len(texts))
+    return statistics.median(totals)
+
+
+@torch.no_grad()
+def depth_profile(model: nn.Module, heads: ExitHeads, tokenizer: Any, texts: Sequence[str], max_length: int = 128,
+                  device: str | torch.device = "auto") -> pd.DataFrame:
+    """Batch-1 latency of stopping at each depth, from one timestamped pass per input (median over inputs).
+
+    Columns: ``depth``, ``planned_ms`` (embed + blocks 1..d + exit d: a depth fixed in advance) and
+    ``probed_ms`` (the same plus every earlier exit: what a threshold policy pays).
+    """
+    dev = pick(device)
+    model.eval().to(dev)
+    heads.eval().to(dev)
+    timer = _Timer(dev)
+    n_blocks = layers.num_blocks(model)
+    blocks, head_ms = np.zeros((len(texts), n_blocks)), np.zeros((len(texts), n_blocks))
+    for i, text in enumerate([texts[0], *texts]):  # the first pass warms up
+        batch = {k: v.to(dev) for k, v in _encode(tokenizer, [text], max_length).items()}
+        t0 = timer.now()
+        hidden = layers.embed(model, batch)
+        spent, row_b, row_h = 0.0, [], []  # row_b[k]: ms to the end of block k, exits excluded
+        for k in range(n_blocks):
+            hidden = layers.block_forward(model, k, hidden, batch["attention_mask"])
+            t1 = timer.now()
+            row_b.append((t1 - t0) * 1000 - spent)
+            heads.head(k, hidden[:, 0])
+            row_h.append((timer.now() - t1) * 1000)
+            spent += row_h[-1]
+        if i > 0:
+            blocks[i - 1], head_ms[i - 1] = row_b, row_h
+    b, h = np.median(blocks, 0), np.median(head_ms, 0)
+    return pd.DataFrame({"depth": np.arange(1, n_blocks + 1), "planned_ms": b + h, "probed_ms": b + np.cumsum(h)})
+
+
+# --------------------------------------------------------------------------------------------------
+# One (model, seed) through everything
+
+
+def _static_table(model, heads, tokenizer, splits, probs, search, batch_size, max_length, device):
+    """Per-example correctness of static depth d (val and test) for d = 1..blocks, and how it was chosen.
+
+    ``first_k``: blocks 1..d with exit d. ``best_val``: also the d blocks ranked most important on
+    validation (accuracy drop when each block alone is skipped, last exit), whichever of the two is more
+    accurate on validation per d.
+    """
+    n_blocks = heads.n_blocks
+    correct = {s: (probs[s].argmax(-1) == splits[s]["label"].to_numpy()[:, None]) for s in ("val", "test")}
+    choice = ["first_k"] * n_blocks
+    if search == "first_k":
+        return correct, choice
+    dev = pick(device)
+
+    @torch.no_grad()
+    def last_exit_correct(split: str, skip: set[int]) -> np.ndarray:
+        df = splits[split]
+        texts, out = df["text"].tolist(), np.zeros(len(df), bool)
+        for idx in _batch_plan(_lengths(tokenizer, texts, max_length), batch_size):
+            batch = {k: v.to(dev) for k, v in _encode(tokenizer, [texts[i] for i in idx], max_length).items()}
+            hidden = layers.run_blocks(model, batch, skip=skip)
+            out[idx] = (heads.head(n_blocks - 1, hidden[:, 0]).argmax(-1).cpu().numpy() == df["label"].to_numpy()[idx])
+        return out
+
+    full_val = correct["val"][:, -1].mean()
+    drop = [full_val - last_exit_correct("val", {b}).mean() for b in range(n_blocks)]
+    ranking = list(np.argsort(drop, kind="stable")[::-1])  # most important first
+    for d in range(1, n_blocks):
+        keep = set(int(b) for b in ranking[:d])
+        if keep == set(range(d)):
+            continue
+        skip = set(range(n_blocks)) - keep
+        val_c = last_exit_correct("val", skip)
+        if val_c.mean() > correct["val"][:, d - 1].mean():
+            correct["val"][:, d - 1] = val_c
+            correct["test"][:, d - 1] = last_exit_correct("test", skip)
+            choice[d - 1] = "ranked:" + ",".join(str(b) for b in sorted(keep))
+    return correct, choice
+
+
+def analyse(model: nn.Module, heads: ExitHeads, tokenizer: Any, splits: dict[str, pd.DataFrame], seed: int, *,
+            base_model: nn.Module | None = None, targets: Sequence[float] = (0.5,), static_search: str = "best_val",
+            batch_size: int = 64, max_length: int = 128, device: str | torch.device = "auto",
+            ) -> dict[str, Any]:
+    """Accuracy side of one (model, seed): all exits on val/test in one pass each, every policy swept,
+    budget mode at each target (a fraction of the blocks), static truncation at the matched test depth.
+
+    Returns tidy tables ``exits`` (accuracy per exit and split), ``sweep`` (val/test curves per policy
+    and setting), ``budget`` (per target and policy: chosen setting, val/test depth and accuracy, static
+    and full accuracy, McNemar vs static), plus ``correct`` (test correctness per example for the
+    budget rows, for tests across seeds), ``predictor`` (the complexity predictor, fitted on validation),
+    ``pred_blocks`` (its out-of-fold validation and its test predictions), ``probs`` (every exit's
+    probabilities per split) and ``static_choice`` (which static variant each depth uses).
+    """
+    from . import stats
+
+    for s in ("train", "val", "test"):
+        _check_frame(splits.get(s), f"splits[{s!r}]")
+    if static_search not in ("first_k", "best_val"):
+        raise DynamicError(f"static_search={static_search!r}; choose 'first_k' or 'best_val'.")
+    if not targets or any(not 0 < t <= 1 for t in targets):
+        raise DynamicError(f"targets={targets!r} must be fractions of the blocks in (0, 1], e.g. (0.5,).")
+    n_blocks = heads.n_blocks
+    kw = {"batch_size": batch_size, "max_length": max_length, "device": device}
+    probs = {s: exit_probs(predict_exits(model, heads, tokenizer, splits[s]["text"].tolist(), **kw))
+             for s in ("val", "test")}
+    y = {s: splits[s]["label"].to_numpy() for s in ("val", "test")}
+    exits = pd.DataFrame([{"split": s, "depth": d + 1, "accuracy": float((probs[s][:, d].argmax(-1) == y[s]).mean())}
+                          for s in ("val", "test") for d in range(n_blocks)])
+    if base_model is not None:
+        from . import train
+
+        base_correct = train.predict(base_model, tokenizer, splits["test"]["text"].tolist(), batch_size, max_length,
+                                     device).argmax(-1) == y["test"]
+    else:
+        base_correct = probs["test"][:, -1].argmax(-1) == y["test"]
+
+    feats = ComplexityFeatures().fit(splits["train"]["text"].tolist(), splits["train"]["label"].to_numpy())
+    predictor = ComplexityPredictor(feats, n_blocks, seed)
+    val_texts, test_texts = splits["val"]["text"].tolist(), splits["test"]["text"].tolist()
+    needed = blocks_needed(probs["val"], y["val"])
+    pred_blocks = {"val": predictor.out_of_fold(val_texts, needed)}
+    predictor.fit(val_texts, needed)
+    pred_blocks["test"] = predictor.predict(test_texts)
+    offsets = [float(o) for o in np.arange(-n_blocks, n_blocks + 0.25, 0.25)]
+    static_correct, static_choice = _static_table(model, heads, tokenizer, splits, probs, static_search, **kw)
+
+    def complexity_depths(offset: float, split: str) -> np.ndarray:
+        return predictor.plan(pred_blocks[split], offset)
+
+    sweeps = []
+    for s in ("val", "test"):
+        for name in ("entropy", "confidence", "patience"):
+            sweeps.append(curve(probs[s], y[s], name, settings_grid(name, probs["val"])).assign(split=s))
+        sweeps.append(curve(probs[s], y[s], "complexity", offsets,
+                            lambda o, s=s: complexity_depths(o, s)).assign(split=s))
+        static_rows = []
+        for d in range(1, n_blocks + 1):
+            static_rows.append({"policy": "static", "setting": float(d), "avg_depth": float(d),
+                                "accuracy": float(static_correct[s][:, d - 1].mean())})
+        sweeps.append(pd.DataFrame(static_rows).assign(split=s))
+        od = oracle_depths(probs[s], y[s])
+        sweeps.append(pd.DataFrame([{"policy": "oracle", "setting": 0.0, "avg_depth": float(od.mean()),
+                                     "accuracy": float(outcome(probs[s], y[s], od)[1].mean()), "split": s}]))
+    sweep = pd.concat(sweeps, ignore_index=True)
+
+    def static_at(avg: float, split: str) -> np.ndarray:
+        depths = static_depths(len(y[split]), avg, n_blocks, seed)
+        return static_correct[split][np.arange(len(depths)), depths - 1]
+
+    budget, correct = [], []
+    rows_val = sweep[sweep["split"] == "val"]
+    last_exit_acc = float((probs["test"][:, -1].argmax(-1) == y["test"]).mean())
+    for frac in targets:
+        target = frac * n_blocks
+        for name in ONLINE_POLICIES:
+            row = calibrate(rows_val[rows_val["policy"] == name], target)
+            depths = complexity_depths(row["setting"], "test") if name == "complexity" \
+                else simulate(make_policy(name, row["setting"]), probs["test"])
+            _, dyn_c = outcome(probs["test"], y["test"], depths)
+            test_depth = float(depths.mean())
+            st_c = static_at(max(1.0, test_depth), "test")
+            mc = stats.mcnemar(dyn_c, st_c, name=f"{name} vs static")
+            budget.append({"target_frac": frac, "target_depth": target, "policy": name, "setting": row["setting"],
+                           "met_on_val": bool(row["met"]), "val_depth": row["avg_depth"], "val_acc": row["accuracy"],
+                           "test_depth": test_depth, "test_acc": float(dyn_c.mean()),
+                           "static_acc": float(st_c.mean()), "full_acc": float(base_correct.mean()),
+                           "last_exit_acc": last_exit_acc,
+                           "speedup": n_blocks / test_depth, "mcnemar_stat": mc.statistic, "mcnemar_p": mc.p_value,
+                           "mcnemar_b": mc.extras["b"], "mcnemar_c": mc.extras["c"]})
+            correct.append(pd.DataFrame({"target_frac": frac, "policy": name, "example": np.arange(len(dyn_c)),
+                                         "dynamic": dyn_c, "static": st_c, "full": base_correct}))
+    return {"exits": exits, "sweep": sweep, "budget": pd.DataFrame(budget), "correct": pd.concat(correct),
+            "predictor": predictor, "pred_blocks": pred_blocks, "probs": probs, "static_choice": static_choice}
+
+
+def latency_study(model: nn.Module, heads: ExitHeads, tokenizer: Any, analysis: dict[str, Any],
+                  texts: Sequence[str], val_texts: Sequence[str], seed: int, *, target_frac: float = 0.5,
+                  latency_frac: float = 0.5, batch_sizes: Sequence[int] = (1, 32), repeats: int = 3,
+                  max_length: int = 128, device: str | torch.device = "auto") -> dict[str, pd.DataFrame]:
+    """Cost side of one (model, seed), with real early exit on ``texts`` (a test subset):
+
+    - ``profile``: batch-1 latency per depth (``depth_profile`` on ``val_texts``);
+    - ``latency``: ms per example for the full model (plain forward), for each online policy at its
+      depth-budget setting in ``analysis`` (``target_frac``), for static truncation at the policies' mean
+      test depth, and for the block-by-block loop without exits; at every batch size, batched ones with
+      and without shrinking;
+    - ``latency_budget``: latency budget mode: the setting whose *predicted* validation latency (profile +
+      measured complexity overhead) meets ``latency_frac`` × the full model's batch-1 latency, then its
+      measured test latency;
+    - ``overhead``: per-input ms of the complexity features + predictor.
+    """
+    if not 0 < latency_frac <= 1.5:
+        raise DynamicError(f"latency_frac={latency_frac} must be a fraction of the full model's latency in (0, 1.5].")
+    n_blocks = heads.n_blocks
+    texts, val_texts = list(texts), list(val_texts)
+    predictor: ComplexityPredictor = analysis["predictor"]
+    kw = {"max_length": max_length, "device": device}
+    budget = analysis["budget"]
+    chosen = budget[np.isclose(budget["target_frac"], target_frac)].set_index("policy")["setting"]
+    if chosen.empty:
+        raise DynamicError(f"analysis has no budget rows for target_frac={target_frac}; pass it in "
+                           "analyse(targets=...).")
+    test_depths = budget[np.isclose(budget["target_frac"], target_frac)]["test_depth"].mean()
+    profile = depth_profile(model, heads, tokenizer, val_texts, **kw)
+    overhead = complexity_overhead(predictor, texts, repeats)
+
+    def planner(name: str, setting: float) -> Planner:
+        if name == "complexity":
+            return lambda idx, t: predictor.policy(t, setting)
+        if name == "static":
+            depths = static_depths(len(texts), setting, n_blocks, seed)
+            return lambda idx, t: PlannedPolicy(depths[idx], "static", setting)
+        policy = make_policy(name, setting)
+        return lambda idx, t: policy
+
+    rows = []
+    for bs in batch_sizes:
+        full = time_full(model, tokenizer, texts, bs, repeats, **kw)
+        rows.append({"policy": "full (HF forward)", "setting": float("nan"), "batch_size": bs, "shrink": True,
+                     "ms_per_example": full, "avg_depth": float(n_blocks)})
+        configs = [(name, float(chosen[name])) for name in ONLINE_POLICIES]
+        configs += [("static", float(max(1.0, test_depths))), ("no exit (block by block)", float("nan"))]
+        for shrink in ((True, False) if bs > 1 else (True,)):
+            for name, setting in configs:
+                plan = (lambda idx, t: PlannedPolicy(n_blocks, "none")) if name.startswith("no exit") \
+                    else planner(name, setting)
+                res = time_policy(model, heads, tokenizer, texts, plan, bs, repeats, shrink, **kw)
+                rows.append({"policy": name, "setting": setting, "batch_size": bs, "shrink": shrink,
+                             "ms_per_example": res["ms_per_example"], "avg_depth": res["avg_depth"]})
+    latency = pd.DataFrame(rows)
+    b1 = latency[(latency["batch_size"] == 1) & (latency["policy"] == "full (HF forward)")]["ms_per_example"]
+    full_b1 = float(b1.iloc[0]) if len(b1) else time_full(model, tokenizer, texts, 1, repeats, **kw)
+    target_ms = latency_frac * full_b1
+    sweep = analysis["sweep"]
+    val = sweep[sweep["split"] == "val"]
+    probs_val = analysis["probs"]["val"]
+    lat_rows = []
+    for name in ONLINE_POLICIES:
+        col = "planned_ms" if name == "complexity" else "probed_ms"
+        prof = profile[col].to_numpy()
+        settings = val[val["policy"] == name]["setting"].tolist()
+        if name == "complexity":
+            depth_of = lambda o: predictor.plan(analysis["pred_blocks"]["val"], o)  # noqa: E731
+            extra = float(np.median(overhead))
+        else:
+            depth_of = lambda s, name=name: simulate(make_policy(name, s), probs_val)  # noqa: E731
+            extra = 0.0
+        vc = val[val["policy"] == name].copy()
+        vc["pred_latency_ms"] = [float(prof[depth_of(s) - 1].mean()) + extra for s in settings]
+        row = calibrate(vc, target_ms, cost="pred_latency_ms")
+        setting = float(row["setting"])
+        res = time_policy(model, heads, tokenizer, texts, planner(name, setting), 1, repeats, True, **kw)
+        test = analysis["sweep"]
+        test = test[(test["split"] == "test") & (test["policy"] == name) & np.isclose(test["setting"], setting)]
+        lat_rows.append({"policy": name, "target_ms": target_ms, "full_ms": full_b1, "setting": setting,
+                         "met_on_val": bool(row["met"]), "val_pred_ms": row["pred_latency_ms"],
+                         "val_acc": row["accuracy"], "test_ms": res["ms_per_example"],
+                         "test_depth": float(test["avg_depth"].iloc[0]), "test_acc": float(test["accuracy"].iloc[0]),
+                         "speedup": full_b1 / res["ms_per_example"]})
+    return {"profile": profile, "latency": latency, "latency_budget": pd.DataFrame(lat_rows),
+            "overhead": pd.DataFrame({"example": np.arange(len(overhead)), "ms": overhead})}

@@ -1,0 +1,306 @@
+"""Healing a model after block removal: distillation from the full model, or LoRA, on one step budget.
+
+A compressed model loses accuracy partly because the kept blocks now receive inputs they were never
+trained on. Healing trains briefly to close that gap. Two methods, compared on the *same* number of
+optimizer steps and batch size (only the learning rate is method-specific):
+
+- ``distill``: knowledge distillation from the full (teacher) model. Loss = ``kd_weight`` · T² ·
+  KL(teacher ‖ student) on temperature-softened logits (Hinton et al., 2015) + ``hidden_weight`` ·
+  relative MSE between hidden states over a map from kept blocks to teacher blocks (``teacher_map``)
+  + optionally ``ce_weight`` · the label loss. All student weights train.
+- ``lora``: low-rank adapters (peft; Hu et al., 2022) on every linear layer of the blocks, plus the
+  task head, trained on the labels (classifiers) or the next-token loss (causal LMs), then merged, so
+  the result is again a plain Hugging Face model.
+- ``none``: the compressed model as it is.
+
+Training batches come from ``compress.encode`` (a list of batch dicts); their order is reshuffled on
+every pass with the seed. Everything runs on ``device.pick``; one seed gives the same weights on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from . import layers
+from .cache import atomic_write_text, cached_dir
+from .device import pick, progress, seed_everything
+from .errors import LayerwiseError
+
+HEAL_METHODS = ("none", "distill", "lora")
+
+#: Linear layers of the blocks that LoRA adapts, per family (``config.model_type``).
+LORA_TARGETS = {
+    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "mpnet": ["q", "k", "v", "o", "intermediate.dense", "output.dense"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+
+class HealError(LayerwiseError):
+    """A healing request that cannot run (unknown method, bad config, mismatched teacher)."""
+
+
+@dataclass(frozen=True)
+class HealConfig:
+    """One step budget for every healing method, plus each method's own knobs."""
+
+    steps: int = 100
+    batch_size: int = 16
+    lr_distill: float = 5e-5
+    lr_lora: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0
+    temperature: float = 2.0
+    kd_weight: float = 1.0
+    hidden_weight: float = 1.0
+    ce_weight: float = 0.0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+
+    def validate(self) -> None:
+        """Fail fast on impossible settings."""
+        if self.steps < 1 or self.batch_size < 1:
+            raise HealError(f"steps={self.steps} and batch_size={self.batch_size} must be >= 1.")
+        if min(self.lr_distill, self.lr_lora, self.temperature) <= 0 or self.lora_r < 1:
+            raise HealError("learning rates, temperature and lora_r must be positive.")
+        if min(self.kd_weight, self.hidden_weight, self.ce_weight) < 0 or \
+                self.kd_weight + self.hidden_weight + self.ce_weight == 0:
+            raise HealError("distillation weights must be >= 0 and not all zero (kd_weight, hidden_weight, ce_weight).")
+
+
+def teacher_map(keep: Sequence[int], n_teacher: int) -> list[int]:
+    """For student block ``j`` (teacher block ``keep[j]``), the teacher block whose output it should match.
+
+    The student's block ``j`` feeds block ``keep[j+1]``, which in the teacher read the output of block
+    ``keep[j+1] - 1``; so that is the target. The last student block targets the teacher's last block.
+    Example: keep (0, 2, 5) of 6 → (1, 4, 5).
+    """
+    keep = list(keep)
+    if not keep or keep != sorted(set(keep)) or keep[0] < 0 or keep[-1] >= n_teacher:
+        raise HealError(f"keep={keep} must be increasing block indices of the {n_teacher}-block teacher.")
+    return [keep[j + 1] - 1 for j in range(len(keep) - 1)] + [n_teacher - 1]
+
+
+def _is_causal_lm(model: torch.nn.Module) -> bool:
+    return hasattr(model, "lm_head") and not type(model).__name__.endswith("ForSequenceClassification")
+
+
+def _task_loss(model: torch.nn.Module, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Label loss (cross-entropy, or MSE for one output) or, for a causal LM, the next-token loss."""
+    if _is_causal_lm(model):
+        mask = batch["attention_mask"][:, 1:].float()
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                              batch["input_ids"][:, 1:].reshape(-1), reduction="none").view_as(mask)
+        return (nll * mask).sum() / mask.sum().clamp_min(1.0)
+    if "labels" not in batch:
+        raise HealError("this batch has no labels; encode the training texts with labels= for LoRA or ce_weight > 0.")
+    labels = batch["labels"]
+    if logits.shape[-1] == 1:
+        return F.mse_loss(logits[:, 0], labels.float())
+    return F.cross_entropy(logits, labels.long())
+
+
+def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """T² · KL(teacher ‖ student) of temperature-softened distributions (per token for LMs, masked)."""
+    s = torch.log_softmax(student.float() / temperature, -1)
+    t = torch.log_softmax(teacher.float() / temperature, -1)
+    kl = (t.exp() * (t - s)).sum(-1)
+    if kl.dim() == 2 and mask is not None:  # (batch, tokens)
+        kl = (kl * mask).sum() / mask.sum().clamp_min(1.0)
+    else:
+        kl = kl.mean()
+    return kl * temperature**2
+
+
+def _hidden_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], pairs: list[int],
+                 mask: torch.Tensor) -> torch.Tensor:
+    """Mean over mapped blocks of ‖s − t‖² / ‖t‖² over real tokens (scale-free, so deep pre-norm residual
+    streams with large norms do not dominate)."""
+    m = mask.unsqueeze(-1).float()
+    losses = []
+    for j, t_idx in enumerate(pairs):
+        t = teacher[t_idx].float()
+        diff = ((student[j].float() - t) ** 2 * m).sum()
+        losses.append(diff / ((t**2) * m).sum().clamp_min(1e-12))
+    return torch.stack(losses).mean()
+
+
+def _batches(train: Sequence[dict[str, torch.Tensor]], steps: int, seed: int):
+    """``steps`` batches, cycling through ``train`` in a seeded new order on every pass."""
+    g = torch.Generator().manual_seed(seed)
+    done = 0
+    while done < steps:
+        for i in torch.randperm(len(train), generator=g).tolist():
+            if done >= steps:
+                return
+            done += 1
+            yield train[i]
+
+
+def _optimise(model: torch.nn.Module, loss_fn, train: Sequence[dict[str, torch.Tensor]], cfg: HealConfig,
+              lr: float, seed: int, dev: torch.device, desc: str) -> pd.DataFrame:
+    """AdamW with linear warm-up and decay over exactly ``cfg.steps`` steps; returns the loss history."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    warm = max(1, int(cfg.warmup_ratio * cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (cfg.steps - s) / max(1, cfg.steps - warm)))
+    rows, start = [], time.time()
+    model.train()
+    for step, batch in enumerate(progress(_batches(train, cfg.steps, seed), total=cfg.steps, desc=desc), 1):
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        loss, parts = loss_fn(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        rows.append({"step": step, "loss": float(loss.detach()), **parts, "seconds": time.time() - start})
+    model.eval()
+    return pd.DataFrame(rows)
+
+
+def distill(student: torch.nn.Module, teacher: torch.nn.Module, keep: Sequence[int],
+            train: Sequence[dict[str, torch.Tensor]], cfg: HealConfig = HealConfig(), seed: int = 0,
+            device: str | torch.device = "auto") -> tuple[torch.nn.Module, pd.DataFrame]:
+    """Distil ``teacher`` into ``student`` (= ``teacher`` with only blocks ``keep``); see the module doc.
+
+    Returns a trained copy of ``student`` (the argument is not modified) and the loss history.
+    """
+    cfg.validate()
+    n_t, n_s = layers.num_blocks(teacher), layers.num_blocks(student)
+    if len(keep) != n_s:
+        raise HealError(f"keep has {len(keep)} blocks but the student has {n_s}; pass the keep used to build it.")
+    pairs = teacher_map(keep, n_t)
+    dev = pick(device)
+    seed_everything(seed)
+    student = copy.deepcopy(student).to(dev)
+    teacher = teacher.to(dev).eval()
+    for p in student.parameters():
+        p.requires_grad_(True)
+
+    def loss_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        mask = batch["attention_mask"]
+        with torch.no_grad():
+            t_states = layers.run_blocks(teacher, batch, return_all=True)
+            t_logits = layers.classify(teacher, t_states[-1], mask)
+        s_states = layers.run_blocks(student, batch, return_all=True)
+        s_logits = layers.classify(student, s_states[-1], mask)
+        kd = _kd_loss(s_logits, t_logits, cfg.temperature, mask.float() if s_logits.dim() == 3 else None)
+        hid = _hidden_loss(s_states, t_states, pairs, mask)
+        loss = cfg.kd_weight * kd + cfg.hidden_weight * hid
+        parts = {"kd": float(kd.detach()), "hidden": float(hid.detach())}
+        if cfg.ce_weight > 0:
+            ce = _task_loss(student, s_logits, batch)
+            loss = loss + cfg.ce_weight * ce
+            parts["ce"] = float(ce.detach())
+        return loss, parts
+
+    hist = _optimise(student, loss_fn, train, cfg, cfg.lr_distill, seed, dev, "distill")
+    return student, hist
+
+
+def lora(student: torch.nn.Module, train: Sequence[dict[str, torch.Tensor]], cfg: HealConfig = HealConfig(),
+         seed: int = 0, device: str | torch.device = "auto") -> tuple[torch.nn.Module, pd.DataFrame]:
+    """LoRA-tune a copy of ``student`` on its task loss (labels, or next tokens for a causal LM), then merge
+    the adapters into the weights (``merge_and_unload``) so the result is a plain Hugging Face model."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    cfg.validate()
+    fam = layers.family(student)
+    causal = _is_causal_lm(student)
+    dev = pick(device)
+    seed_everything(seed)
+    base = copy.deepcopy(student)
+    config = LoraConfig(task_type=TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS, r=cfg.lora_r,
+                        lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=LORA_TARGETS[fam])
+    model = get_peft_model(base, config).to(dev)
+
+    def loss_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits
+        loss = _task_loss(student, logits, batch)
+        return loss, {"task": float(loss.detach())}
+
+    hist = _optimise(model, loss_fn, train, cfg, cfg.lr_lora, seed, dev, "lora")
+    merged = model.merge_and_unload()
+    merged.eval()
+    for p in merged.parameters():
+        p.requires_grad_(False)
+    return merged, hist
+
+
+def heal(method: str, student: torch.nn.Module, teacher: torch.nn.Module | None, keep: Sequence[int],
+         train: Sequence[dict[str, torch.Tensor]], cfg: HealConfig = HealConfig(), seed: int = 0,
+         device: str | torch.device = "auto") -> tuple[torch.nn.Module, pd.DataFrame]:
+    """Heal ``student`` by ``method`` (one of ``HEAL_METHODS``) and return ``(model, history)``.
+
+    ``"none"`` returns ``student`` unchanged with an empty history; ``"distill"`` needs ``teacher``.
+    """
+    if method not in HEAL_METHODS:
+        raise HealError(f"unknown healing method {method!r}; choose from {', '.join(HEAL_METHODS)}.")
+    if method != "none" and not train:
+        raise HealError("no training batches; pass compress.encode(tokenizer, texts, labels) batches.")
+    if method == "none":
+        return student, pd.DataFrame(columns=["step", "loss", "seconds"])
+    if method == "distill":
+        if teacher is None:
+            raise HealError("distillation needs the full model as teacher=.")
+        return distill(student, teacher, keep, train, cfg, seed, device)
+    return lora(student, train, cfg, seed, device)
+
+
+def describe(cfg: HealConfig) -> dict[str, Any]:
+    """The config as a plain dict (for cache keys and reports)."""
+    return asdict(cfg)
+
+
+#: Bump when healing changes in a way that changes weights (invalidates cached healed models).
+HEAL_CODE_VERSION = 1
+
+
+def cached_heal(method: str, teacher: torch.nn.Module, keep: Sequence[int],
+                make_train: Callable[[], Sequence[dict[str, torch.Tensor]]], cfg: HealConfig, seed: int,
+                key: Mapping[str, Any], device: str | torch.device = "auto") -> tuple[torch.nn.Module, pd.DataFrame]:
+    """``heal`` of ``teacher`` cut to ``keep``, computed once and kept in the cache (model + history).
+
+    ``key`` must identify the teacher and the training data (e.g. the trained model's cache folder and
+    the task spec); it joins ``method``, ``keep``, ``cfg`` and ``seed`` in the cache key. ``make_train``
+    builds the training batches only when the entry is missing. ``"none"`` is not cached (no training).
+    """
+    student = layers.keep_blocks(teacher, sorted(keep))
+    if method == "none":
+        return student, pd.DataFrame(columns=["step", "loss", "seconds"])
+    if method not in HEAL_METHODS:
+        raise HealError(f"unknown healing method {method!r}; choose from {', '.join(HEAL_METHODS)}.")
+    cfg.validate()
+    spec = {"kind": "healed", "key": dict(key), "keep": sorted(int(i) for i in keep), "method": method,
+            "cfg": describe(cfg), "seed": seed, "code": HEAL_CODE_VERSION}
+
+    def build(folder: Path) -> None:
+        model, hist = heal(method, student, teacher, sorted(keep), make_train(), cfg, seed, device)
+        model.cpu().save_pretrained(folder)
+        atomic_write_text(folder / "history.csv", hist.to_csv(index=False))
+
+    folder = cached_dir("healed", spec, build)
+    model = type(teacher).from_pretrained(folder).eval()
+    hist = pd.read_csv(folder / "history.csv")
+    hist.attrs["folder"] = str(folder)
+    return model, hist

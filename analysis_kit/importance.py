@@ -1,0 +1,1365 @@
+"""Nine ways to score how much each transformer block matters, and the measured damage to check them against.
+
+Every method answers "how important is block i?" with one number per block, behind one interface:
+``compute(method, model, batches, seed=...)`` returns a tidy table ``method, layer, score, seed`` plus
+method-specific columns and its cost (``seconds``, ``n_forward``, ``n_backward`` in full-model passes over
+``batches``). **Higher score = more important, for every method**:
+
+=================  ===============================================================================================
+``fisher``         diagonal empirical Fisher of the block's parameters: mean over examples of the squared
+                   per-example gradient of the log-likelihood of the true label (LM: of the text's mean token
+                   log-likelihood), summed over the block's parameters (``per_param``: divided by their number).
+``gradient``       mean over examples of the norm of the per-example loss gradient w.r.t. the block's parameters
+                   (``output_grad``: w.r.t. the block's output hidden states).
+``ablation``       damage: loss with the block skipped (identity) minus the full model's loss (``delta_accuracy``:
+                   the accuracy lost). Computed from cached block inputs: skipping block i runs blocks i+1.. only.
+``block_influence``  ShortGPT's BI = 1 - mean cosine(input, output) of the block over non-padding tokens.
+``angular``        Gromov et al.: arccos(cosine)/pi between the block's input and output, per token, averaged over
+                   non-padding tokens; ``angular_runs`` gives the distance across runs of n blocks.
+``activation``     relative update ||out - in|| / ||in|| per token (the share of the residual stream the block
+                   rewrites); also output norm and variance.
+``mutual_info``    information the block adds about the target: CE(probe on block input) - CE(probe on block
+                   output), a difference of variational lower bounds I(Y; Z) >= H(Y) - CE. Classifiers: 5-fold
+                   cross-validated logistic probe (C = 0.1) on PCA-reduced (16) mean-pooled states. LMs: the model's own final
+                   norm + LM head on every layer (logit lens), which needs no fitting.
+``conductance``    captum Layer Conductance, from the embedding output, of the predicted class's probability (LM:
+                   the text's mean token log-likelihood) through the block's *update* (output - input): |sum of
+                   the update's conductance|, averaged over examples. The block output is presented to captum as
+                   the pair (input, update), a cut of the network, so captum's convergence delta is a real
+                   completeness check; it is reported. Baseline: the embedding output of the same positions
+                   with every token replaced by the pad token. (The zero embedding output, ``baseline="zero"``,
+                   is a poor reference here: LayerNorm/RMSNorm are scale-invariant, so the path from 0 has a
+                   near-discontinuity at the origin and the integral does not converge.)
+``shap``           Shapley value of the block in the game "blocks kept vs skipped", value = task metric on the
+                   calibration set (accuracy, or minus the loss). Exact with ``shap.explainers.Exact`` up to
+                   ``exact_max_blocks`` (12), antithetic permutation sampling with standard errors beyond.
+=================  ===============================================================================================
+
+Ground truth for validation: ``damage`` (any sets of blocks dropped), ``ablation_damage`` (one set),
+``topk_damage`` (each method's choice of the k least important blocks, and random draws), ``oracle_subsets``
+(exhaustive best subset per k, L <= 8). All of them run the stack through ``layers`` and share work through a
+prefix tree: a set of blocks to skip is evaluated from the cached input of its first skipped block, and sets
+that agree on their first blocks share those computations.
+
+``batches`` is a list of dicts with ``input_ids``, ``attention_mask`` and ``labels``: class indices for a
+``*ForSequenceClassification`` model (e.g. from ``data.make_loader``), the input ids for a causal LM
+(``lm_batches``; the loss is next-token cross-entropy over non-padding tokens). Models are used in eval mode.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import layers
+from .errors import LayerwiseError
+
+#: Every method, in the order of the chapter.
+METHODS = ("fisher", "gradient", "ablation", "block_influence", "angular", "activation", "mutual_info",
+           "conductance", "shap")
+#: The methods that cost about one forward/backward pass each (the performance target is about these).
+CHEAP_METHODS = METHODS[:6]
+#: What each method's score means (higher = more important).
+SIGN_CONVENTION = {
+    "fisher": "mean squared per-example log-likelihood gradient of the block's parameters",
+    "gradient": "mean per-example loss-gradient norm of the block's parameters",
+    "ablation": "loss increase when the block is skipped (damage)",
+    "block_influence": "1 - mean cosine(input, output)",
+    "angular": "mean arccos(cosine(input, output)) / pi",
+    "activation": "mean ||output - input|| / ||input||",
+    "mutual_info": "probe cross-entropy before the block minus after it (nats of label information added)",
+    "conductance": "mean |conductance through the block's update| of the predicted-class probability",
+    "shap": "Shapley value of keeping the block (task metric on the calibration set)",
+}
+
+
+class ImportanceError(LayerwiseError):
+    """Bad input to an importance method (unknown method, unusable batches, unsupported head)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches, task and loss
+
+
+def task_of(model: nn.Module) -> str:
+    """``"classifier"`` for a ``*ForSequenceClassification`` with >= 2 labels, ``"lm"`` for a decoder causal LM."""
+    fam = layers.family(model)
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        if getattr(model.config, "num_labels", 2) < 2:
+            raise ImportanceError(f"{name} is a regression model (num_labels=1); the importance methods need a "
+                                  "classifier (num_labels >= 2) or a causal LM. Use label_mode='polarity' or 'bins5'.")
+        return "classifier"
+    if fam not in ("bert", "mpnet") and hasattr(model, "lm_head"):
+        return "lm"
+    raise ImportanceError(f"{name} has no head the importance methods know; load the model with "
+                          "AutoModelForSequenceClassification (classifier) or AutoModelForCausalLM (decoder).")
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def prepare_batches(model: nn.Module, batches: Any) -> list[dict[str, torch.Tensor]]:
+    """Check ``batches`` against the model's task and move them to its device (fails before any compute)."""
+    task = task_of(model)
+    if isinstance(batches, Mapping):
+        batches = [batches]
+    try:
+        items = list(batches)
+    except TypeError:
+        raise ImportanceError(f"batches must be a list of dicts (input_ids, attention_mask, labels), got "
+                              f"{type(batches).__name__}; e.g. list(data.make_loader(...)).") from None
+    if not items:
+        raise ImportanceError("batches is empty; pass at least one batch, e.g. list(data.make_loader(...)).")
+    dev = _device(model)
+    out = []
+    for j, batch in enumerate(items):
+        if not isinstance(batch, Mapping) or "input_ids" not in batch or "labels" not in batch:
+            raise ImportanceError(f"batch {j} lacks 'input_ids' or 'labels' (keys: {list(batch)[:6]}); "
+                                  "classifiers need class labels, LMs labels = input_ids (see lm_batches).")
+        ids, labels = batch["input_ids"], batch["labels"]
+        if task == "classifier" and tuple(labels.shape) != (ids.shape[0],):
+            raise ImportanceError(f"batch {j}: a classifier needs one class label per row, got labels of shape "
+                                  f"{tuple(labels.shape)} for input_ids {tuple(ids.shape)}.")
+        if task == "lm" and tuple(labels.shape) != tuple(ids.shape):
+            raise ImportanceError(f"batch {j}: a causal LM needs labels shaped like input_ids (the LM loss), got "
+                                  f"{tuple(labels.shape)} vs {tuple(ids.shape)}; build batches with lm_batches().")
+        b = {k: v.to(dev) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        b.setdefault("attention_mask", torch.ones_like(b["input_ids"]))
+        if task == "lm" and int(_lm_targets(b)[1].sum(1).min()) < 1:
+            raise ImportanceError(f"batch {j} holds a text with fewer than 2 tokens, which has no next token to "
+                                  "predict; drop texts that short.")
+        out.append(b)
+    return out
+
+
+def lm_batches(tokenizer: Any, texts: Sequence[str], batch_size: int = 8, max_length: int = 64,
+               ) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches for a causal LM with ``labels`` = input ids (-100 at padding): the LM-loss task."""
+    if not texts:
+        raise ImportanceError("texts is empty; pass a few review texts for the language-model loss.")
+    side = getattr(tokenizer, "padding_side", "right")
+    tokenizer.padding_side = "right"
+    try:
+        out = []
+        for s in range(0, len(texts), batch_size):
+            enc = tokenizer(list(texts[s:s + batch_size]), padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt")
+            labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+            out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def _lm_targets(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token targets (B, T-1) and their validity mask (label != -100 and target not padding)."""
+    tgt = batch["labels"][:, 1:]
+    valid = (tgt != -100) & (batch["attention_mask"][:, 1:] != 0)
+    return tgt, valid
+
+
+def _example_scores(task: str, logits: torch.Tensor, batch: Mapping[str, torch.Tensor],
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per example: summed negative log-likelihood, correct predictions, and the number of predictions.
+
+    Classifier: one prediction per example. LM: one per valid next token of the text.
+    """
+    if task == "classifier":
+        labels = batch["labels"].long()
+        nll = F.cross_entropy(logits.float(), labels, reduction="none")
+        return nll, (logits.argmax(-1) == labels).float(), torch.ones_like(nll)
+    tgt, valid = _lm_targets(batch)
+    lg = logits[:, :-1].float()
+    tok = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.clamp_min(0).reshape(-1), reduction="none")
+    tok = tok.view(tgt.shape) * valid
+    correct = ((lg.argmax(-1) == tgt) & valid).sum(1).float()
+    return tok.sum(1), correct, valid.sum(1).float()
+
+
+def _head(model: nn.Module, hidden: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return layers.classify(model, hidden, batch["attention_mask"])
+
+
+# --------------------------------------------------------------------------------------------------
+# The cached forward pass (trace) and the damage engine
+
+
+@dataclass
+class Trace:
+    """One forward pass over ``batches`` with every block boundary kept.
+
+    ``hidden[b][i]`` is the input of block i for batch b (``hidden[b][L]`` the last block's output);
+    ``nll``/``correct``/``units`` are per-example results of the full model (see ``_example_scores``);
+    ``memo`` keeps the per-example results of every keep-mask evaluated on it, so no set of skipped blocks is
+    run twice (single-block damage is reused by the top-k check and the oracle).
+    """
+
+    task: str
+    batches: list[dict[str, torch.Tensor]]
+    hidden: list[list[torch.Tensor]]
+    nll: np.ndarray
+    correct: np.ndarray
+    units: np.ndarray
+    seconds: float
+    memo: dict[tuple[bool, ...], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.hidden[0]) - 1
+
+    @property
+    def n_examples(self) -> int:
+        return int(self.nll.size)
+
+    @property
+    def loss(self) -> float:
+        return float(self.nll.sum() / self.units.sum())
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.sum() / self.units.sum())
+
+    def subset(self, max_examples: int | None) -> Trace:
+        """The trace restricted to the first ``max_examples`` examples (all when None or 0)."""
+        if not max_examples or max_examples >= self.n_examples:
+            return self
+        batches, hidden, left = [], [], max_examples
+        for batch, hs in zip(self.batches, self.hidden, strict=True):
+            if left <= 0:
+                break
+            n = min(left, batch["input_ids"].shape[0])
+            batches.append({k: v[:n] for k, v in batch.items()})
+            hidden.append([h[:n] for h in hs])
+            left -= n
+        return Trace(self.task, batches, hidden, self.nll[:max_examples], self.correct[:max_examples],
+                     self.units[:max_examples], self.seconds)
+
+
+@torch.no_grad()
+def trace(model: nn.Module, batches: Any) -> Trace:
+    """Run the model once over ``batches`` and keep every block's input and output (see :class:`Trace`)."""
+    task = task_of(model)
+    prepared = prepare_batches(model, batches)
+    model.eval()
+    start = time.perf_counter()
+    hidden, scores = [], []
+    for batch in prepared:
+        h0 = layers.embed(model, batch)
+        outs = layers.run_blocks(model, batch, hidden=h0, return_all=True)
+        hs = [h0, *outs]
+        hidden.append(hs)
+        scores.append(_example_scores(task, _head(model, hs[-1], batch), batch))
+    nll, correct, units = (torch.cat(x).cpu().numpy().astype(np.float64) for x in zip(*scores, strict=True))
+    return Trace(task, prepared, hidden, nll, correct, units, time.perf_counter() - start)
+
+
+def _ensure_trace(model: nn.Module, batches: Any, tr: Trace | None) -> Trace:
+    if tr is None:
+        return trace(model, batches)
+    if tr.n_blocks != layers.num_blocks(model):
+        raise ImportanceError(f"the trace has {tr.n_blocks} blocks but the model {layers.num_blocks(model)}; "
+                              "pass trace(model, batches) of this model.")
+    return tr
+
+
+@dataclass
+class _Counter:
+    """Work done: block evaluations and head evaluations, each counted per example (one block run on a batch
+    of 8 examples counts 8), so that ``blocks / (L * examples)`` is the number of full passes through the stack."""
+
+    blocks: int = 0
+    heads: int = 0
+
+
+@torch.no_grad()
+def _evaluate_keeps(model: nn.Module, tr: Trace, keeps: Sequence[tuple[bool, ...]], counter: _Counter | None = None,
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example (nll, correct) for every keep-mask, shape (masks, examples).
+
+    A depth-first walk of the prefix tree of the masks: the hidden state after a prefix is computed once and
+    shared by every mask with that prefix; while the prefix keeps every block it is read from the trace.
+    """
+    todo = list(dict.fromkeys(k for k in keeps if k not in tr.memo))
+    if todo:
+        nll, correct = _walk_keeps(model, tr, todo, counter or _Counter())
+        for j, k in enumerate(todo):
+            tr.memo[k] = (nll[j], correct[j])
+    return (np.stack([tr.memo[k][0] for k in keeps]), np.stack([tr.memo[k][1] for k in keeps]))
+
+
+def _walk_keeps(model: nn.Module, tr: Trace, keeps: Sequence[tuple[bool, ...]], counter: _Counter,
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The prefix-tree walk behind ``_evaluate_keeps`` (distinct masks, none of them memoised)."""
+    n_layers = tr.n_blocks
+    nll = np.zeros((len(keeps), tr.n_examples))
+    correct = np.zeros_like(nll)
+
+    def walk(depth: int, h: torch.Tensor, group: list[int], on_trace: bool, batch: dict[str, torch.Tensor],
+             hs: list[torch.Tensor], cols: slice) -> None:
+        size = h.shape[0]
+        if depth == n_layers:
+            a, c, _ = _example_scores(tr.task, _head(model, h, batch), batch)
+            counter.heads += size
+            nll[group, cols] = a.cpu().numpy()
+            correct[group, cols] = c.cpu().numpy()
+            return
+        if not on_trace and len({keeps[m][depth:] for m in group}) == 1:  # one path left: run it in one go
+            rest = keeps[group[0]][depth:]
+            skip = {depth + j for j, keep in enumerate(rest) if not keep}
+            counter.blocks += size * (len(rest) - len(skip))
+            out = layers.run_blocks(model, batch, skip=skip, start=depth, hidden=h) if len(skip) < len(rest) else h
+            walk(n_layers, out, group, False, batch, hs, cols)
+            return
+        kept = [m for m in group if keeps[m][depth]]
+        skipped = [m for m in group if not keeps[m][depth]]
+        if kept:
+            if on_trace:
+                nxt = hs[depth + 1]
+            else:
+                nxt = layers.block_forward(model, depth, h, batch["attention_mask"])
+                counter.blocks += size
+            walk(depth + 1, nxt, kept, on_trace, batch, hs, cols)
+        if skipped:
+            walk(depth + 1, h, skipped, False, batch, hs, cols)
+
+    offset = 0
+    for batch, hs in zip(tr.batches, tr.hidden, strict=True):
+        size = batch["input_ids"].shape[0]
+        walk(0, hs[0], list(range(len(keeps))), True, batch, hs, slice(offset, offset + size))
+        offset += size
+    return nll, correct
+
+
+def _as_drop_set(drop: Iterable[int], n_layers: int) -> tuple[int, ...]:
+    if isinstance(drop, (str, bytes)) or not isinstance(drop, Iterable):
+        raise ImportanceError(f"a drop set must be a collection of block indices, got {drop!r}.")
+    idx = sorted({int(i) for i in drop})
+    bad = [i for i in idx if not 0 <= i < n_layers]
+    if bad:
+        raise ImportanceError(f"drop set {sorted(drop)} has blocks {bad} outside 0..{n_layers - 1}.")
+    return tuple(idx)
+
+
+def damage(model: nn.Module, batches: Any, drop_sets: Sequence[Iterable[int]], *, trace: Trace | None = None,
+           _counter: _Counter | None = None) -> pd.DataFrame:
+    """Measured effect of skipping each set of blocks: one row per set.
+
+    Columns ``drop`` (sorted tuple), ``k``, ``loss``, ``accuracy`` (with the blocks skipped), ``d_loss`` (loss
+    increase over the full model: the damage), ``d_accuracy`` (accuracy lost), ``se_d_loss`` (standard error
+    of ``d_loss`` over examples). Pass ``trace`` (of the same model and batches) to reuse the cached pass.
+    """
+    model.eval()
+    n_layers = layers.num_blocks(model)
+    sets = [_as_drop_set(d, n_layers) for d in drop_sets]
+    if not sets:
+        raise ImportanceError("drop_sets is empty; pass e.g. [{0}, {1, 2}].")
+    tr = _ensure_trace(model, batches, trace)
+    keeps = [tuple(i not in set(s) for i in range(n_layers)) for s in sets]
+    nll, correct = _evaluate_keeps(model, tr, keeps, _counter)
+    units = tr.units.sum()
+    diff = nll - tr.nll[None, :]
+    se = diff.std(1, ddof=1) * math.sqrt(tr.n_examples) / units if tr.n_examples > 1 else np.full(len(sets), np.nan)
+    loss = nll.sum(1) / units
+    acc = correct.sum(1) / units
+    return pd.DataFrame({"drop": sets, "k": [len(s) for s in sets], "loss": loss, "accuracy": acc,
+                         "d_loss": loss - tr.loss, "d_accuracy": tr.accuracy - acc, "se_d_loss": se})
+
+
+def ablation_damage(model: nn.Module, batches: Any, drop: Iterable[int], *, trace: Trace | None = None,
+                    ) -> dict[str, float]:
+    """Loss and accuracy with the blocks in ``drop`` skipped, and their change from the full model.
+
+    Returns ``{loss, accuracy, d_loss, d_accuracy}``; computed from the cached input of the first dropped
+    block (pass ``trace`` to share that pass between calls).
+    """
+    row = damage(model, batches, [drop], trace=trace).iloc[0]
+    return {k: float(row[k]) for k in ("loss", "accuracy", "d_loss", "d_accuracy")}
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-example gradients (Fisher, gradient) with hooks
+
+
+def _param_modules(block: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Every module of ``block`` that owns parameters, with the rule for its per-example gradient."""
+    found, covered = [], 0
+    for module in block.modules():
+        own = list(module.parameters(recurse=False))
+        if not own:
+            continue
+        name = type(module).__name__
+        if isinstance(module, nn.Linear):
+            kind = "linear"
+        elif name == "Conv1D":  # GPT-2's transposed linear layer
+            kind = "linear"
+        elif isinstance(module, nn.LayerNorm):
+            kind = "layernorm"
+        elif name.endswith("RMSNorm") and hasattr(module, "weight"):
+            kind = "rmsnorm"
+        else:
+            raise ImportanceError(f"block parameters in a {name} module: the per-example gradient hooks know "
+                                  "Linear, Conv1D, LayerNorm and RMSNorm only (the supported families).")
+        found.append((module, kind))
+        covered += sum(p.numel() for p in own)
+    total = sum(p.numel() for p in block.parameters())
+    if covered != total:
+        raise ImportanceError(f"per-example gradients cover {covered} of {total} block parameters; an unknown "
+                              "parameter layout (shared parameters?) is not supported.")
+    return found
+
+
+def _weight_sq_norms(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-example ||sum_t g_t x_t^T||_F^2 for inputs x (B, S, i) and output gradients g (B, S, o).
+
+    Uses the Gram form sum((g g^T) * (x x^T)) when it is cheaper than building the (B, o, i) gradients.
+    """
+    s, i, o = x.shape[1], x.shape[2], g.shape[2]
+    if s * s * (i + o) < s * i * o:
+        return ((g @ g.transpose(1, 2)) * (x @ x.transpose(1, 2))).sum((1, 2))
+    return torch.einsum("bso,bsi->boi", g, x).pow(2).sum((1, 2))
+
+
+def _module_sq_norm(module: nn.Module, kind: str, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-example squared norm of the gradient of all of ``module``'s own parameters."""
+    b = x.shape[0]
+    x = x.reshape(b, -1, x.shape[-1]).float()
+    g = g.reshape(b, -1, g.shape[-1]).float()
+    if kind == "linear":
+        out = _weight_sq_norms(x, g)
+    else:
+        if kind == "layernorm":
+            xhat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
+        else:
+            eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+            xhat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        out = (g * xhat).sum(1).pow(2).sum(1)
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        out = out + g.sum(1).pow(2).sum(1)
+    return out
+
+
+@dataclass
+class _Grads:
+    """Per-example results of one forward + backward pass (examples in batch order)."""
+
+    sq_param: np.ndarray  # (N, L) squared gradient norm of each block's parameters
+    out_norm: np.ndarray  # (N, L) gradient norm w.r.t. each block's output
+    batch: np.ndarray  # (N,) batch index of each example
+    seconds: float
+
+
+def _grad_pass(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> _Grads:
+    """Per-example gradients of the loss w.r.t. every block's parameters and output, in one batched pass.
+
+    Each example's loss is its mean negative log-likelihood (LM: per valid token), so the gradient of the
+    batch's summed loss w.r.t. a parameter is, example by example, the per-example gradient. Hooks read each
+    parameterised module's input and output gradient and compute per-example squared norms of its parameter
+    gradients exactly (Linear: ||sum_t g_t x_t^T||^2; norms: the elementwise rule); the ordinary parameter
+    gradients are never formed. Padding positions get zero gradient and so contribute nothing.
+    """
+    task = task_of(model)
+    model.eval()
+    blocks = layers.get_blocks(model)
+    n_layers = len(blocks)
+    modules = [_param_modules(block) for block in blocks]
+    start = time.perf_counter()
+    sq_rows, out_rows, batch_idx = [], [], []
+    for j, batch in enumerate(batches):
+        size = batch["input_ids"].shape[0]
+        keep = batch["attention_mask"].bool()
+        acc = torch.zeros(size, n_layers, dtype=torch.float64, device=keep.device)
+        handles = []
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor, layer: int, kind: str,
+                 acc: torch.Tensor = acc, keep: torch.Tensor = keep) -> None:
+            if not args:
+                raise ImportanceError(f"{type(module).__name__} was called without positional input; the "
+                                      "per-example gradient hooks need it.")
+            x = args[0].detach()
+
+            def on_grad(grad: torch.Tensor, x: torch.Tensor = x) -> None:
+                # Padding positions get exactly zero gradient (no real token attends to them), so they add
+                # nothing; only if their activations are not finite (fully masked rows) are they zeroed first.
+                value = _module_sq_norm(module, kind, x, grad)
+                if not torch.isfinite(value).all() and x.dim() == 3 and x.shape[:2] == keep.shape:
+                    pos = keep[..., None]
+                    value = _module_sq_norm(module, kind, torch.where(pos, x, 0.0), torch.where(pos, grad, 0.0))
+                acc[:, layer] += value.double()
+
+            output.register_hook(on_grad)
+
+        try:
+            for layer, mods in enumerate(modules):
+                for module, kind in mods:
+                    handles.append(module.register_forward_hook(
+                        lambda m, a, o, layer=layer, kind=kind: hook(m, a, o, layer, kind)))
+            h0 = layers.embed(model, batch).detach().requires_grad_(True)
+            outs = layers.run_blocks(model, batch, hidden=h0, return_all=True)
+            nll, _, units = _example_scores(task, _head(model, outs[-1], batch), batch)
+            grads = torch.autograd.grad((nll / units).sum(), [h0, *outs])
+        finally:
+            for handle in handles:
+                handle.remove()
+        sq_rows.append(acc.cpu().numpy())
+        out_rows.append(torch.stack([g.float().flatten(1).norm(dim=1) for g in grads[1:]], 1).detach().cpu().numpy())
+        batch_idx.append(np.full(size, j))
+    return _Grads(np.concatenate(sq_rows), np.concatenate(out_rows).astype(np.float64), np.concatenate(batch_idx),
+                  time.perf_counter() - start)
+
+
+def _block_param_counts(model: nn.Module) -> list[int]:
+    return [sum(p.numel() for p in block.parameters()) for block in layers.get_blocks(model)]
+
+
+def _se(values: np.ndarray, axis: int = 0) -> np.ndarray:
+    n = values.shape[axis]
+    return values.std(axis, ddof=1) / math.sqrt(n) if n > 1 else np.full(np.delete(values.shape, axis), np.nan)
+
+
+def _fisher_rows(model: nn.Module, grads: _Grads) -> pd.DataFrame:
+    counts = _block_param_counts(model)
+    per_batch = [[float(grads.sq_param[grads.batch == b, i].mean()) for b in np.unique(grads.batch)]
+                 for i in range(len(counts))]
+    score = grads.sq_param.mean(0)
+    return pd.DataFrame({"layer": range(len(counts)), "score": score, "se": _se(grads.sq_param),
+                         "per_param": np.divide(score, counts, out=np.zeros_like(score), where=np.asarray(counts) > 0),
+                         "n_params": counts,
+                         "n_examples": grads.sq_param.shape[0], "per_batch": per_batch})
+
+
+def _gradient_rows(grads: _Grads) -> pd.DataFrame:
+    norms = np.sqrt(grads.sq_param)
+    return pd.DataFrame({"layer": range(norms.shape[1]), "score": norms.mean(0), "se": _se(norms),
+                         "output_grad": grads.out_norm.mean(0), "output_grad_se": _se(grads.out_norm),
+                         "n_examples": norms.shape[0]})
+
+
+# --------------------------------------------------------------------------------------------------
+# Representation-based methods (from the trace)
+
+
+def _token_pairs(tr: Trace, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hidden states at boundaries a and b for every non-padding token, and each token's example index."""
+    xs, ys, ex, offset = [], [], [], 0
+    for batch, hs in zip(tr.batches, tr.hidden, strict=True):
+        keep = batch["attention_mask"].bool()
+        xs.append(hs[a][keep].float())
+        ys.append(hs[b][keep].float())
+        rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
+        ex.append(rows + offset)
+        offset += keep.shape[0]
+    return torch.cat(xs), torch.cat(ys), torch.cat(ex)
+
+
+def _per_example_mean(values: torch.Tensor, ex: torch.Tensor, n: int) -> np.ndarray:
+    sums = torch.zeros(n, dtype=torch.float64, device=values.device).index_add_(0, ex, values.double())
+    counts = torch.zeros(n, dtype=torch.float64, device=values.device).index_add_(0, ex, torch.ones_like(values,
+                                                                                                   dtype=torch.float64))
+    return (sums / counts).cpu().numpy()
+
+
+def _cosines(tr: Trace, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y, ex = _token_pairs(tr, a, b)  # float64: arccos near 1 amplifies rounding (sqrt(2 eps))
+    return F.cosine_similarity(x.double(), y.double(), dim=-1, eps=1e-12).clamp(-1.0, 1.0), ex
+
+
+def _block_influence_rows(tr: Trace) -> pd.DataFrame:
+    rows = []
+    for i in range(tr.n_blocks):
+        cos, ex = _cosines(tr, i, i + 1)
+        per_ex = 1.0 - _per_example_mean(cos, ex, tr.n_examples)
+        rows.append({"layer": i, "score": float(1.0 - cos.double().mean()), "se": float(_se(per_ex))})
+    return pd.DataFrame(rows)
+
+
+def angular_runs(model: nn.Module, batches: Any, *, trace: Trace | None = None, max_n: int | None = None,
+                 ) -> pd.DataFrame:
+    """Angular distance arccos(cos)/pi between the input of block ``start`` and the output of block
+    ``start + n - 1``, per token, averaged over non-padding tokens; for n = 1 .. L//2 (or ``max_n``).
+
+    Gromov et al. drop the run of n blocks with the smallest distance (``best_run``).
+    """
+    tr = _ensure_trace(model, batches, trace)
+    top = max(1, max_n or tr.n_blocks // 2)
+    rows = []
+    for n in range(1, top + 1):
+        for s in range(tr.n_blocks - n + 1):
+            cos, _ = _cosines(tr, s, s + n)
+            rows.append({"start": s, "n": n, "distance": float((torch.arccos(cos.double()) / math.pi).mean())})
+    return pd.DataFrame(rows)
+
+
+def best_run(runs: pd.DataFrame, n: int) -> tuple[int, ...]:
+    """Blocks of the run of ``n`` consecutive blocks with the smallest angular distance (``angular_runs``)."""
+    sub = runs[runs["n"] == n]
+    if sub.empty:
+        raise ImportanceError(f"no runs of n={n} blocks in the table (n goes to {int(runs['n'].max())}).")
+    start = int(sub.sort_values(["distance", "start"]).iloc[0]["start"])
+    return tuple(range(start, start + n))
+
+
+def _angular_rows(tr: Trace) -> pd.DataFrame:
+    rows = []
+    for i in range(tr.n_blocks):
+        cos, ex = _cosines(tr, i, i + 1)
+        dist = torch.arccos(cos.double()) / math.pi
+        per_ex = _per_example_mean(dist, ex, tr.n_examples)
+        rows.append({"layer": i, "score": float(dist.mean()), "se": float(_se(per_ex))})
+    return pd.DataFrame(rows)
+
+
+def _activation_rows(tr: Trace) -> pd.DataFrame:
+    rows = []
+    for i in range(tr.n_blocks):
+        x, y, ex = _token_pairs(tr, i, i + 1)
+        ratio = (y - x).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)
+        per_ex = _per_example_mean(ratio, ex, tr.n_examples)
+        rows.append({"layer": i, "score": float(ratio.double().mean()), "se": float(_se(per_ex)),
+                     "out_norm": float(y.norm(dim=-1).double().mean()), "out_var": float(y.double().var(-1).mean()),
+                     "update_norm": float((y - x).norm(dim=-1).double().mean())})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Mutual information (probe cross-entropy)
+
+
+def _pooled(tr: Trace, i: int) -> np.ndarray:
+    """Mean over non-padding tokens of boundary i's hidden states, one row per example."""
+    out = []
+    for batch, hs in zip(tr.batches, tr.hidden, strict=True):
+        m = batch["attention_mask"].float()[..., None]
+        out.append(((hs[i].float() * m).sum(1) / m.sum(1).clamp_min(1)).cpu().numpy())
+    return np.concatenate(out)
+
+
+def _probe_ce(features: np.ndarray, labels: np.ndarray, seed: int, folds: int, components: int, c: float) -> float:
+    """Cross-validated cross-entropy (nats) of a logistic probe on PCA-reduced, standardised features."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    k = max(1, min(components, features.shape[1], int(features.shape[0] * (folds - 1) / folds) - 1))
+    probe = make_pipeline(StandardScaler(), PCA(n_components=k, random_state=seed),
+                          LogisticRegression(C=c, max_iter=2000))
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    proba = cross_val_predict(probe, features, labels, cv=cv, method="predict_proba")
+    classes = np.unique(labels)
+    idx = np.searchsorted(classes, labels)
+    return float(-np.log(np.clip(proba[np.arange(labels.size), idx], 1e-12, 1.0)).mean())
+
+
+def _mutual_info_rows(model: nn.Module, tr: Trace, seed: int, folds: int = 5, components: int = 16, c: float = 0.1,
+                      counter: _Counter | None = None) -> pd.DataFrame:
+    if tr.task == "classifier":
+        labels = np.concatenate([b["labels"].cpu().numpy() for b in tr.batches])
+        _, counts = np.unique(labels, return_counts=True)
+        if counts.size < 2 or counts.min() < 2:
+            raise ImportanceError(f"mutual_info needs >= 2 examples of each of >= 2 classes; label counts are "
+                                  f"{counts.tolist()}. Use more calibration examples.")
+        folds = int(min(folds, counts.min()))
+        p = counts / counts.sum()
+        h_y = float(-(p * np.log(p)).sum())
+        ce = [_probe_ce(_pooled(tr, i), labels, seed, folds, components, c) for i in range(tr.n_blocks + 1)]
+        estimator = f"{folds}-fold CV logistic probe (C={c:g}), PCA {components}, mean-pooled"
+    else:
+        ce = []
+        with torch.no_grad():
+            for i in range(tr.n_blocks + 1):
+                nll = sum(float(_example_scores("lm", _head(model, hs[i], b), b)[0].sum())
+                          for b, hs in zip(tr.batches, tr.hidden, strict=True))
+                ce.append(nll / tr.units.sum())
+                if counter is not None:
+                    counter.heads += tr.n_examples
+        tgts = torch.cat([_lm_targets(b)[0][_lm_targets(b)[1]] for b in tr.batches]).cpu().numpy()
+        _, counts = np.unique(tgts, return_counts=True)
+        p = counts / counts.sum()
+        h_y = float(-(p * np.log(p)).sum())  # plug-in unigram entropy: biased low on few tokens
+        estimator = "logit lens (model's final norm + LM head), plug-in unigram H(Y)"
+    ce_arr = np.asarray(ce)
+    return pd.DataFrame({"layer": range(tr.n_blocks), "score": ce_arr[:-1] - ce_arr[1:],
+                         "mi_in": h_y - ce_arr[:-1], "mi_out": h_y - ce_arr[1:], "h_y": h_y,
+                         "estimator": estimator})
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer conductance (captum)
+
+
+class _Tap(nn.Module):
+    """Identity on (block input, block update): the cut captum attributes to (fresh tensors, so gradients
+    w.r.t. the tap's outputs follow only the paths through the residual sum)."""
+
+    def forward(self, h_in: torch.Tensor, update: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return h_in.clone(), update.clone()
+
+
+def _baseline_embedding(model: nn.Module, batch: Mapping[str, torch.Tensor], baseline: str) -> torch.Tensor:
+    """The reference point of the integration path: the embedding output of the same positions with every
+    token replaced by the pad token (``"pad"``), or the zero vector (``"zero"``)."""
+    if baseline == "zero":
+        return torch.zeros_like(layers.embed(model, batch))
+    pad = getattr(model.config, "pad_token_id", None)
+    ids = torch.full_like(batch["input_ids"], 0 if pad is None else int(pad))
+    return layers.embed(model, {"input_ids": ids, "attention_mask": batch["attention_mask"]})
+
+
+def _conductance_rows(model: nn.Module, tr: Trace, n_steps: int = 16, internal_batch_size: int = 32,
+                      max_examples: int | None = None, baseline: str = "pad", counter: _Counter | None = None,
+                      ) -> pd.DataFrame:
+    from captum.attr import LayerConductance
+
+    if n_steps < 2:
+        raise ImportanceError(f"conductance n_steps={n_steps}; use at least 2 integration steps.")
+    if baseline not in ("pad", "zero"):
+        raise ImportanceError(f"conductance baseline={baseline!r}; choose 'pad' (pad-token embeddings) or 'zero'.")
+    tr = tr.subset(max_examples)
+    n_layers = tr.n_blocks
+    taps = nn.ModuleList(_Tap() for _ in range(n_layers))
+    task = tr.task
+
+    def forward(h0: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = h0
+        for i in range(n_layers):
+            out = layers.block_forward(model, i, h, mask)
+            a, u = taps[i](h, out - h)
+            h = a + u
+        logits = layers.classify(model, h, mask)
+        if task == "classifier":
+            return torch.softmax(logits.float(), -1)
+        nll, _, units = _example_scores("lm", logits, {"labels": labels, "attention_mask": mask})
+        return -nll / units
+
+    upd = np.zeros((tr.n_examples, n_layers))
+    inp = np.zeros_like(upd)
+    delta = np.zeros_like(upd)
+    total = np.zeros(tr.n_examples)
+    offset = 0
+    for batch, hs in zip(tr.batches, tr.hidden, strict=True):
+        h0 = hs[0].detach()
+        size = h0.shape[0]
+        mask, labels = batch["attention_mask"], batch["labels"]
+        with torch.no_grad():
+            base = _baseline_embedding(model, batch, baseline).detach()
+            fx, fb = forward(h0, mask, labels), forward(base, mask, labels)
+        if task == "classifier":
+            target = fx.argmax(-1)
+            fx, fb = fx.gather(1, target[:, None])[:, 0], fb.gather(1, target[:, None])[:, 0]
+        else:
+            target = None
+        total[offset:offset + size] = (fx - fb).double().cpu().numpy()
+        for i in range(n_layers):
+            lc = LayerConductance(forward, taps[i])
+            (c_in, c_upd), d = lc.attribute(h0, baselines=base, target=target, additional_forward_args=(mask, labels),
+                                            n_steps=n_steps, internal_batch_size=internal_batch_size,
+                                            return_convergence_delta=True)
+            inp[offset:offset + size, i] = c_in.double().flatten(1).sum(1).detach().cpu().numpy()
+            upd[offset:offset + size, i] = c_upd.double().flatten(1).sum(1).detach().cpu().numpy()
+            delta[offset:offset + size, i] = d.double().detach().cpu().numpy()
+        offset += size
+    if counter is not None:  # captum: n_steps + 1 scaled inputs per block, each a full pass through the stack
+        counter.blocks += (n_steps + 1) * n_layers * n_layers * tr.n_examples
+    scale = np.abs(total).mean()
+    return pd.DataFrame({"layer": range(n_layers), "score": np.abs(upd).mean(0), "se": _se(np.abs(upd)),
+                         "signed": upd.mean(0), "via_input": inp.mean(0),
+                         "update_share": upd.sum(0) / total.sum() if total.sum() != 0 else np.nan,
+                         "total": total.mean(), "delta": np.abs(delta).mean(0),
+                         "rel_delta": np.abs(delta).mean(0) / scale if scale > 0 else np.nan,
+                         "n_steps": n_steps, "n_examples": tr.n_examples,
+                         "baseline": "pad-token embeddings" if baseline == "pad" else "zero embedding output"})
+
+
+# --------------------------------------------------------------------------------------------------
+# Shapley values of blocks
+
+
+def _value(tr: Trace, nll: np.ndarray, correct: np.ndarray, value: str) -> np.ndarray:
+    """Game value per row: accuracy, or minus the loss (higher = better either way)."""
+    units = tr.units.sum()
+    return correct.sum(-1) / units if value == "accuracy" else -nll.sum(-1) / units
+
+
+def game_values(model: nn.Module, batches: Any, *, value: str = "accuracy", trace: Trace | None = None,
+                max_blocks: int = 16) -> np.ndarray:
+    """v(S) for every subset S of kept blocks, indexed by the bitmask sum(2**i for i in S); 2**L values.
+
+    Computed with the prefix tree, so the whole game costs 2**L - 1 block evaluations (not L 2**(L-1)).
+    """
+    tr = _ensure_trace(model, batches, trace)
+    n_layers = tr.n_blocks
+    if n_layers > max_blocks:
+        raise ImportanceError(f"the exact game has 2**{n_layers} coalitions; above {max_blocks} blocks use "
+                              "permutation sampling (shap with n_permutations).")
+    keeps = [tuple(bool(m >> i & 1) for i in range(n_layers)) for m in range(2**n_layers)]
+    nll, correct = _evaluate_keeps(model, tr, keeps)
+    return _value(tr, nll, correct, value)
+
+
+def _shap_exact(values: np.ndarray, n_layers: int) -> np.ndarray:
+    """Shapley values from the game table via ``shap.explainers.Exact`` (players = blocks kept or skipped)."""
+    import shap
+
+    powers = 1 << np.arange(n_layers)
+
+    def game(x: np.ndarray) -> np.ndarray:
+        return values[(np.asarray(x) > 0.5).astype(np.int64) @ powers]
+
+    masker = shap.maskers.Independent(np.zeros((1, n_layers)), max_samples=1)
+    explanation = shap.explainers.Exact(game, masker)(np.ones((1, n_layers)), max_evals=2**n_layers + 1, silent=True)
+    return np.asarray(explanation.values[0], dtype=float)
+
+
+def warm_up_shap() -> float:
+    """Import shap and compile its numba kernels on a 2-player game; returns the seconds it took.
+
+    The first exact Shapley computation in a process pays a one-off JIT compilation (seconds to tens of
+    seconds on a busy CPU); call this first when the cost of the method itself is being timed.
+    """
+    start = time.perf_counter()
+    _shap_exact(np.arange(4.0), 2)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def _shap_permutation(model: nn.Module, tr: Trace, value: str, n_permutations: int, seed: int,
+                      counter: _Counter) -> tuple[np.ndarray, np.ndarray, int, float]:
+    """Antithetic permutation sampling: each sampled order and its reverse; SE over the pairs' means."""
+    n_layers = tr.n_blocks
+    rng = np.random.default_rng(seed)
+    pairs = max(1, math.ceil(n_permutations / 2))
+
+    def v_of(states: list[list[torch.Tensor]]) -> float:
+        nll = correct = 0.0
+        for batch, st in zip(tr.batches, states, strict=True):
+            a, c, _ = _example_scores(tr.task, _head(model, st[-1], batch), batch)
+            nll, correct = nll + float(a.sum()), correct + float(c.sum())
+            counter.heads += a.shape[0]
+        units = float(tr.units.sum())
+        return correct / units if value == "accuracy" else -nll / units
+
+    empty = [[hs[0]] * (n_layers + 1) for hs in tr.hidden]
+    v_empty = v_of(empty)
+    marg = np.zeros((2 * pairs, n_layers))
+    for p in range(pairs):
+        perm = rng.permutation(n_layers)
+        for r, order in enumerate((perm, perm[::-1])):
+            kept: set[int] = set()
+            states = [list(st) for st in empty]
+            prev = v_empty
+            for j in order:
+                kept.add(int(j))
+                for batch, st in zip(tr.batches, states, strict=True):
+                    h = st[j]
+                    for i in range(j, n_layers):
+                        if i in kept:
+                            h = layers.block_forward(model, i, h, batch["attention_mask"])
+                            counter.blocks += h.shape[0]
+                        st[i + 1] = h
+                cur = v_of(states)
+                marg[2 * p + r, j] = cur - prev
+                prev = cur
+    pair_means = (marg[0::2] + marg[1::2]) / 2
+    se = pair_means.std(0, ddof=1) / math.sqrt(pairs) if pairs > 1 else np.full(n_layers, np.nan)
+    return marg.mean(0), se, 2 * pairs, v_empty
+
+
+def _shap_rows(model: nn.Module, tr: Trace, seed: int, value: str | None = None, exact_max_blocks: int = 12,
+               n_permutations: int = 16, max_examples: int | None = None, counter: _Counter | None = None,
+               ) -> pd.DataFrame:
+    value = value or ("accuracy" if tr.task == "classifier" else "loss")
+    if value not in ("accuracy", "loss"):
+        raise ImportanceError(f"shap value={value!r}; choose 'accuracy' or 'loss' (the value is minus the loss).")
+    counter = counter or _Counter()
+    tr = tr.subset(max_examples)
+    n_layers = tr.n_blocks
+    if n_layers <= exact_max_blocks:
+        keeps = [tuple(bool(m >> i & 1) for i in range(n_layers)) for m in range(2**n_layers)]
+        nll, correct = _evaluate_keeps(model, tr, keeps, counter)
+        values = _value(tr, nll, correct, value)
+        phi, se, how, n_perm = _shap_exact(values, n_layers), np.zeros(n_layers), "exact (shap.explainers.Exact)", 0
+        v_all, v_none = values[-1], values[0]
+    else:
+        phi, se, n_perm, v_none = _shap_permutation(model, tr, value, n_permutations, seed, counter)
+        how = f"antithetic permutation sampling ({n_perm} orders)"
+        v_all = _value(tr, tr.nll[None, :], tr.correct[None, :], value)[0]
+    return pd.DataFrame({"layer": range(n_layers), "score": phi, "se": se, "value": value, "estimator": how,
+                         "n_permutations": n_perm, "v_all": v_all, "v_none": v_none, "n_examples": tr.n_examples})
+
+
+# --------------------------------------------------------------------------------------------------
+# The interface
+
+
+@dataclass
+class _Shared:
+    """Work shared between methods within one ``compute_all`` call (computed on first use).
+
+    ``used`` holds the wall time of each shared pass a method relied on; ``spent`` the time spent computing
+    shared passes in this call (a trace handed in from outside was paid for elsewhere).
+    """
+
+    model: nn.Module
+    batches: list[dict[str, torch.Tensor]]
+    trace: Trace | None = None
+    grads: _Grads | None = None
+    used: dict[str, float] = field(default_factory=dict)
+    spent: float = 0.0
+
+    def get_trace(self) -> Trace:
+        if self.trace is None:
+            self.trace = trace(self.model, self.batches)
+            self.spent += self.trace.seconds
+        self.used.setdefault("trace", self.trace.seconds)
+        return self.trace
+
+    def get_grads(self) -> _Grads:
+        if self.grads is None:
+            self.grads = _grad_pass(self.model, self.batches)
+            self.spent += self.grads.seconds
+        self.used.setdefault("gradients", self.grads.seconds)
+        return self.grads
+
+
+def _shared(model: nn.Module, batches: Any, tr: Trace | None) -> _Shared:
+    prepared = prepare_batches(model, batches)
+    if tr is not None:
+        _ensure_trace(model, prepared, tr)
+        same = len(tr.batches) == len(prepared) and all(
+            torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(tr.batches, prepared, strict=True))
+        if not same:
+            raise ImportanceError("the trace was computed on other batches; pass trace(model, batches) of these.")
+    return _Shared(model, prepared, trace=tr)
+
+
+def _check_methods(methods: Iterable[str]) -> list[str]:
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ImportanceError(f"unknown importance method(s) {unknown or methods}; choose from {', '.join(METHODS)}.")
+    return methods
+
+
+def _run(method: str, shared: _Shared, seed: int, kw: dict[str, Any]) -> pd.DataFrame:
+    """One method's rows and cost (seconds of its own work; shared passes are accounted separately)."""
+    allowed = {"mutual_info": {"folds", "components", "c"},
+               "conductance": {"n_steps", "internal_batch_size", "max_examples", "baseline"},
+               "shap": {"value", "exact_max_blocks", "n_permutations", "max_examples"}}.get(method, set())
+    extra = set(kw) - allowed
+    if extra:
+        raise ImportanceError(f"{method} takes no option(s) {sorted(extra)}; it accepts {sorted(allowed) or 'none'}.")
+    model = shared.model
+    n_layers = layers.num_blocks(model)
+    counter = _Counter()
+    spent_before = shared.spent
+    start = time.perf_counter()
+    backward = 0.0
+    if method in ("fisher", "gradient"):
+        grads = shared.get_grads()
+        rows = _fisher_rows(model, grads) if method == "fisher" else _gradient_rows(grads)
+        shared_name, backward = "gradients", 1.0
+    else:
+        tr = shared.get_trace()
+        shared_name = "trace"
+        if method == "conductance":
+            rows = _conductance_rows(model, tr, counter=counter, **kw)
+            backward = float((kw.get("n_steps", 16) + 1) * n_layers) * int(rows["n_examples"].iloc[0]) / tr.n_examples
+        elif method == "ablation":
+            rows = damage(model, shared.batches, [{i} for i in range(n_layers)], trace=tr, _counter=counter)
+            rows = rows.drop(columns=["drop", "k"]).rename(
+                columns={"d_loss": "score", "d_accuracy": "delta_accuracy", "se_d_loss": "se"})
+            rows.insert(0, "layer", range(n_layers))
+        elif method == "block_influence":
+            rows = _block_influence_rows(tr)
+        elif method == "angular":
+            rows = _angular_rows(tr)
+        elif method == "activation":
+            rows = _activation_rows(tr)
+        elif method == "mutual_info":
+            rows = _mutual_info_rows(model, tr, seed, counter=counter, **kw)
+        else:
+            rows = _shap_rows(model, tr, seed, counter=counter, **kw)
+    seconds = time.perf_counter() - start - (shared.spent - spent_before)
+    n_examples = sum(b["input_ids"].shape[0] for b in shared.batches)
+    forward = counter.blocks / (n_layers * n_examples) + 1.0  # + the shared pass
+    rows = rows.assign(method=method, seed=seed, seconds=seconds, shared=shared_name,
+                       shared_seconds=shared.used[shared_name], n_forward=forward, n_backward=backward)
+    front = ["method", "layer", "score", "seed"]
+    return rows[front + [c for c in rows.columns if c not in front]]
+
+
+def compute(method: str, model: nn.Module, batches: Any, *, seed: int = 0, trace: Trace | None = None,
+            **kw: Any) -> pd.DataFrame:
+    """Importance of every block of ``model`` by ``method`` on ``batches``: one row per block.
+
+    Columns: ``method, layer, score, seed`` (higher score = more important; see ``SIGN_CONVENTION``), the
+    method's own columns (e.g. ``se``, ``delta``, ``per_param``), and cost: ``seconds`` (this method's own
+    work), ``shared``/``shared_seconds`` (the pass it reuses: ``trace`` = one forward with every block
+    boundary kept, ``gradients`` = one forward + backward with per-example gradients), ``n_forward`` and
+    ``n_backward`` (full-model passes over ``batches``, shared pass included). Options: ``mutual_info``
+    (``folds``, ``components``, ``c``), ``conductance`` (``n_steps``, ``internal_batch_size``, ``max_examples``),
+    ``shap`` (``value``, ``exact_max_blocks``, ``n_permutations``, ``max_examples``). ``trace``: a
+    ``trace(model, batches)`` computed beforehand, to share it (its time then counts as shared, not own).
+    """
+    (method,) = _check_methods([method])
+    shared = _shared(model, batches, trace)
+    return _run(method, shared, seed, kw)
+
+
+def compute_all(model: nn.Module, batches: Any, methods: Iterable[str] = METHODS, seed: int = 0, *,
+                options: Mapping[str, Mapping[str, Any]] | None = None, trace: Trace | None = None) -> pd.DataFrame:
+    """Every method in ``methods`` on the same batches, sharing the forward trace and the gradient pass.
+
+    ``options`` maps a method to its keyword options (see ``compute``); ``trace`` as in ``compute``. The cost
+    columns let ``cost_table`` count each shared pass once.
+    """
+    methods = _check_methods(methods)
+    options = dict(options or {})
+    unknown = set(options) - set(methods)
+    if unknown:
+        raise ImportanceError(f"options given for {sorted(unknown)}, which are not among the methods {methods}.")
+    shared = _shared(model, batches, trace)
+    return pd.concat([_run(m, shared, seed, dict(options.get(m, {}))) for m in methods], ignore_index=True)
+
+
+def cost_table(scores: pd.DataFrame) -> pd.DataFrame:
+    """One row per (seed, method) from ``compute``/``compute_all`` output, plus per seed a ``shared: <pass>``
+    row for each shared pass, so that ``seconds`` sums to the total wall time without double counting."""
+    keys = [c for c in ("model", "seed") if c in scores.columns]
+    cols = keys + ["method", "seconds", "shared", "shared_seconds", "n_forward", "n_backward"]
+    per = scores[cols].drop_duplicates(subset=keys + ["method"]).copy()
+    per["standalone_seconds"] = per["seconds"] + per["shared_seconds"]
+    shared = per[per["shared"] != ""].drop_duplicates(subset=keys + ["shared"])
+    extra = shared[keys].assign(method="shared: " + shared["shared"], seconds=shared["shared_seconds"].to_numpy(),
+                                shared="", shared_seconds=0.0, n_forward=1.0,
+                                n_backward=(shared["shared"] == "gradients").astype(float).to_numpy(),
+                                standalone_seconds=shared["shared_seconds"].to_numpy())
+    return pd.concat([per, extra], ignore_index=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation: top-k choices, random draws, the oracle
+
+
+def choose(scores: pd.DataFrame, k: int) -> dict[str, tuple[int, ...]]:
+    """Each method's choice of the k blocks to drop: its k lowest scores (ties: earlier block first)."""
+    out = {}
+    for method, g in scores.groupby("method", sort=False):
+        if g["layer"].duplicated().any():
+            raise ImportanceError(f"{method} has several rows per layer (several seeds?); pass one seed's scores.")
+        order = g.sort_values(["score", "layer"], kind="stable")["layer"].astype(int).tolist()
+        out[str(method)] = tuple(sorted(order[:k]))
+    return out
+
+
+def topk_damage(model: nn.Module, batches: Any, scores: pd.DataFrame, ks: Iterable[int], *, n_random: int = 20,
+                seed: int = 0, runs: pd.DataFrame | None = None, trace: Trace | None = None) -> pd.DataFrame:
+    """Damage of dropping each method's k least important blocks, and of ``n_random`` random k-sets, per k.
+
+    ``scores`` holds one seed's scores (``method, layer, score``). With ``runs`` (``angular_runs``) the
+    Gromov choice, the best run of k consecutive blocks, is added as method ``angular_run``. Columns:
+    ``method, k, draw`` (0 for methods, 0..n_random-1 for ``random``) plus those of ``damage``.
+    """
+    n_layers = layers.num_blocks(model)
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1 or ks[-1] >= n_layers:
+        raise ImportanceError(f"ks={ks} must lie in 1..{n_layers - 1} (the model has {n_layers} blocks).")
+    rng = np.random.default_rng(seed)
+    labels, sets = [], []
+    for k in ks:
+        for method, drop in choose(scores, k).items():
+            labels.append((method, k, 0))
+            sets.append(drop)
+        if runs is not None and k <= int(runs["n"].max()):
+            labels.append(("angular_run", k, 0))
+            sets.append(best_run(runs, k))
+        for d in range(n_random):
+            labels.append(("random", k, d))
+            sets.append(tuple(sorted(rng.choice(n_layers, size=k, replace=False).tolist())))
+    out = damage(model, batches, sets, trace=trace)
+    meta = pd.DataFrame(labels, columns=["method", "k", "draw"])
+    return pd.concat([meta, out.drop(columns=["k"])], axis=1)
+
+
+def oracle_subsets(model: nn.Module, batches: Any, ks: Iterable[int] | None = None, *, by: str = "d_loss",
+                   trace: Trace | None = None, max_blocks: int = 8) -> pd.DataFrame:
+    """Damage of every subset of k blocks, for k in ``ks`` (default 1..L//2), flagging the best per k.
+
+    ``best`` marks the subset with the least damage by ``by`` (``d_loss`` or ``d_accuracy``). Exhaustive,
+    so only for models with at most ``max_blocks`` blocks.
+    """
+    n_layers = layers.num_blocks(model)
+    if n_layers > max_blocks:
+        raise ImportanceError(f"an exhaustive search over {n_layers} blocks is too large (limit {max_blocks}); "
+                              "use topk_damage with random draws instead.")
+    if by not in ("d_loss", "d_accuracy"):
+        raise ImportanceError(f"by={by!r}; choose 'd_loss' or 'd_accuracy'.")
+    ks = sorted({int(k) for k in (ks if ks is not None else range(1, n_layers // 2 + 1))})
+    if not ks or ks[0] < 1 or ks[-1] >= n_layers:
+        raise ImportanceError(f"ks={ks} must lie in 1..{n_layers - 1}.")
+    sets = [c for k in ks for c in itertools.combinations(range(n_layers), k)]
+    out = damage(model, batches, sets, trace=trace)
+    best = out.sort_values(by, kind="stable").groupby("k").head(1).index
+    return out.assign(best=out.index.isin(best))
+
+
+def versus_random(topk: pd.DataFrame, metric: str = "d_loss") -> pd.DataFrame:
+    """Per (method, k, and any grouping columns such as seed): the method's damage, the mean of the random
+    draws, and the share of random draws that did at least as well (a rank, 0 = better than every draw)."""
+    group = [c for c in topk.columns if c in ("model", "seed")]
+    rand = topk[topk["method"] == "random"]
+    ref = rand.groupby(group + ["k"])[metric].agg(random_mean="mean", random_n="size").reset_index()
+    meth = topk[topk["method"] != "random"][group + ["method", "k", metric]].merge(ref, on=group + ["k"])
+    shares = []
+    for _, row in meth.iterrows():
+        sel = rand["k"] == row["k"]
+        for g in group:
+            sel &= rand[g] == row[g]
+        shares.append(float((rand.loc[sel, metric] <= row[metric] + 1e-12).mean()))
+    return meth.assign(random_at_least_as_good=shares)
+
+
+def spearman_vs_damage(scores: pd.DataFrame, single: pd.DataFrame) -> pd.DataFrame:
+    """Spearman rho between each method's scores and the measured single-block damage, per seed (and model).
+
+    ``single`` has ``layer`` and ``d_loss`` (and ``seed``/``model`` when ``scores`` has them).
+    """
+    from scipy.stats import spearmanr
+
+    group = [c for c in ("model", "seed") if c in scores.columns and c in single.columns]
+    merged = scores[group + ["method", "layer", "score"]].merge(single[group + ["layer", "d_loss"]],
+                                                               on=group + ["layer"])
+    rows = []
+    for key, g in merged.groupby(group + ["method"], sort=False):
+        constant = g["score"].nunique() < 2 or g["d_loss"].nunique() < 2
+        rho = np.nan if constant else float(spearmanr(g["score"], g["d_loss"]).statistic)
+        rows.append({**dict(zip(group + ["method"], key if isinstance(key, tuple) else (key,), strict=True)),
+                     "rho": rho, "n_layers": len(g)})
+    return pd.DataFrame(rows)
+
+
+def kendall_matrix(scores: pd.DataFrame, n_resamples: int = 2000, seed: int = 0,
+                   confidence: float = 0.95) -> pd.DataFrame:
+    """Kendall tau-b between every pair of methods' block rankings: mean over seeds, with a percentile
+    bootstrap CI that resamples layers (the same layers for every seed; resamples with a tie-only ranking
+    are dropped). One row per ordered pair (``method_a, method_b, tau, ci_low, ci_high, n_seeds``)."""
+    seeds = sorted(scores["seed"].unique()) if "seed" in scores.columns else [None]
+    methods = list(dict.fromkeys(scores["method"]))
+    mats = []
+    for s in seeds:
+        sub = scores if s is None else scores[scores["seed"] == s]
+        mats.append(sub.pivot_table(index="method", columns="layer", values="score").loc[methods].to_numpy(float))
+    x = np.stack(mats)  # (seeds, methods, layers)
+    n_layers = x.shape[2]
+    rng = np.random.default_rng(seed)
+    idx = np.vstack([np.arange(n_layers), rng.integers(0, n_layers, size=(n_resamples, n_layers))])
+
+    def taus(cols: np.ndarray) -> np.ndarray:
+        sx = np.sign(x[:, :, cols, None] - x[:, :, None, cols])  # (seeds, methods, l, l)
+        num = np.einsum("samn,sbmn->sab", sx, sx)
+        den = np.einsum("samn,samn->sa", sx, sx)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (num / np.sqrt(den[:, :, None] * den[:, None, :])).mean(0)
+
+    boot = np.stack([taus(cols) for cols in idx])  # (1 + resamples, methods, methods)
+    alpha = (1 - confidence) / 2
+    rows = []
+    for a, ma in enumerate(methods):
+        for b, mb in enumerate(methods):
+            vals = boot[1:, a, b]
+            vals = vals[np.isfinite(vals)]
+            low, high = (np.quantile(vals, [alpha, 1 - alpha]) if vals.size >= n_resamples / 2 else (np.nan, np.nan))
+            rows.append({"method_a": ma, "method_b": mb, "tau": float(boot[0, a, b]), "ci_low": float(low),
+                         "ci_high": float(high), "n_seeds": len(seeds), "n_layers": n_layers})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Uncertainty
+
+
+def _variance_split(values: Sequence[np.ndarray]) -> tuple[float, float, float, float]:
+    """(grand mean, between-group variance, within-group variance, total variance), every value weighted equally."""
+    all_v = np.concatenate(values)
+    weights = np.array([v.size for v in values], dtype=float) / all_v.size
+    means = np.array([v.mean() for v in values])
+    grand = float((weights * means).sum())
+    between = float((weights * (means - grand) ** 2).sum())
+    within = float((weights * np.array([v.var() for v in values])).sum())
+    return grand, between, within, float(all_v.var())
+
+
+def fisher_uncertainty(fisher: pd.DataFrame, by: Sequence[str] = (), n_resamples: int = 2000, seed: int = 0,
+                       confidence: float = 0.95) -> pd.DataFrame:
+    """Split the variance of each block's per-batch Fisher score by the law of total variance.
+
+    ``fisher`` holds ``compute("fisher")`` rows of several seeds (columns ``seed, layer, per_batch``).
+    Var(F) = E_seed[Var_batch(F | seed)] + Var_seed(E_batch[F | seed]): the within-seed, between-batch part
+    (which data you sampled: aleatoric) and the between-seed part (which model you trained: epistemic).
+    Population variances with every batch weighted equally, so the two parts add up to ``var_total``.
+    ``share_ci_low``/``share_ci_high``: percentile bootstrap of the between-seed share, resampling seeds and,
+    within each, batches (``n_resamples = 0`` skips it).
+    """
+    need = {"seed", "layer", "per_batch"}
+    if not need <= set(fisher.columns):
+        raise ImportanceError(f"fisher_uncertainty needs columns {sorted(need)} (rows of compute('fisher')); "
+                              f"got {list(fisher.columns)}.")
+    rng = np.random.default_rng(seed)
+    alpha = (1 - confidence) / 2
+    rows = []
+    for key, g in fisher.groupby(list(by) + ["layer"], sort=True):
+        if g["seed"].nunique() < 2:
+            raise ImportanceError("fisher_uncertainty needs Fisher scores of >= 2 seeds to estimate the between-seed "
+                                  f"part; {dict(zip(list(by) + ['layer'], np.atleast_1d(key), strict=False))} has one.")
+        values = [np.asarray(v, dtype=float) for v in g["per_batch"]]
+        grand, between, within, total = _variance_split(values)
+        shares = []
+        for _ in range(n_resamples):
+            pick = rng.integers(0, len(values), len(values))
+            res = [values[i][rng.integers(0, values[i].size, values[i].size)] for i in pick]
+            _, b, _, t = _variance_split(res)
+            if t > 0:
+                shares.append(b / t)
+        low, high = np.quantile(shares, [alpha, 1 - alpha]) if shares else (np.nan, np.nan)
+        rows.append({**dict(zip(list(by) + ["layer"], key if isinstance(key, tuple) else (key,), strict=True)),
+                     "mean": grand, "var_total": total, "var_between_seed": between, "var_within_seed": within,
+                     "share_between_seed": between / total if total > 0 else np.nan, "share_ci_low": float(low),
+                     "share_ci_high": float(high), "n_seeds": len(values),
+                     "n_batches": int(sum(v.size for v in values))})
+    return pd.DataFrame(rows)
+
+
+def entropy_vs_disagreement(entropy: Sequence[float], ids: Sequence[Any], ratings: pd.DataFrame,
+                            n_resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Spearman rho between per-example predictive entropy and the human raters' disagreement (their SD).
+
+    ``ratings`` is ``data.load_ratings(...)`` (columns ``id, sd``); examples are matched by ``id``. Returns
+    ``{rho, ci_low, ci_high, p, n}`` with a bootstrap CI over examples (``stats.spearman_ci``).
+    """
+    from . import stats
+
+    if "id" not in ratings.columns or "sd" not in ratings.columns:
+        raise ImportanceError("ratings needs columns 'id' and 'sd' (data.load_ratings).")
+    left = pd.DataFrame({"id": list(ids), "entropy": np.asarray(entropy, dtype=float)})
+    merged = left.merge(ratings[["id", "sd"]], on="id", how="inner")
+    if len(merged) < 3:
+        raise ImportanceError(f"only {len(merged)} examples matched the ratings by id; pass the test frame's ids.")
+    rho, low, high, p = stats.spearman_ci(merged["entropy"], merged["sd"], n_resamples=n_resamples, seed=seed)
+    return {"rho": rho, "ci_low": low, "ci_high": high, "p": p, "n": len(merged)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Benchmarks (numbers for the chapter; scripts/bench_importance.py is the command-line front end)
+
+
+def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), out
+
+
+@torch.no_grad()
+def naive_ablation(model: nn.Module, batches: Any) -> np.ndarray:
+    """Single-block damage (d_loss per block) the naive way: one full forward for the full model and one
+    per skipped block, every block run from the embeddings (the reference ``ablation`` must equal)."""
+    task = task_of(model)
+    prepared = prepare_batches(model, batches)
+    model.eval()
+    n_layers = layers.num_blocks(model)
+    losses = []
+    for skip in [set(), *({i} for i in range(n_layers))]:
+        nll, units = [], []
+        for batch in prepared:
+            a, _, u = _example_scores(task, _head(model, layers.run_blocks(model, batch, skip=skip), batch), batch)
+            nll.append(a.cpu().numpy())
+            units.append(u.cpu().numpy())
+        # aggregated exactly as ``damage`` does (float64 sums of per-example values), so scores can match bitwise
+        losses.append(np.concatenate(nll).astype(np.float64).sum() / np.concatenate(units).astype(np.float64).sum())
+    return np.asarray(losses[1:]) - losses[0]
+
+
+def bench_ablation(model: nn.Module, batches: Any, repeats: int = 3) -> dict[str, Any]:
+    """Single-block ablation from cached block inputs vs the naive L + 1 full forward passes.
+
+    Both sides include the unablated pass (the trace on the cached side); ``cached_seconds_no_trace`` leaves
+    the trace out (it is shared with block influence, angular distance and activation statistics). The two
+    are timed alternately ``repeats`` times; per-repeat times and speed-ups are returned with their medians,
+    and whether the damage scores are identical (max absolute difference).
+    """
+    prepared = prepare_batches(model, batches)
+    n_layers = layers.num_blocks(model)
+    naive_t, cached_t, damage_t, diffs = [], [], [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        naive = naive_ablation(model, prepared)
+        naive_t.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        tr = trace(model, prepared)
+        mid = time.perf_counter()
+        fast = damage(model, prepared, [{i} for i in range(n_layers)], trace=tr)["d_loss"].to_numpy()
+        end = time.perf_counter()
+        cached_t.append(end - start)
+        damage_t.append(end - mid)
+        diffs.append(float(np.abs(naive - fast).max()))
+    speed = [n / c for n, c in zip(naive_t, cached_t, strict=True)]
+    return {"n_blocks": n_layers, "n_examples": int(sum(b["input_ids"].shape[0] for b in prepared)),
+            "naive_seconds": float(np.median(naive_t)), "cached_seconds": float(np.median(cached_t)),
+            "cached_seconds_no_trace": float(np.median(damage_t)), "speedup": float(np.median(speed)),
+            "speedups": speed, "speedups_no_trace": [n / d for n, d in zip(naive_t, damage_t, strict=True)],
+            "naive_times": naive_t, "cached_times": cached_t, "max_abs_diff": max(diffs),
+            "identical": max(diffs) == 0.0, "repeats": repeats}
+
+
+def forward_backward_seconds(model: nn.Module, batches: Any, repeats: int = 3) -> float:
+    """Median wall time of one ordinary forward + backward pass (parameter gradients) over ``batches``."""
+    task = task_of(model)
+    prepared = prepare_batches(model, batches)
+    model.eval()
+
+    def once() -> None:
+        for batch in prepared:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            nll, _, units = _example_scores(task, logits, batch)
+            (nll.sum() / units.sum()).backward()
+        model.zero_grad(set_to_none=True)
+
+    return _timed(once, repeats)[0]
+
+
+def bench_cheap_cost(model: nn.Module, batches: Any, methods: Sequence[str] = CHEAP_METHODS, repeats: int = 3,
+                     seed: int = 0) -> dict[str, Any]:
+    """Total wall time of ``methods`` (shared passes counted once) vs one forward + backward over the data.
+
+    The reference and ``compute_all`` are timed alternately ``repeats`` times; per-repeat ratios are returned
+    with the medians and the last repeat's per-method split.
+    """
+    prepared = prepare_batches(model, batches)
+    reference, totals, per_method = [], [], None
+    for _ in range(repeats):
+        reference.append(forward_backward_seconds(model, prepared, 1))
+        start = time.perf_counter()
+        scores = compute_all(model, prepared, methods=methods, seed=seed)
+        totals.append(time.perf_counter() - start)
+        per_method = cost_table(scores)
+    ratios = [t / r for t, r in zip(totals, reference, strict=True)]
+    return {"methods": list(methods), "forward_backward_seconds": float(np.median(reference)),
+            "methods_seconds": float(np.median(totals)), "ratio": float(np.median(ratios)), "ratios": ratios,
+            "repeats": repeats, "per_method": per_method[["method", "seconds", "n_forward", "n_backward"]]
+            .to_dict(orient="records")}

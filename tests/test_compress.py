@@ -1,0 +1,406 @@
+"""Selection strategies, subset evaluation, cost and statistics of layer removal, on tiny random models."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats as sps
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+)
+
+from analysis_kit import compress, layers
+from analysis_kit.compress import CompressError
+
+WORDS = ["good", "bad", "great", "awful", "the", "movie", "was", "not", "very", "fine", "phone", "battery"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok")
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    return BertTokenizerFast(vocab_file=str(vocab))
+
+
+def texts(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(2, 9)))) for _ in range(n)]
+
+
+def bert(n_blocks: int = 4, seed: int = 0, labels: int = 2) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=n_blocks, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=32, num_labels=labels, pad_token_id=0)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def llama_config(n_blocks: int = 5) -> LlamaConfig:
+    return LlamaConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=n_blocks, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64, pad_token_id=0,
+                       num_labels=2)
+
+
+def make_identity(model, block: int) -> None:
+    """Zero the residual writes of a pre-norm LLaMA block: the block becomes exactly the identity."""
+    b = layers.get_blocks(model)[block]
+    with torch.no_grad():
+        b.self_attn.o_proj.weight.zero_()
+        b.mlp.down_proj.weight.zero_()
+
+
+# ------------------------------------------------------------------------------------------ how many
+
+
+def test_n_keep_from_count_ratio_and_fraction():
+    assert compress.n_keep(6, keep=3) == 3
+    assert compress.n_keep(6, ratio=2.0) == 3
+    assert compress.n_keep(12, ratio=1.5) == 8
+    assert compress.n_keep(30, drop_fraction=0.2) == 24
+    with pytest.raises(CompressError, match="exactly one"):
+        compress.n_keep(6, keep=3, ratio=2.0)
+    with pytest.raises(CompressError, match=">= 1"):
+        compress.n_keep(6, ratio=0.5)
+    with pytest.raises(CompressError, match="cannot keep"):
+        compress.n_keep(6, keep=7)
+
+
+# ----------------------------------------------------------------------------------- data-free picks
+
+
+def test_top_k_keeps_highest_scores_ties_to_earlier():
+    assert compress.keep_top_k([0.1, 0.9, 0.5, 0.7], 2) == (1, 3)
+    assert compress.keep_top_k({0: 1.0, 1: 1.0, 2: 0.0}, 1) == (0,)
+    table = pd.DataFrame({"method": ["a"] * 6 + ["b"] * 3, "layer": [0, 1, 2] * 3, "seed": [0] * 3 + [1] * 3 + [0] * 3,
+                          "score": [3, 1, 2, 1, 3, 0, 0, 0, 9]})
+    # method a averaged over seeds: layer 0 → 2, layer 1 → 2, layer 2 → 1
+    assert compress.keep_top_k(table, 2, method="a") == (0, 1)
+    assert compress.keep_top_k(table, 1, method="b") == (2,)
+    with pytest.raises(CompressError, match="several methods"):
+        compress.keep_top_k(table, 1)
+    with pytest.raises(CompressError, match="score every block"):
+        compress.keep_top_k({0: 1.0, 2: 0.5}, 1, n_blocks=3)
+
+
+def test_distributed_and_drop_last():
+    assert compress.keep_distributed(6, 3) == (0, 3, 5)
+    assert compress.keep_distributed(12, 4) == (0, 4, 7, 11)
+    assert compress.keep_distributed(6, 6) == tuple(range(6))
+    assert compress.keep_distributed(6, 1) == (5,)
+    assert compress.keep_drop_last(6, 4) == (0, 1, 2, 3)
+    with pytest.raises(CompressError, match="impossible"):
+        compress.keep_drop_last(6, 0)
+
+
+def test_random_keeps_exhaustive_when_few_and_distinct_otherwise():
+    all5 = compress.random_keeps(6, 5, n_draws=20)  # C(6, 5) = 6 <= 20: the exact null, every subset once
+    assert sorted(all5) == sorted(tuple(i for i in range(6) if i != d) for d in range(6))
+    assert len(all5) == math.comb(6, 5)
+    draws = compress.random_keeps(12, 6, n_draws=25, seed=3)
+    assert len(draws) == 25 and len(set(draws)) == 25
+    assert all(len(d) == 6 and list(d) == sorted(d) and 0 <= d[0] and d[-1] < 12 for d in draws)
+    assert draws == compress.random_keeps(12, 6, n_draws=25, seed=3)
+    assert draws != compress.random_keeps(12, 6, n_draws=25, seed=4)
+
+
+# ------------------------------------------------------------------------------ subsets without models
+
+
+def test_encode_restores_input_order(tokenizer):
+    t = texts(11)
+    enc = compress.encode(tokenizer, t, labels=np.arange(11), batch_size=4)
+    lengths = np.concatenate([b["attention_mask"].sum(1).numpy() for b in enc.batches])
+    assert list(lengths) == sorted(lengths, reverse=True)  # length-sorted batches
+    assert enc.restore(np.concatenate([b["labels"].numpy() for b in enc.batches])).tolist() == list(range(11))
+
+
+def test_subset_outputs_equal_compacted_bert(tokenizer):
+    model = bert(4)
+    t = texts(9)
+    enc = compress.encode(tokenizer, t, batch_size=4)
+    keeps = [(0, 1, 2, 3), (0, 1, 3), (0, 2), (1, 2, 3), (3,), (0, 1)]
+    outs = compress.subset_outputs(model, enc, keeps, device="cpu")
+    batch = tokenizer(t, padding=True, return_tensors="pt")
+    for keep in keeps:
+        with torch.no_grad():
+            ref = compress.compact(model, keep)(**batch).logits.numpy()
+        np.testing.assert_allclose(outs[keep], ref, atol=1e-5)
+
+
+def test_subset_outputs_equal_compacted_llama_lm(tokenizer):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(5)).eval()
+    t = texts(7, seed=1)
+    enc = compress.encode(tokenizer, t, batch_size=3)
+    keeps = [(0, 2, 4), (1, 3), (0, 1, 2, 3, 4)]
+    outs = compress.subset_outputs(model, enc, keeps, compress.lm_nll_readout, device="cpu")
+    for keep in keeps:
+        small = compress.compact(model, keep)
+        for i, text in enumerate(t):
+            ids = tokenizer(text, return_tensors="pt")
+            with torch.no_grad():
+                loss = small(**ids, labels=ids["input_ids"]).loss.item()
+            assert outs[keep][i] == pytest.approx(loss, abs=1e-4)
+
+
+def test_choice_readout_is_last_token_log_prob(tokenizer):
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(llama_config(3)).eval()
+    t = texts(5, seed=2)
+    enc = compress.encode(tokenizer, t, batch_size=5)
+    good, bad = tokenizer.convert_tokens_to_ids(["good", "bad"])
+    out = compress.subset_outputs(model, enc, [(0, 1, 2)], compress.choice_readout([[bad], [good]]))[(0, 1, 2)]
+    for i, text in enumerate(t):
+        ids = tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            logp = torch.log_softmax(model(**ids).logits[0, -1], -1)
+        np.testing.assert_allclose(out[i], [logp[bad].item(), logp[good].item()], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ data-driven picks
+
+
+def test_greedy_removes_identity_blocks_first(tokenizer):
+    torch.manual_seed(2)
+    model = LlamaForSequenceClassification(llama_config(5)).eval()
+    make_identity(model, 1)
+    make_identity(model, 3)
+    enc = compress.encode(tokenizer, texts(12, seed=3), batch_size=6)
+    keep, trace = compress.greedy_removal(model, enc, 3, criterion="kl", device="cpu")
+    assert keep == (0, 2, 4)
+    assert sorted(trace["removed"]) == [1, 3]
+    assert trace["value"].tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
+    assert trace["candidates"].tolist() == [5, 4]  # re-scored after each removal
+
+
+def test_greedy_loss_criterion_matches_subset_loss(tokenizer):
+    model = bert(4, seed=5)
+    t = texts(16, seed=4)
+    labels = np.arange(16) % 2
+    enc = compress.encode(tokenizer, t, labels=labels, batch_size=8)
+    keep, trace = compress.greedy_removal(model, enc, 2, criterion="loss", device="cpu")
+    logits = compress.subset_outputs(model, enc, [keep])[keep]
+    ce = torch.nn.functional.cross_entropy(torch.as_tensor(logits), torch.as_tensor(labels)).item()
+    assert trace["value"].iloc[-1] == pytest.approx(ce, rel=1e-5)
+    unlabelled = compress.encode(tokenizer, t, batch_size=8)
+    with pytest.raises(CompressError, match="needs labels"):
+        compress.greedy_removal(model, unlabelled, 2, criterion="loss")
+
+
+def test_angular_distance_zero_for_identity_run(tokenizer):
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(llama_config(6)).eval()
+    make_identity(model, 2)
+    make_identity(model, 3)
+    enc = compress.encode(tokenizer, texts(8, seed=5), batch_size=4)
+    table = compress.angular_distances(model, enc, device="cpu")
+    assert set(table.columns) >= {"start", "n", "distance"}
+    run = table[(table["start"] == 2) & (table["n"] == 2)]["distance"].item()
+    assert run == pytest.approx(0.0, abs=1e-3)
+    assert table[table["n"] == 1]["distance"].min() == pytest.approx(0.0, abs=1e-3)
+    assert compress.keep_angular(model, enc, 4, table=table) == (0, 1, 4, 5)
+    assert (table["distance"] >= -1e-6).all() and (table["distance"] <= 1 + 1e-6).all()
+
+
+def test_select_dispatch_and_errors(tokenizer):
+    model = bert(4)
+    assert compress.select("drop_last", model, 2) == (0, 1)
+    assert compress.select("importance", model, 2, scores=pd.DataFrame({"layer": range(4), "score": [4, 3, 2, 1]})) \
+        == (0, 1)
+    with pytest.raises(CompressError, match="calibration"):
+        compress.select("greedy", model, 2)
+    with pytest.raises(CompressError, match="unknown strategy"):
+        compress.select("best", model, 2)
+
+
+# ------------------------------------------------------------------------------------------ cost
+
+
+def test_cost_table_shapes_and_ideal(tokenizer):
+    model = bert(4)
+    df = compress.cost_table(model, tokenizer, [2], batch_sizes=(1, 4), seq_len=8, repeats=3, warmup=1, device="cpu")
+    assert sorted(df["n_kept"].unique()) == [2, 4]
+    full = df[df["n_kept"] == 4]
+    assert full["speedup"].tolist() == pytest.approx([1.0, 1.0])
+    assert df[df["n_kept"] == 2]["ideal"].tolist() == [2.0, 2.0]
+    assert (df[df["n_kept"] == 2]["params"] < full["params"].iloc[0]).all()
+    assert (df["peak_mib"] >= 0).all() and (df["memory_kind"] == "cpu_rss_sampled").all()
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+def test_retention_and_errors():
+    np.testing.assert_allclose(compress.retention([0.8, 0.9], [0.9, 0.9]), [0.8 / 0.9, 1.0])
+    with pytest.raises(CompressError, match="not aligned"):
+        compress.retention([0.8], [0.9, 0.9])
+
+
+def test_paired_tests_match_scipy():
+    df = pd.DataFrame({"n_kept": 3, "seed": [0, 1, 2] * 3, "strategy": ["a"] * 3 + ["random"] * 3 + ["b"] * 3,
+                       "retention": [0.95, 0.97, 0.96, 0.90, 0.91, 0.93, 0.90, 0.91, 0.93]})
+    tests = compress.paired_tests(df, "retention", "random")
+    by = {t.extras["strategy"]: t for t in tests}
+    ref = sps.ttest_rel([0.95, 0.97, 0.96], [0.90, 0.91, 0.93], alternative="greater")
+    assert by["a"].p_value == pytest.approx(ref.pvalue) and by["a"].statistic == pytest.approx(ref.statistic)
+    assert by["a"].extras["prob_improvement"] == 1.0
+    assert by["b"].p_value == 1.0  # identical to the reference on every seed
+
+
+def test_nearest_ratio_and_headline():
+    assert compress.nearest_ratio(2.5, [1.2, 1.5, 2.0, 3.0]) == 3.0
+    assert compress.nearest_ratio(1.8, [1.2, 1.5, 2.0, 3.0]) == 2.0
+    assert compress.nearest_ratio(1.35, [4 / 3, 1.5, 2.0]) == pytest.approx(4 / 3)
+    rows = []
+    for seed in range(3):
+        for k in (5, 4, 3, 2):
+            # strategy "x" is best on validation, "y" on test: the headline must report x's test numbers
+            rows.append({"model": "m", "n_blocks": 6, "n_kept": k, "strategy": "x", "heal": "none", "seed": seed,
+                         "val_retention": 0.9, "retention": 0.80 + 0.01 * seed})
+            rows.append({"model": "m", "n_blocks": 6, "n_kept": k, "strategy": "y", "heal": "none", "seed": seed,
+                         "val_retention": 0.5, "retention": 0.99})
+            rows.append({"model": "m", "n_blocks": 6, "n_kept": k, "strategy": "random", "heal": "none",
+                         "seed": seed, "val_retention": 1.5, "retention": 0.5})
+    table = compress.headline(pd.DataFrame(rows))
+    assert len(table) == len(compress.ORIGINAL_CLAIMS)
+    assert (table["best_strategy"] == "x").all()
+    assert table["retention"].tolist() == pytest.approx([0.81] * 3)
+    assert table["n_kept"].tolist() == [4, 3, 2]
+    assert (table["ci_low"] < 0.81).all() and (table["ci_high"] > 0.81).all()
+
+
+# ------------------------------------------------------------------------------------ folders
+
+
+def test_compress_folder_round_trip(tmp_path, tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    src = tmp_path / "src"
+    model = bert(4)
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    record = compress.compress_folder(src, tmp_path / "out", "distributed", keep=2)
+    assert record["kept"] == [0, 3] and record["params_after"] < record["params_before"]
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    assert loaded.config.num_hidden_layers == 2
+    batch = tokenizer(texts(3), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded(**batch).logits, compress.compact(model, (0, 3))(**batch).logits, atol=1e-5)
+    with pytest.raises(CompressError, match="not empty"):
+        compress.compress_folder(src, tmp_path / "out", "drop_last", keep=2)
+    with pytest.raises(CompressError, match="calibration texts"):
+        compress.compress_folder(src, tmp_path / "out2", "greedy", keep=2)
+    assert not (tmp_path / "out2").exists()
+    record = compress.compress_folder(src, tmp_path / "out3", "greedy", ratio=2.0, texts=texts(10))
+    assert record["n_kept"] == 2
+
+
+# ------------------------------------------------------------------------------------ study helpers
+
+
+def test_greedy_path_replays_the_trace():
+    trace = pd.DataFrame({"step": [1, 2, 3], "removed": [2, 0, 4]})
+    assert compress.greedy_path(trace, 5) == {5: (0, 1, 2, 3, 4), 4: (0, 1, 3, 4), 3: (1, 3, 4), 2: (1, 3)}
+
+
+def test_candidates_cover_every_strategy_and_size(tokenizer):
+    torch.manual_seed(4)
+    model = LlamaForSequenceClassification(llama_config(5)).eval()
+    make_identity(model, 2)
+    t = texts(10, seed=6)
+    calib = compress.encode(tokenizer, t, labels=np.arange(10) % 2, batch_size=5)
+    scores = pd.DataFrame({"method": "m", "layer": range(5), "score": [5, 4, 3, 2, 1]})
+    picks, extras = compress.candidates(model, calib, [4, 2], scores=scores, n_random=3, seed=1, device="cpu")
+    assert set(picks["strategy"]) == {"importance:m", "distributed", "angular", "drop_last", "greedy", "random"}
+    by = picks.set_index(["strategy", "n_kept"])
+    assert by.loc[("importance:m", 2), "keep"] == (0, 1)
+    assert by.loc[("drop_last", 4), "keep"] == (0, 1, 2, 3)
+    assert by.loc[("distributed", 2), "keep"] == (0, 4)
+    assert (picks[picks["strategy"] == "random"].groupby("n_kept").size() == 3).all()
+    assert set(extras) == {"angular", "greedy"} and len(extras["greedy"]) == 3  # 5 → 2 blocks
+    greedy4 = by.loc[("greedy", 4), "keep"]
+    assert len(greedy4) == 4 and set(by.loc[("greedy", 2), "keep"]) < set(greedy4)  # one removal path
+    with pytest.raises(CompressError, match="calibration"):
+        compress.candidates(model, None, [2], strategies=("greedy",))
+
+
+def test_retention_tables_and_random_null(tokenizer):
+    model = bert(4, seed=7)
+    t = texts(20, seed=8)
+    labels = np.arange(20) % 2
+    enc = {"val": compress.encode(tokenizer, t, labels, 8), "test": compress.encode(tokenizer, t[::-1], labels[::-1], 8)}
+    picks = pd.DataFrame({"strategy": ["drop_last", "random", "random"], "n_blocks": 4, "n_kept": 2, "draw": [-1, 0, 1],
+                          "keep": [(0, 1), (1, 3), (0, 2)], "seconds": 0.0})
+    evals = compress.evaluate_keeps(model, enc, picks["keep"], device="cpu")
+    assert set(evals["keep"]) == {(0, 1), (1, 3), (0, 2), (0, 1, 2, 3)}
+    wide = compress.with_retention(picks, evals).assign(seed=0)
+    full_acc = compress.full_metrics(evals, 4).loc["test", "accuracy"]
+    np.testing.assert_allclose(wide["test_accuracy_retention"], wide["test_accuracy"] / full_acc)
+    cols = [c for c in wide.columns if c.startswith(("val_", "test_"))]
+    table, draws = compress.random_null(wide, cols)
+    rnd = table[table["strategy"] == "random"].iloc[0]
+    assert rnd["test_accuracy"] == pytest.approx(draws["test_accuracy"].mean()) and rnd["n_draws"] == 2
+    last = table[table["strategy"] == "drop_last"].iloc[0]
+    pool = draws["val_accuracy"].to_numpy()
+    assert last["beats_random"] == pytest.approx(
+        ((pool < last["val_accuracy"]).sum() + 0.5 * (pool == last["val_accuracy"]).sum()) / 2)
+
+
+def test_best_configs_picks_highest_mean_validation():
+    df = pd.DataFrame({"model": "m", "n_kept": 3, "seed": [0, 1, 0, 1, 0, 1],
+                       "strategy": ["a", "a", "b", "b", "random", "random"], "heal": "none",
+                       "val_accuracy_retention": [0.9, 0.8, 0.86, 0.86, 0.99, 0.99]})
+    best = compress.best_configs(df)
+    assert best[["strategy", "heal"]].values.tolist() == [["b", "none"]]  # random never counts as a strategy
+
+
+def test_sentiment_prompts_answers_and_lm_eval(tokenizer):
+    prompts = compress.sentiment_prompts(tokenizer, ["good phone"])
+    assert "good phone" in prompts[0] and prompts[0].endswith("Answer:")
+    with pytest.raises(CompressError, match="chat template"):
+        compress.sentiment_prompts(tokenizer, ["x"], style="chat")
+    ids = compress.answer_tokens(tokenizer, ("bad", "good"))
+    assert ids == [[tokenizer.convert_tokens_to_ids("bad")], [tokenizer.convert_tokens_to_ids("good")]]
+    torch.manual_seed(5)
+    model = LlamaForCausalLM(llama_config(3)).eval()
+    t = texts(6, seed=9)
+    lm = compress.encode(tokenizer, t, batch_size=4)
+    pr = compress.encode(tokenizer, t, labels=np.arange(6) % 2, batch_size=4)
+    long = compress.evaluate_lm_keeps(model, [(0, 2)], lm, pr, ids, device="cpu")
+    assert set(long["metric"]) == {"nll", "correct"} and set(long["n_kept"]) == {2, 3}
+    nll = compress.subset_outputs(model, lm, [(0, 2)], compress.lm_nll_readout)[(0, 2)]
+    got = long[(long["metric"] == "nll") & (long["n_kept"] == 2)].sort_values("example")["value"]
+    np.testing.assert_allclose(got, nll, rtol=1e-6)
+    assert long[long["metric"] == "correct"]["value"].isin([0.0, 1.0]).all()
+    ex = pd.DataFrame({"strategy": ["random", "random", "x"], "n_kept": 2, "metric": "nll", "example": 0,
+                       "value": [1.0, 3.0, 1.5], "draw": [0, 1, -1]})
+    assert compress.lm_vs_random(ex).set_index("strategy").loc["random", "value"] == 2.0
+
+
+def test_save_best_respects_the_size_cap(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path / "cache"))
+    small = compress.compact(bert(4), (0, 3))
+    out = compress.save_best({"m_keep2": (small, tokenizer, {"kept": [0, 3], "n_kept": 2})}, tmp_path / "res", 1000.0)
+    assert out["where"].tolist() == ["results"] and (tmp_path / "res" / "m_keep2" / "config.json").is_file()
+    out = compress.save_best({"m_keep2": (small, tokenizer, {"kept": [0, 3], "n_kept": 2})}, tmp_path / "res2", 0.0)
+    assert out["where"].tolist() == ["cache"] and not (tmp_path / "res2").exists()
+    assert Path(out["path"].iloc[0], "config.json").is_file() and str(tmp_path / "cache") in out["path"].iloc[0]

@@ -1,0 +1,342 @@
+"""Exit heads, exit policies, complexity features, budget mode and real early exit on tiny random BERTs.
+
+Policies are checked on hand-made exit probabilities whose exits can be worked out by hand; the model
+side checks that the exits computed in one pass equal the model truncated at each depth, and that real
+early exit (batch 1 and batched, shrinking or not) takes exactly the decisions the simulation takes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+)
+
+from analysis_kit import dynamic as dy
+from analysis_kit import layers
+from analysis_kit.errors import LayerwiseError
+
+WORDS = ["good", "great", "fine", "bad", "awful", "the", "movie", "was", "not", "very", "plot", "but", "ok"]
+N_BLOCKS = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning slows them 10-100x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vocab")
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    return BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+
+
+def tiny_bert(tokenizer, num_labels: int = 2, seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=N_BLOCKS, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
+                     initializer_range=0.5)  # wide init: [CLS] states differ between inputs
+    return BertForSequenceClassification(cfg).eval()
+
+
+def toy_frame(n: int, seed: int) -> pd.DataFrame:
+    """Label 1 iff a positive word ends the text; lengths vary so batches need padding."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        y = int(rng.integers(2))
+        filler = " ".join(rng.choice(["the", "movie", "was", "plot", "very", "ok"], int(rng.integers(1, 7))))
+        rows.append((f"{filler} {rng.choice(['good', 'great', 'fine'] if y else ['bad', 'awful'])}", y))
+    return pd.DataFrame(rows, columns=["text", "label"])
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return {"train": toy_frame(96, 0), "val": toy_frame(48, 1), "test": toy_frame(48, 2)}
+
+
+def probs_from_top(top: list[list[float]], pred: list[list[int]]) -> np.ndarray:
+    """(examples, blocks, 2) probabilities with the given top probability and predicted class per exit."""
+    top, pred = np.asarray(top), np.asarray(pred)
+    p = np.empty(top.shape + (2,))
+    p[..., 1] = np.where(pred == 1, top, 1 - top)
+    p[..., 0] = 1 - p[..., 1]
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- policies
+
+HAND = probs_from_top(
+    top=[[0.95, 0.96, 0.97, 0.99],   # confident from block 1
+         [0.60, 0.70, 0.90, 0.99],   # confident from block 3
+         [0.55, 0.55, 0.60, 0.60],   # never confident
+         [0.80, 0.70, 0.90, 0.95]],
+    pred=[[1, 1, 1, 1],
+          [0, 1, 1, 1],
+          [1, 0, 1, 0],
+          [0, 1, 1, 1]])
+LABELS = np.array([1, 1, 0, 1])
+
+
+def test_confidence_and_entropy_exit_where_the_threshold_is_first_reached():
+    assert dy.simulate(dy.ConfidencePolicy(0.85), HAND).tolist() == [1, 3, 4, 3]
+    assert dy.simulate(dy.ConfidencePolicy(2.0), HAND).tolist() == [4, 4, 4, 4]  # never exits early
+    # normalised entropy of top 0.9 is h(0.9)/ln 2 = 0.469; 0.95 → 0.286; 0.8 → 0.722
+    assert dy.simulate(dy.EntropyPolicy(0.47), HAND).tolist() == [1, 3, 4, 3]
+    assert dy.simulate(dy.EntropyPolicy(0.9), HAND).tolist() == [1, 2, 4, 1]  # 0.7 → 0.881
+    assert dy.simulate(dy.EntropyPolicy(-1.0), HAND).tolist() == [4, 4, 4, 4]
+
+
+def test_patience_counts_agreeing_consecutive_exits():
+    # patience 0 exits after block 1; patience t needs t exits in a row that agree with the one before
+    assert dy.simulate(dy.PatiencePolicy(0), HAND).tolist() == [1, 1, 1, 1]
+    assert dy.simulate(dy.PatiencePolicy(1), HAND).tolist() == [2, 3, 4, 3]
+    assert dy.simulate(dy.PatiencePolicy(2), HAND).tolist() == [3, 4, 4, 4]
+    with pytest.raises(dy.DynamicError, match="non-negative integer"):
+        dy.PatiencePolicy(1.5)
+
+
+def test_outcome_oracle_and_blocks_needed_by_hand():
+    preds, correct = dy.outcome(HAND, LABELS, np.array([1, 1, 1, 1]))
+    assert preds.tolist() == [1, 0, 1, 0] and correct.tolist() == [True, False, False, False]
+    assert dy.oracle_depths(HAND, LABELS).tolist() == [1, 2, 2, 2]
+    # stays right from depth d on: ex0 1; ex1 2; ex2 the last exit is right, block 3 wrong → 4; ex3 2
+    assert dy.blocks_needed(HAND, LABELS).tolist() == [1, 2, 4, 2]
+    wrong_last = np.array([1, 1, 1, 0])  # ex3 wrong at the end → all blocks
+    assert dy.blocks_needed(HAND, wrong_last)[3] == N_BLOCKS
+    assert dy.oracle_depths(HAND, np.array([0, 1, 0, 1]))[0] == 1  # no exit is right: the cheapest
+
+
+def test_planned_policy_exits_at_its_depths():
+    assert dy.simulate(dy.PlannedPolicy(np.array([2, 1, 4, 3])), HAND).tolist() == [2, 1, 4, 3]
+    assert dy.simulate(dy.PlannedPolicy(2), HAND).tolist() == [2, 2, 2, 2]
+    with pytest.raises(dy.DynamicError, match=">= 1"):
+        dy.PlannedPolicy(np.array([0, 1]))
+
+
+def test_static_depths_mix_floor_and_ceil_to_the_exact_mean():
+    d = dy.static_depths(10, 2.3, 4, seed=1)
+    assert sorted(set(d.tolist())) == [2, 3] and (d == 3).sum() == 3 and d.mean() == pytest.approx(2.3)
+    assert (d == dy.static_depths(10, 2.3, 4, seed=1)).all()
+    assert (dy.static_depths(5, 4.0, 4) == 4).all()
+    with pytest.raises(dy.DynamicError, match="1..4"):
+        dy.static_depths(5, 4.5, 4)
+
+
+def test_settings_grid_spans_never_exit_to_always_exit():
+    assert dy.settings_grid("patience", HAND) == [0, 1, 2, 3]
+    conf = dy.settings_grid("confidence", HAND)
+    assert conf[0] == pytest.approx(0.55) and conf[-1] == 2.0
+    depths = [dy.simulate(dy.ConfidencePolicy(s), HAND).mean() for s in conf]
+    assert depths[0] < depths[-1] == N_BLOCKS and depths == sorted(depths)
+
+
+def test_calibrate_picks_the_best_setting_within_budget():
+    c = pd.DataFrame({"policy": "entropy", "setting": [0.1, 0.2, 0.3, 0.4],
+                      "avg_depth": [3.5, 2.9, 2.0, 1.5], "accuracy": [0.90, 0.88, 0.88, 0.80]})
+    row = dy.calibrate(c, 3.0)
+    assert row["setting"] == 0.3 and bool(row["met"])  # tie at 0.88 → the cheaper one
+    row = dy.calibrate(c, 1.0)
+    assert row["setting"] == 0.4 and not bool(row["met"])
+    with pytest.raises(dy.DynamicError, match="one policy"):
+        dy.calibrate(pd.concat([c, c.assign(policy="x")]), 2.0)
+
+
+def test_bad_probability_shapes_are_named():
+    with pytest.raises(dy.DynamicError, match="examples, blocks, labels"):
+        dy.simulate(dy.EntropyPolicy(0.5), np.zeros((3, 4)))
+    with pytest.raises(dy.DynamicError, match="labels has shape"):
+        dy.oracle_depths(HAND, np.array([1, 0]))
+    with pytest.raises(dy.DynamicError, match="one value in 1..4"):
+        dy.outcome(HAND, LABELS, np.array([1, 2, 5, 1]))
+
+
+# ------------------------------------------------------------------------------------- heads and exits
+
+
+def test_last_exit_equals_the_model_and_every_exit_equals_the_truncated_model(tokenizer):
+    model = tiny_bert(tokenizer)
+    heads = dy.ExitHeads.from_model(model).eval()
+    texts = ["the movie was good", "bad", "very very fine plot but not great"]
+    logits = dy.predict_exits(model, heads, tokenizer, texts, batch_size=2, device="cpu")
+    assert logits.shape == (3, N_BLOCKS, 2)
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert np.allclose(logits[:, -1], model(**batch).logits.numpy(), atol=1e-5)
+        for k in range(N_BLOCKS):
+            hidden = layers.run_blocks(model, batch, skip=set(range(k + 1, N_BLOCKS)))
+            assert np.allclose(logits[:, k], heads.head(k, hidden[:, 0]).numpy(), atol=1e-5)
+
+
+def test_exit_heads_refuse_decoders_and_regression(tokenizer):
+    with pytest.raises(dy.DynamicError, match="num_labels=1"):
+        dy.ExitHeads.from_model(tiny_bert(tokenizer, num_labels=1))
+    llama = LlamaForSequenceClassification(LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                                       num_attention_heads=2, intermediate_size=32, num_labels=2))
+    with pytest.raises(dy.DynamicError, match="decoder"):
+        dy.ExitHeads.from_model(llama)
+    assert issubclass(dy.DynamicError, LayerwiseError)
+
+
+@pytest.mark.parametrize("policy", [dy.EntropyPolicy(0.9), dy.ConfidencePolicy(0.55), dy.PatiencePolicy(1),
+                                    dy.PlannedPolicy(np.array([1, 3, 2, 4, 1, 2, 3, 4]), "complexity")])
+def test_real_early_exit_takes_the_simulated_decisions(tokenizer, policy):
+    model = tiny_bert(tokenizer, seed=3)
+    heads = dy.ExitHeads.from_model(model, seed=1).eval()
+    torch.manual_seed(5)
+    for lin in heads.out:  # diverse exits so that the policies exit at different depths
+        torch.nn.init.normal_(lin.weight, std=2.0)
+    texts = toy_frame(8, 3)["text"].tolist()
+    probs = dy.exit_probs(dy.predict_exits(model, heads, tokenizer, texts, device="cpu"))
+    want = dy.simulate(policy, probs)
+    preds = probs[np.arange(8), want - 1].argmax(-1)
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    for shrink in (True, False):
+        logits, depth = dy.early_exit_forward(model, heads, batch, policy, shrink=shrink)
+        assert depth.tolist() == want.tolist() and logits.argmax(-1).tolist() == preds.tolist()
+    for i, text in enumerate(texts):  # batch 1: a planned policy gets its own depth
+        pol = dy.PlannedPolicy(policy.depths[i:i + 1], "complexity") if isinstance(policy, dy.PlannedPolicy) else policy
+        _, depth = dy.early_exit_forward(model, heads, tokenizer([text], return_tensors="pt"), pol)
+        assert depth[0] == want[i]
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_frozen_training_leaves_the_backbone_and_lowers_the_loss(tokenizer, splits):
+    model = tiny_bert(tokenizer)
+    before = copy.deepcopy(model.state_dict())
+    cfg = dy.ExitTrainConfig(mode="frozen", epochs=15, head_lr=1e-2, batch_size=16, max_length=32, patience=15)
+    untrained = dy.ExitHeads.from_model(model).eval()
+    with torch.no_grad():
+        feats = dy._features(model, tokenizer, splits["val"]["text"].tolist(), 16, 32, torch.device("cpu"))
+        loss0 = dy._weighted_loss(untrained(feats), torch.tensor(splits["val"]["label"].to_numpy()),
+                                  dy.exit_weights(N_BLOCKS))
+    out, heads, hist = dy.train_exits(model, tokenizer, splits["train"], splits["val"], cfg, seed=0, device="cpu")
+    assert out is model and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert hist["val_loss"].min() < float(loss0) - 0.01
+    assert list(hist.columns) == ["epoch", "train_loss", "val_loss", "val_acc_last", "val_acc_mean", "seconds"]
+
+
+def test_joint_training_moves_the_backbone_and_is_seeded(tokenizer, splits):
+    cfg = dy.ExitTrainConfig(mode="joint", epochs=1, lr=1e-3, head_lr=1e-3, batch_size=32, max_length=32)
+    small = {k: v.head(48) for k, v in splits.items()}
+    runs = []
+    for _ in range(2):
+        model = tiny_bert(tokenizer)
+        before = copy.deepcopy(model.state_dict())
+        out, heads, hist = dy.train_exits(model, tokenizer, small["train"], small["val"], cfg, seed=7, device="cpu")
+        runs.append(heads.state_dict())
+        assert any(not torch.equal(before[k], v) for k, v in out.state_dict().items())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_exit_weights_and_config_validation():
+    assert dy.exit_weights(4).tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert dy.exit_weights(4, "uniform").tolist() == pytest.approx([0.25] * 4)
+    with pytest.raises(dy.DynamicError, match="mode"):
+        dy.ExitTrainConfig(mode="both").validate()
+    with pytest.raises(dy.DynamicError, match="weighting"):
+        dy.exit_weights(3, "quadratic")
+
+
+def test_exit_model_is_cached_and_keyed_by_seed(tokenizer, splits, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path))
+    model = tiny_bert(tokenizer)
+    cfg = dy.ExitTrainConfig(mode="joint", epochs=1, lr=1e-3, batch_size=32, max_length=32)
+    small = {k: v.head(32) for k, v in splits.items()}
+    m1, h1, rec = dy.exit_model(model, tokenizer, "base-x", small["train"], small["val"], cfg, seed=0, device="cpu")
+    assert rec["heads"]["n_blocks"] == N_BLOCKS and len(rec["history"]) == 1
+
+    def boom(*a, **k):
+        raise AssertionError("trained again although cached")
+
+    monkeypatch.setattr(dy, "train_exits", boom)
+    m2, h2, _ = dy.exit_model(model, tokenizer, "base-x", small["train"], small["val"], cfg, seed=0, device="cpu")
+    assert all(torch.equal(h1.state_dict()[k], h2.state_dict()[k]) for k in h1.state_dict())
+    assert all(torch.equal(m1.state_dict()[k], m2.state_dict()[k]) for k in m1.state_dict())
+    with pytest.raises(AssertionError, match="trained again"):
+        dy.exit_model(model, tokenizer, "base-x", small["train"], small["val"], cfg, seed=1, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------ complexity
+
+
+def test_complexity_features_by_hand():
+    train = ["good good movie", "bad bad movie", "good plot", "bad plot", "good fine", "bad awful"]
+    feats = dy.ComplexityFeatures(rare_max_count=1, polar_min_count=3, polar_min_logodds=0.5).fit(
+        train, [1, 0, 1, 0, 1, 0])
+    assert feats.polar == {"good": 1, "bad": 0}  # 4 occurrences each, all in one class; others too rare
+    x = dict(zip(dy.ComplexityFeatures.NAMES, feats.transform(["The good, bad movie was not fine!"])[0], strict=True))
+    # words: the good bad movie was not fine (7)
+    assert x["n_words"] == 7 and x["type_token_ratio"] == 1.0
+    assert x["rare_rate"] == pytest.approx(4 / 7)  # the, was, not unseen; fine seen once; good/bad/movie common
+    assert x["polar_rate"] == pytest.approx(2 / 7) and x["polar_conflict"] == pytest.approx(0.5)
+    assert x["negations"] == 1 and x["contrasts"] == 0 and x["exclaim_question"] == 1
+    assert x["content_share"] == pytest.approx(4 / 7)  # the, was, not are stop words
+    with pytest.raises(dy.DynamicError, match="not fitted"):
+        dy.ComplexityFeatures().transform(["x"])
+
+
+def test_complexity_predictor_learns_depth_from_length_and_plans_within_range():
+    rng = np.random.default_rng(0)
+    texts = [" ".join(["word"] * int(n)) for n in rng.integers(1, 20, 120)]
+    needed = np.clip(np.array([len(t.split()) for t in texts]) // 5 + 1, 1, 4)
+    feats = dy.ComplexityFeatures().fit(texts, np.zeros(len(texts), int))
+    pred = dy.ComplexityPredictor(feats, 4, seed=0)
+    oof = pred.out_of_fold(texts, needed)
+    assert np.corrcoef(oof, needed)[0, 1] > 0.9
+    pred.fit(texts, needed)
+    assert pred.plan(np.array([0.2, 2.0, 3.6, 9.0]), 0.0).tolist() == [1, 2, 4, 4]
+    assert pred.plan(np.array([2.0]), -5).tolist() == [1]
+    pol = pred.policy(["word", " ".join(["word"] * 19)], -0.5)
+    assert pol.name == "complexity" and pol.depths.tolist() == [1, 4]
+    assert dy.complexity_overhead(pred, texts[:3], repeats=1).shape == (3,)
+    with pytest.raises(dy.DynamicError, match="one depth in 1..4"):
+        pred.fit(texts, needed + 4)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_analyse_and_latency_study_tables(tokenizer, splits):
+    model = tiny_bert(tokenizer)
+    heads = dy.ExitHeads.from_model(model).eval()
+    res = dy.analyse(model, heads, tokenizer, splits, seed=0, base_model=model, targets=(0.5, 1.0), max_length=32,
+                     device="cpu")
+    assert set(res["exits"]["depth"]) == set(range(1, N_BLOCKS + 1))
+    assert set(res["sweep"]["policy"]) == set(dy.POLICIES)
+    b = res["budget"]
+    assert len(b) == 2 * len(dy.ONLINE_POLICIES)
+    met = b[b["met_on_val"]]
+    assert (met["val_depth"] <= met["target_depth"] + 1e-9).all()
+    # the untrained last exit is the model, so "full" accuracy is the last exit's
+    assert np.allclose(b["full_acc"], b["last_exit_acc"])
+    c = res["correct"]
+    both = c[(c["target_frac"] == 0.5) & (c["policy"] == "entropy")]
+    assert both["dynamic"].mean() == pytest.approx(float(b[(b["target_frac"] == 0.5) & (b["policy"] == "entropy")]
+                                                        ["test_acc"].iloc[0]))
+    lat = dy.latency_study(model, heads, tokenizer, res, splits["test"]["text"].tolist()[:8],
+                           splits["val"]["text"].tolist()[:4], 0, batch_sizes=(1, 4), repeats=1, max_length=32,
+                           device="cpu")
+    assert list(lat["profile"]["depth"]) == list(range(1, N_BLOCKS + 1))
+    assert (lat["profile"]["probed_ms"] >= lat["profile"]["planned_ms"] - 1e-9).all()
+    assert (lat["latency"]["ms_per_example"] > 0).all()
+    assert set(lat["latency_budget"]["policy"]) == set(dy.ONLINE_POLICIES)
+    assert len(lat["overhead"]) == 8
+    with pytest.raises(dy.DynamicError, match="target_frac"):
+        dy.latency_study(model, heads, tokenizer, res, ["x"], ["y"], 0, target_frac=0.25)
