@@ -593,8 +593,13 @@ def paired_tests(df: pd.DataFrame, value: str, reference: str, by: Sequence[str]
 
 
 def tests_table(tests: Sequence[stats.TestResult]) -> pd.DataFrame:
-    """A tidy frame of test records (one row per test, extras as columns)."""
-    return pd.DataFrame([t.as_dict() for t in tests])
+    """A tidy frame of test records (one row per test, extras as columns; the standard columns even when
+    there are no tests, e.g. with a single seed)."""
+    cols = ["name", "statistic", "p_value", "p_holm", "effect_size", "effect_name", "n", "alternative", "strategy",
+            "reference", "n_kept", "mean_a", "mean_b", "prob_improvement", "prob_improvement_ci_low",
+            "prob_improvement_ci_high"]
+    df = pd.DataFrame([t.as_dict() for t in tests])
+    return df.reindex(columns=list(dict.fromkeys(cols + list(df.columns))))
 
 
 def nearest_ratio(claim: float, ratios: Sequence[float]) -> float:
@@ -901,9 +906,10 @@ SENTIMENT_ANSWERS = ("negative", "positive")  # label 0, label 1
 
 def sentiment_prompts(tokenizer: Any, texts: Sequence[str], style: str = "plain") -> list[str]:
     """Zero-shot prompts asking for the review's sentiment: ``"plain"`` (a short completion prompt) or
-    ``"chat"`` (the tokenizer's chat template, with the assistant turn opened)."""
+    ``"chat"`` (the tokenizer's chat template, with the assistant turn opened). On SmolLM2-135M-Instruct a
+    "Question: ... Answer:" wording answered "negative" for almost every snippet; these two did not."""
     if style == "plain":
-        return [f"Review: {t}\nQuestion: is this review positive or negative?\nAnswer:" for t in texts]
+        return [f"Review: {t}\nSentiment (positive or negative):" for t in texts]
     if style == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise CompressError("this tokenizer has no chat template; use style='plain'.")
@@ -927,13 +933,14 @@ def answer_tokens(tokenizer: Any, words: Sequence[str] = SENTIMENT_ANSWERS) -> l
 
 def evaluate_lm_keeps(model: torch.nn.Module, keeps: Iterable[Iterable[int]], lm_data: Encoded,
                       prompt_data: Encoded | None = None, answers: Sequence[Sequence[int]] | None = None,
+                      prompt_keeps: Iterable[Iterable[int]] | None = None,
                       device: str | torch.device = "auto") -> pd.DataFrame:
     """Per-example results of a causal LM with only blocks ``keep``, for every ``keep``.
 
     Long table: ``keep, n_kept, metric, example, value`` with metric ``nll`` (mean next-token loss of each
     text in ``lm_data``, nats) and, with ``prompt_data`` (labels = true answer index) and ``answers``,
-    ``correct`` (1 if the answer with the higher log-probability is the true one). The full stack is
-    always included.
+    ``correct`` (1 if the answer with the higher log-probability is the true one) for the subsets in
+    ``prompt_keeps`` (default: all of ``keeps``). The full stack is always included.
     """
     n = layers.num_blocks(model)
     todo = sorted({_as_keep(k, n) for k in keeps} | {tuple(range(n))})
@@ -946,7 +953,8 @@ def evaluate_lm_keeps(model: torch.nn.Module, keeps: Iterable[Iterable[int]], lm
         labels = _labels(prompt_data)
         if labels is None or answers is None:
             raise CompressError("prompt_data needs labels (the true answer index) and answers= token ids.")
-        scores = subset_outputs(model, prompt_data, todo, choice_readout(answers), device, desc="prompts")
+        asked = todo if prompt_keeps is None else sorted({_as_keep(k, n) for k in prompt_keeps} | {tuple(range(n))})
+        scores = subset_outputs(model, prompt_data, asked, choice_readout(answers), device, desc="prompts")
         for keep, v in scores.items():
             correct = (v.argmax(1) == labels).astype(float)
             frames.append(pd.DataFrame({"keep": [keep] * len(v), "metric": "correct",
@@ -1082,13 +1090,15 @@ def save_best(models: Mapping[str, tuple[torch.nn.Module, Any, Mapping[str, Any]
 def study_lm(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], labels: Sequence[int],
              calib_texts: Sequence[str], ks: Sequence[int], *, seed: int, key: Mapping[str, Any],
              methods: Sequence[str] = (), n_random: int = 20, strategies: Sequence[str] = STRATEGIES,
-             prompt_style: str = "plain", max_length: int = 64, batch_size: int = 8,
+             prompt_style: str = "plain", random_prompts: bool = True, max_length: int = 64, batch_size: int = 8,
              device: str | torch.device = "auto") -> dict[str, Any]:
     """Every strategy's choice at every size ``ks`` for a causal LM, evaluated per example on the language-model
     loss of ``texts`` and on a zero-shot sentiment question about them (``labels``: 0 negative, 1 positive).
 
-    Selection looks only at ``calib_texts`` (greedy minimises their LM loss). Picks and per-example results
-    are cached under ``key``. Returns ``picks``, ``examples`` (one row per strategy, size, draw, metric and
+    Selection looks only at ``calib_texts`` (greedy minimises their LM loss). With ``random_prompts=False``
+    the random draws are scored on the LM loss only (the prompted question, with its longer inputs, is asked
+    of the other strategies), which roughly halves the cost of the null on a CPU. Picks and per-example
+    results are cached under ``key``. Returns ``picks``, ``examples`` (one row per strategy, size, draw, metric and
     example), ``scores``, ``greedy`` and ``angular``.
     """
     from . import importance
@@ -1117,12 +1127,18 @@ def study_lm(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], label
         lm_data = encode(tokenizer, texts, batch_size=batch_size, max_length=max_length)
         prompts = encode(tokenizer, sentiment_prompts(tokenizer, texts, prompt_style), labels, batch_size=batch_size,
                          max_length=max_length + 48)
-        return _records(evaluate_lm_keeps(model, picks["keep"], lm_data, prompts, answer_tokens(tokenizer), device))
+        asked = picks["keep"] if random_prompts else picks.loc[picks["strategy"] != "random", "keep"]
+        return _records(evaluate_lm_keeps(model, picks["keep"], lm_data, prompts, answer_tokens(tokenizer),
+                                          prompt_keeps=asked, device=device))
 
     ev_spec = {"key": dict(key), "texts": texts, "labels": labels.tolist(), "keeps": sorted(map(list, set(picks["keep"]))),
-               "prompt_style": prompt_style, "max_length": max_length, "code": STUDY_CODE_VERSION}
+               "prompt": sentiment_prompts(tokenizer, ["{text}"], prompt_style)[0], "answers": answer_tokens(tokenizer),
+               "random_prompts": random_prompts, "max_length": max_length,
+               "code": STUDY_CODE_VERSION}
     per_keep = _frame(cached_json("lm_subset_eval", ev_spec, run))
-    examples = picks.merge(per_keep.drop(columns=["n_kept"]), on="keep", how="left")
+    examples = picks.merge(per_keep.drop(columns=["n_kept"]), on="keep", how="inner")
+    if not random_prompts:  # a random subset that another strategy also picked was asked the question: drop it
+        examples = examples[(examples["strategy"] != "random") | (examples["metric"] == "nll")]
     full = per_keep[per_keep["n_kept"] == layers.num_blocks(model)].assign(strategy="full", draw=-1)
     return {"picks": picks, "examples": pd.concat([examples, full], ignore_index=True), "scores": scores,
             "greedy": pd.DataFrame(cached.get("greedy", [])), "angular": pd.DataFrame(cached.get("angular", []))}

@@ -4,8 +4,10 @@ An encoder classifier runs every input through all of its blocks, although many 
 decided after a few. This module attaches an *exit classifier* after every block and asks when an input
 may leave early:
 
-- ``ExitHeads``: one pooler-style head per block ([CLS] → dense → tanh → dropout → linear), each
-  initialised from the model's own pooler and classifier, so the last exit starts as the model itself.
+- ``ExitHeads``: one pooler-style head per block (pooled block output → dense → tanh → dropout →
+  linear), each initialised from the model's own pooler and classifier. They read the mean of the
+  tokens by default (``pool``): in a sentence encoder trained with mean pooling such as MiniLM, the
+  [CLS] state of the early blocks hardly varies between inputs (``state_spread`` measures it).
 - ``train_exits``: ``mode="joint"`` trains backbone and heads together on a depth-weighted loss (weights
   growing with depth, as PABEE's weighted average, Zhou et al. 2020); ``mode="frozen"`` trains only the
   heads on a frozen backbone (DeeBERT's second stage, Xin et al. 2020). ``exit_model`` caches the result.
@@ -54,7 +56,7 @@ from .device import pick, progress, seed_everything
 from .errors import LayerwiseError
 
 #: Bump when exit-head training changes in a way that changes weights (invalidates cached heads).
-EXITS_CODE_VERSION = 1
+EXITS_CODE_VERSION = 2
 #: Policies whose decision is made online, from the input or the exits seen so far.
 ONLINE_POLICIES = ("entropy", "confidence", "patience", "complexity")
 #: Everything ``analyse`` compares: the online policies, static truncation and the oracle bound.
@@ -113,7 +115,7 @@ def _check_encoder(model: nn.Module) -> int:
     """The model's number of labels; a clear error for decoders, regression heads and unknown families."""
     fam = layers.family(model)
     if fam not in ("bert", "mpnet"):
-        raise DynamicError(f"exit heads read the [CLS] state of an encoder; {fam!r} is a decoder. Use a BERT or "
+        raise DynamicError(f"exit heads read the pooled states of an encoder; {fam!r} is a decoder. Use a BERT or "
                            "MPNet sequence classifier (e.g. train.baseline('minilm', seed)).")
     num_labels = int(getattr(model.config, "num_labels", 0))
     if num_labels < 2:
@@ -122,19 +124,41 @@ def _check_encoder(model: nn.Module) -> int:
     return num_labels
 
 
-class ExitHeads(nn.Module):
-    """One classifier per block on the [CLS] state: dense → tanh → dropout → linear (BERT's pooler + head).
+POOLINGS = ("mean", "cls")
 
-    ``heads(cls_stack)`` maps (batch, blocks, hidden) to (batch, blocks, labels); ``head(k, cls)`` is exit
-    ``k`` (0-based block index) alone, which real early exit uses.
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str = "mean") -> torch.Tensor:
+    """One vector per input from a block's token states (batch, seq, hidden): the masked mean of the
+    tokens (``mean``) or the first, [CLS], token (``cls``)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling != "mean":
+        raise DynamicError(f"pooling={pooling!r} unknown; choose from {POOLINGS}.")
+    if attention_mask is None:
+        return hidden.mean(1)
+    m = attention_mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class ExitHeads(nn.Module):
+    """One classifier per block on the pooled block output: dense → tanh → dropout → linear (the shape of
+    BERT's pooler + classification head).
+
+    ``pooling`` says what the heads read: ``mean`` (the masked mean of the tokens, the pooling MiniLM was
+    trained with) or ``cls`` (the [CLS] token, like BERT's own head). ``heads(states)`` maps pooled states
+    (batch, blocks, hidden) to logits (batch, blocks, labels); ``head(k, x)`` is exit ``k`` (0-based
+    block index) alone and ``pool(hidden, mask)`` pools one block's output, which real early exit uses.
     """
 
-    def __init__(self, n_blocks: int, hidden: int, num_labels: int, dropout: float = 0.1):
+    def __init__(self, n_blocks: int, hidden: int, num_labels: int, dropout: float = 0.1, pooling: str = "mean"):
         super().__init__()
-        if n_blocks < 1 or hidden < 1 or num_labels < 2 or not 0 <= dropout < 1:
+        if n_blocks < 1 or hidden < 1 or num_labels < 2 or not 0 <= dropout < 1 or pooling not in POOLINGS:
             raise DynamicError(f"ExitHeads(n_blocks={n_blocks}, hidden={hidden}, num_labels={num_labels}, "
-                               f"dropout={dropout}) needs >= 1 block, hidden >= 1, >= 2 labels, 0 <= dropout < 1.")
-        self.spec = {"n_blocks": n_blocks, "hidden": hidden, "num_labels": num_labels, "dropout": dropout}
+                               f"dropout={dropout}, pooling={pooling!r}) needs >= 1 block, hidden >= 1, >= 2 labels, "
+                               f"0 <= dropout < 1 and pooling in {POOLINGS}.")
+        self.spec = {"n_blocks": n_blocks, "hidden": hidden, "num_labels": num_labels, "dropout": dropout,
+                     "pooling": pooling}
+        self.pooling = pooling
         self.dense = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(n_blocks))
         self.out = nn.ModuleList(nn.Linear(hidden, num_labels) for _ in range(n_blocks))
         self.dropout = nn.Dropout(dropout)
@@ -143,22 +167,26 @@ class ExitHeads(nn.Module):
     def n_blocks(self) -> int:
         return len(self.dense)
 
-    def head(self, k: int, cls: torch.Tensor) -> torch.Tensor:
-        """Logits of exit ``k`` for [CLS] states ``cls`` (batch, hidden)."""
-        return self.out[k](self.dropout(torch.tanh(self.dense[k](cls))))
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The vector exit heads read from one block's output (see :func:`pool`)."""
+        return pool(hidden, attention_mask, self.pooling)
 
-    def forward(self, cls_stack: torch.Tensor) -> torch.Tensor:
-        if cls_stack.ndim != 3 or cls_stack.shape[1] != self.n_blocks:
-            raise DynamicError(f"expected [CLS] states of shape (batch, {self.n_blocks}, hidden), got "
-                               f"{tuple(cls_stack.shape)}; build them with cls_states(model, batch).")
-        return torch.stack([self.head(k, cls_stack[:, k]) for k in range(self.n_blocks)], 1)
+    def head(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Logits of exit ``k`` for pooled states ``x`` (batch, hidden)."""
+        return self.out[k](self.dropout(torch.tanh(self.dense[k](x))))
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        if states.ndim != 3 or states.shape[1] != self.n_blocks:
+            raise DynamicError(f"expected pooled states of shape (batch, {self.n_blocks}, hidden), got "
+                               f"{tuple(states.shape)}; build them with pooled_states(model, batch, pooling).")
+        return torch.stack([self.head(k, states[:, k]) for k in range(self.n_blocks)], 1)
 
     @classmethod
-    def from_model(cls, model: nn.Module, seed: int = 0) -> ExitHeads:
+    def from_model(cls, model: nn.Module, seed: int = 0, pooling: str = "mean") -> ExitHeads:
         """Heads for every block of ``model``, each a copy of its pooler + classifier when it has them (BERT).
 
-        Starting every exit from the trained head makes the last exit equal the model (in eval mode) and
-        gives the earlier exits a sensible start; models without a pooler get a seeded random init.
+        Starting every exit from the trained head gives the exits a sensible start; with ``pooling="cls"``
+        the last exit then equals the model (in eval mode). Models without a pooler get a seeded random init.
         """
         num_labels = _check_encoder(model)
         cfg = model.config
@@ -166,7 +194,7 @@ class ExitHeads(nn.Module):
             else cfg.hidden_dropout_prob
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            heads = cls(layers.num_blocks(model), cfg.hidden_size, num_labels, float(dropout))
+            heads = cls(layers.num_blocks(model), cfg.hidden_size, num_labels, float(dropout), pooling)
         pooler = getattr(model.base_model, "pooler", None)
         classifier = getattr(model, "classifier", None)
         if layers.family(model) == "bert" and pooler is not None and isinstance(classifier, nn.Linear):
@@ -176,10 +204,28 @@ class ExitHeads(nn.Module):
         return heads.to(next(model.parameters()).device)
 
 
-def cls_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[CLS] hidden state after every block, (batch, blocks, hidden), from one forward pass."""
+def pooled_states(model: nn.Module, batch: dict[str, torch.Tensor], pooling: str = "mean") -> torch.Tensor:
+    """Pooled output of every block, (batch, blocks, hidden), from one forward pass."""
     outs = layers.run_blocks(model, batch, return_all=True)
-    return torch.stack([h[:, 0] for h in outs], 1)
+    mask = batch.get("attention_mask")
+    return torch.stack([pool(h, mask, pooling) for h in outs], 1)
+
+
+@torch.no_grad()
+def state_spread(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int = 128,
+                 device: str | torch.device = "auto") -> pd.DataFrame:
+    """How much each block's pooled output varies across inputs, per pooling: the mean over dimensions of
+    the standard deviation across ``texts``, divided by the mean vector norm. Near 0 means the vector
+    is nearly the same for every input, so no head can read the input from it."""
+    dev = pick(device)
+    model.eval().to(dev)
+    rows = []
+    for pooling in POOLINGS:
+        x = _features(model, tokenizer, list(texts), 64, max_length, dev, pooling)
+        for k in range(x.shape[1]):
+            rows.append({"pooling": pooling, "depth": k + 1,
+                         "relative_spread": float(x[:, k].std(0).mean() / x[:, k].norm(dim=-1).mean())})
+    return pd.DataFrame(rows)
 
 
 def exit_weights(n_blocks: int, weighting: str = "linear") -> torch.Tensor:
@@ -205,6 +251,7 @@ class ExitTrainConfig:
     (heads only). ``lr`` is the backbone's learning rate (joint only), ``head_lr`` the heads'."""
 
     mode: str = "joint"
+    pooling: str = "mean"
     epochs: int = 2
     lr: float = 2.5e-5
     head_lr: float = 1e-3
@@ -223,6 +270,8 @@ class ExitTrainConfig:
                                "(heads only).")
         if self.weighting not in WEIGHTINGS:
             raise DynamicError(f"weighting={self.weighting!r} unknown; choose from {WEIGHTINGS}.")
+        if self.pooling not in POOLINGS:
+            raise DynamicError(f"pooling={self.pooling!r} unknown; choose from {POOLINGS}.")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.head_lr <= 0 or self.max_length < 8 \
                 or self.patience < 1:
             raise DynamicError(f"invalid ExitTrainConfig {self}: need epochs >= 1, batch_size >= 1, lr > 0, "
@@ -231,13 +280,13 @@ class ExitTrainConfig:
 
 @torch.no_grad()
 def _features(model: nn.Module, tokenizer: Any, texts: list[str], batch_size: int, max_length: int,
-              dev: torch.device) -> torch.Tensor:
-    """[CLS] states of every block for ``texts`` (n, blocks, hidden), in the original order (eval mode)."""
+              dev: torch.device, pooling: str = "mean") -> torch.Tensor:
+    """Pooled states of every block for ``texts`` (n, blocks, hidden), in the original order (eval mode)."""
     model.eval()
     out = torch.empty(len(texts), layers.num_blocks(model), model.config.hidden_size)
     for idx in _batch_plan(_lengths(tokenizer, texts, max_length), batch_size):
         batch = {k: v.to(dev) for k, v in _encode(tokenizer, [texts[i] for i in idx], max_length).items()}
-        out[torch.as_tensor(idx)] = cls_states(model, batch).float().cpu()
+        out[torch.as_tensor(idx)] = pooled_states(model, batch, pooling).float().cpu()
     return out
 
 
@@ -254,8 +303,8 @@ def _history_row(epoch: int, train_loss: float, val_logits: torch.Tensor, val_y:
 
 def _train_frozen(model, heads, tokenizer, train_df, val_df, cfg, seed, dev, weights):
     start = time.time()
-    x_tr = _features(model, tokenizer, train_df["text"].tolist(), 64, cfg.max_length, dev)
-    x_va = _features(model, tokenizer, val_df["text"].tolist(), 64, cfg.max_length, dev)
+    x_tr = _features(model, tokenizer, train_df["text"].tolist(), 64, cfg.max_length, dev, cfg.pooling)
+    x_va = _features(model, tokenizer, val_df["text"].tolist(), 64, cfg.max_length, dev, cfg.pooling)
     y_tr = torch.tensor(train_df["label"].to_numpy(), dtype=torch.long)
     y_va = torch.tensor(val_df["label"].to_numpy(), dtype=torch.long)
     heads.cpu()
@@ -310,7 +359,7 @@ def _train_joint(model, heads, tokenizer, train_df, val_df, cfg, seed, dev, weig
         losses = []
         for idx in _batch_plan(lengths, cfg.batch_size, seed=seed * 1000 + epoch):
             batch = {k: v.to(dev) for k, v in _encode(tokenizer, [texts[i] for i in idx], cfg.max_length).items()}
-            loss = _weighted_loss(heads(cls_states(model, batch)), y_all[idx].to(dev), weights)
+            loss = _weighted_loss(heads(pooled_states(model, batch, cfg.pooling)), y_all[idx].to(dev), weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p, _, _ in params], cfg.grad_clip)
@@ -320,7 +369,8 @@ def _train_joint(model, heads, tokenizer, train_df, val_df, cfg, seed, dev, weig
             bar.update(1)
         heads.eval()
         with torch.no_grad():
-            val_logits = heads(_features(model, tokenizer, val_texts, 64, cfg.max_length, dev).to(dev)).cpu()
+            feats = _features(model, tokenizer, val_texts, 64, cfg.max_length, dev, cfg.pooling)
+            val_logits = heads(feats.to(dev)).cpu()
         rows.append(_history_row(epoch + 1, float(np.mean(losses)), val_logits, y_va, weights, start))
         if rows[-1]["val_loss"] < best - 1e-6:
             best, bad, state = rows[-1]["val_loss"], 0, _snapshot(model, heads)
@@ -354,7 +404,7 @@ def train_exits(model: nn.Module, tokenizer: Any, train_df: pd.DataFrame, val_df
     dev = pick(device)
     seed_everything(seed)
     model.to(dev)
-    heads = ExitHeads.from_model(model, seed).to(dev)
+    heads = ExitHeads.from_model(model, seed, cfg.pooling).to(dev)
     weights = exit_weights(heads.n_blocks, cfg.weighting)
     if cfg.mode == "frozen":
         return _train_frozen(model, heads, tokenizer, train_df, val_df, cfg, seed, dev, weights)
@@ -370,7 +420,7 @@ def predict_exits(model: nn.Module, heads: ExitHeads, tokenizer: Any, texts: Seq
     dev = pick(device)
     model.eval().to(dev)
     heads.eval().to(dev)
-    feats = _features(model, tokenizer, list(texts), batch_size, max_length, dev)
+    feats = _features(model, tokenizer, list(texts), batch_size, max_length, dev, heads.pooling)
     return torch.cat([heads(f.to(dev)).float().cpu() for f in feats.split(512)]).numpy()
 
 
@@ -421,11 +471,12 @@ def exit_model(model: nn.Module, tokenizer: Any, base_key: str, train_df: pd.Dat
 
 
 def default_exit_config(name: str, mode: str = "joint", tiny: bool = False, epochs: int | None = None,
-                        lr_factor: float = 0.5, head_lr: float = 1e-3, weighting: str = "linear") -> ExitTrainConfig:
+                        lr_factor: float = 0.5, head_lr: float = 1e-3, weighting: str = "linear",
+                        pooling: str = "mean") -> ExitTrainConfig:
     """Exit-head training for a standard model: backbone lr = ``lr_factor`` × the baseline's fine-tuning lr.
 
     ``epochs`` defaults to 2 for joint training (continuing from the fine-tuned model) and 30 for frozen
-    (heads alone on cached [CLS] states, cheap); smoke (``tiny``) uses 1 and 5.
+    (heads alone on cached pooled states, cheap); smoke (``tiny``) uses 1 and 5.
     """
     from . import train
 
@@ -435,8 +486,9 @@ def default_exit_config(name: str, mode: str = "joint", tiny: bool = False, epoc
     if epochs is None:
         epochs = (1 if mode == "joint" else 5) if tiny else (2 if mode == "joint" else 30)
     patience = 2 if mode == "joint" else 3
-    cfg = ExitTrainConfig(mode=mode, epochs=epochs, lr=lr_factor * base.lr, head_lr=head_lr, weighting=weighting,
-                          batch_size=base.batch_size, max_length=base.max_length, patience=patience)
+    cfg = ExitTrainConfig(mode=mode, pooling=pooling, epochs=epochs, lr=lr_factor * base.lr, head_lr=head_lr,
+                          weighting=weighting, batch_size=base.batch_size, max_length=base.max_length,
+                          patience=patience)
     cfg.validate()
     return cfg
 
@@ -893,17 +945,21 @@ def early_exit_forward(model: nn.Module, heads: ExitHeads, batch: dict[str, torc
     policy.start(n)
     for k in range(n_blocks):
         hidden = layers.block_forward(model, k, hidden, mask)
-        cls = hidden[:, 0] if shrink else hidden[torch.as_tensor(rows, device=dev), 0]
+        if shrink:
+            x = heads.pool(hidden, mask)
+        else:
+            sel_rows = torch.as_tensor(rows, device=dev)
+            x = heads.pool(hidden[sel_rows], mask[sel_rows])
         if k == n_blocks - 1:
             ex = np.ones(len(active), bool)
-            leaving = heads.head(k, cls)
+            leaving = heads.head(k, x)
         elif policy.needs_probs:
-            logits = heads.head(k, cls)
+            logits = heads.head(k, x)
             ex = np.asarray(policy.step(k, torch.softmax(logits.float(), -1).cpu().numpy(), active), bool)
             leaving = logits[torch.as_tensor(ex, device=dev)]
         else:
             ex = np.asarray(policy.step(k, None, active), bool)
-            leaving = heads.head(k, cls[torch.as_tensor(ex, device=dev)]) if ex.any() else None
+            leaving = heads.head(k, x[torch.as_tensor(ex, device=dev)]) if ex.any() else None
         if ex.any():
             out[active[ex]] = leaving.float().cpu().numpy()
             depth[active[ex]] = k + 1
@@ -995,7 +1051,7 @@ def depth_profile(model: nn.Module, heads: ExitHeads, tokenizer: Any, texts: Seq
             hidden = layers.block_forward(model, k, hidden, batch["attention_mask"])
             t1 = timer.now()
             row_b.append((t1 - t0) * 1000 - spent)
-            heads.head(k, hidden[:, 0])
+            heads.head(k, heads.pool(hidden, batch["attention_mask"]))
             row_h.append((timer.now() - t1) * 1000)
             spent += row_h[-1]
         if i > 0:
@@ -1029,7 +1085,8 @@ def _static_table(model, heads, tokenizer, splits, probs, search, batch_size, ma
         for idx in _batch_plan(_lengths(tokenizer, texts, max_length), batch_size):
             batch = {k: v.to(dev) for k, v in _encode(tokenizer, [texts[i] for i in idx], max_length).items()}
             hidden = layers.run_blocks(model, batch, skip=skip)
-            out[idx] = (heads.head(n_blocks - 1, hidden[:, 0]).argmax(-1).cpu().numpy() == df["label"].to_numpy()[idx])
+            logits = heads.head(n_blocks - 1, heads.pool(hidden, batch["attention_mask"]))
+            out[idx] = logits.argmax(-1).cpu().numpy() == df["label"].to_numpy()[idx]
         return out
 
     full_val = correct["val"][:, -1].mean()

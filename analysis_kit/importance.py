@@ -20,8 +20,8 @@ method-specific columns and its cost (``seconds``, ``n_forward``, ``n_backward``
                    rewrites); also output norm and variance.
 ``mutual_info``    information the block adds about the target: CE(probe on block input) - CE(probe on block
                    output), a difference of variational lower bounds I(Y; Z) >= H(Y) - CE. Classifiers: 5-fold
-                   cross-validated logistic probe (C = 0.1) on PCA-reduced (16) mean-pooled states. LMs: the model's own final
-                   norm + LM head on every layer (logit lens), which needs no fitting.
+                   cross-validated logistic probe (C = 0.1) on PCA-reduced (16) mean-pooled states. LMs: the
+                   model's own final norm + LM head on every layer (logit lens), which needs no fitting.
 ``conductance``    captum Layer Conductance, from the embedding output, of the predicted class's probability (LM:
                    the text's mean token log-likelihood) through the block's *update* (output - input): |sum of
                    the update's conductance|, averaged over examples. The block output is presented to captum as
@@ -459,16 +459,19 @@ class _Grads:
     out_norm: np.ndarray  # (N, L) gradient norm w.r.t. each block's output
     batch: np.ndarray  # (N,) batch index of each example
     seconds: float
+    trace: Trace | None = None  # the same forward pass as a Trace, when asked for (keep_trace)
 
 
-def _grad_pass(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> _Grads:
+def _grad_pass(model: nn.Module, batches: list[dict[str, torch.Tensor]], keep_trace: bool = False) -> _Grads:
     """Per-example gradients of the loss w.r.t. every block's parameters and output, in one batched pass.
 
     Each example's loss is its mean negative log-likelihood (LM: per valid token), so the gradient of the
     batch's summed loss w.r.t. a parameter is, example by example, the per-example gradient. Hooks read each
     parameterised module's input and output gradient and compute per-example squared norms of its parameter
     gradients exactly (Linear: ||sum_t g_t x_t^T||^2; norms: the elementwise rule); the ordinary parameter
-    gradients are never formed. Padding positions get zero gradient and so contribute nothing.
+    gradients are never formed. Padding positions get zero gradient and so contribute nothing. With
+    ``keep_trace`` the block boundaries of the same forward pass are kept as a :class:`Trace`, so the methods
+    that need one get it without a second forward pass.
     """
     task = task_of(model)
     model.eval()
@@ -476,7 +479,7 @@ def _grad_pass(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> _Gra
     n_layers = len(blocks)
     modules = [_param_modules(block) for block in blocks]
     start = time.perf_counter()
-    sq_rows, out_rows, batch_idx = [], [], []
+    sq_rows, out_rows, batch_idx, hidden, scores = [], [], [], [], []
     for j, batch in enumerate(batches):
         size = batch["input_ids"].shape[0]
         keep = batch["attention_mask"].bool()
@@ -508,16 +511,24 @@ def _grad_pass(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> _Gra
                         lambda m, a, o, layer=layer, kind=kind: hook(m, a, o, layer, kind)))
             h0 = layers.embed(model, batch).detach().requires_grad_(True)
             outs = layers.run_blocks(model, batch, hidden=h0, return_all=True)
-            nll, _, units = _example_scores(task, _head(model, outs[-1], batch), batch)
+            nll, correct, units = _example_scores(task, _head(model, outs[-1], batch), batch)
             grads = torch.autograd.grad((nll / units).sum(), [h0, *outs])
+            if keep_trace:
+                hidden.append([h.detach() for h in (h0, *outs)])
+                scores.append((nll.detach(), correct, units))
         finally:
             for handle in handles:
                 handle.remove()
         sq_rows.append(acc.cpu().numpy())
         out_rows.append(torch.stack([g.float().flatten(1).norm(dim=1) for g in grads[1:]], 1).detach().cpu().numpy())
         batch_idx.append(np.full(size, j))
+    seconds = time.perf_counter() - start
+    tr = None
+    if keep_trace:
+        nll, correct, units = (torch.cat(x).cpu().numpy().astype(np.float64) for x in zip(*scores, strict=True))
+        tr = Trace(task, batches, hidden, nll, correct, units, 0.0)  # its cost is inside this pass
     return _Grads(np.concatenate(sq_rows), np.concatenate(out_rows).astype(np.float64), np.concatenate(batch_idx),
-                  time.perf_counter() - start)
+                  seconds, tr)
 
 
 def _block_param_counts(model: nn.Module) -> list[int]:
@@ -919,8 +930,11 @@ class _Shared:
     grads: _Grads | None = None
     used: dict[str, float] = field(default_factory=dict)
     spent: float = 0.0
+    want_grads: bool = False  # the gradient pass will run anyway: take the trace from it
 
     def get_trace(self) -> Trace:
+        if self.trace is None and self.want_grads:
+            self.get_grads()
         if self.trace is None:
             self.trace = trace(self.model, self.batches)
             self.spent += self.trace.seconds
@@ -929,8 +943,10 @@ class _Shared:
 
     def get_grads(self) -> _Grads:
         if self.grads is None:
-            self.grads = _grad_pass(self.model, self.batches)
+            self.grads = _grad_pass(self.model, self.batches, keep_trace=self.trace is None)
             self.spent += self.grads.seconds
+            if self.trace is None:
+                self.trace = self.grads.trace
         self.used.setdefault("gradients", self.grads.seconds)
         return self.grads
 
@@ -1024,8 +1040,10 @@ def compute_all(model: nn.Module, batches: Any, methods: Iterable[str] = METHODS
                 options: Mapping[str, Mapping[str, Any]] | None = None, trace: Trace | None = None) -> pd.DataFrame:
     """Every method in ``methods`` on the same batches, sharing the forward trace and the gradient pass.
 
-    ``options`` maps a method to its keyword options (see ``compute``); ``trace`` as in ``compute``. The cost
-    columns let ``cost_table`` count each shared pass once.
+    ``options`` maps a method to its keyword options (see ``compute``); ``trace`` as in ``compute``. Without a
+    trace, and with Fisher or gradient among the methods, the trace is taken from the gradient pass's own
+    forward pass (cost 0 s: the ``shared: trace`` row then shows 0). The cost columns let ``cost_table``
+    count each shared pass once.
     """
     methods = _check_methods(methods)
     options = dict(options or {})
@@ -1033,6 +1051,7 @@ def compute_all(model: nn.Module, batches: Any, methods: Iterable[str] = METHODS
     if unknown:
         raise ImportanceError(f"options given for {sorted(unknown)}, which are not among the methods {methods}.")
     shared = _shared(model, batches, trace)
+    shared.want_grads = bool({"fisher", "gradient"} & set(methods))
     return pd.concat([_run(m, shared, seed, dict(options.get(m, {}))) for m in methods], ignore_index=True)
 
 
@@ -1044,8 +1063,9 @@ def cost_table(scores: pd.DataFrame) -> pd.DataFrame:
     per = scores[cols].drop_duplicates(subset=keys + ["method"]).copy()
     per["standalone_seconds"] = per["seconds"] + per["shared_seconds"]
     shared = per[per["shared"] != ""].drop_duplicates(subset=keys + ["shared"])
+    derived = (shared["shared"] == "trace") & (shared["shared_seconds"] == 0.0)  # taken from the gradient pass
     extra = shared[keys].assign(method="shared: " + shared["shared"], seconds=shared["shared_seconds"].to_numpy(),
-                                shared="", shared_seconds=0.0, n_forward=1.0,
+                                shared="", shared_seconds=0.0, n_forward=np.where(derived, 0.0, 1.0),
                                 n_backward=(shared["shared"] == "gradients").astype(float).to_numpy(),
                                 standalone_seconds=shared["shared_seconds"].to_numpy())
     return pd.concat([per, extra], ignore_index=True)

@@ -21,11 +21,7 @@ import psutil
 import torch
 
 from .device import pick
-
-
-def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    """Number of (trainable) parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+from .models import count_parameters  # noqa: F401  (re-exported: one definition, tied weights once, 4-bit at logical size)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

@@ -67,9 +67,9 @@ class Param:
         return type(self.default).__name__
 
     def describe(self) -> str:
-        extra = f" range {self.lo}..{self.hi}" if self.lo is not None or self.hi is not None else ""
-        extra += f" choices {', '.join(self.choices)}" if self.choices else ""
-        return f"{self.name} ({self.type_name}, default {self.default!r}{extra}) {self.help}".rstrip()
+        """One line for ``analysis-kit list``: name, type, default and the help comment (which already
+        states any range or choices)."""
+        return f"{self.name} ({self.type_name}, default {self.default!r}) {self.help}".rstrip()
 
 
 def available() -> list[str]:
@@ -206,7 +206,8 @@ def _imports(source: str, package: str = "analysis_kit") -> set[str]:
 def _source_fingerprint(slug: str) -> str:
     """Hash of the package modules a notebook uses, followed transitively through their imports.
 
-    Editing a module re-runs exactly the notebooks that depend on it, not the whole book.
+    Editing a module's code re-runs exactly the notebooks that depend on it, not the whole book; editing
+    its comments or docstrings re-runs nothing (see ``code_digest``).
     """
     import nbformat
 
@@ -224,8 +225,27 @@ def _source_fingerprint(slug: str) -> str:
     h = hashlib.sha256()
     for mod in sorted(seen):
         h.update(mod.encode())
-        h.update((pkg / f"{mod}.py").read_bytes())
+        h.update(code_digest((pkg / f"{mod}.py").read_text()).encode())
     return h.hexdigest()
+
+
+def code_digest(source: str) -> str:
+    """Hash of what a module *does*: its syntax tree without docstrings (comments are not in the tree).
+
+    Editing a comment or a docstring, or re-wrapping lines, does not invalidate hours of executed notebooks;
+    any change to code does. A module that does not parse is hashed byte for byte.
+    """
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return hashlib.sha256(source.encode()).hexdigest()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
 
 
 def fingerprint(slug: str, profile: str, params: dict[str, Any]) -> str:
@@ -287,8 +307,11 @@ def run_one(slug: str, profile: str, overrides: dict[str, Any] | None = None, fo
     start = time.time()
     try:
         # progress: papermill's per-cell bar on the console; tqdm bars inside the notebook would only clutter
-        # the published page, so the kernel inherits LAYERWISE_PROGRESS=0
-        with _env(LAYERWISE_PROGRESS=os.environ.get("LAYERWISE_NOTEBOOK_PROGRESS", "0")):
+        # the published page, so the kernel inherits LAYERWISE_PROGRESS=0. Libraries that import tqdm.auto
+        # inside a kernel without ipywidgets warn "IProgress not found" on stderr; that line says nothing
+        # about the results, so the kernel ignores exactly that warning (all others are published).
+        warn = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), "ignore:IProgress not found"]))
+        with _env(LAYERWISE_PROGRESS=os.environ.get("LAYERWISE_NOTEBOOK_PROGRESS", "0"), PYTHONWARNINGS=warn):
             pm.execute_notebook(str(NOTEBOOKS / f"{slug}.ipynb"), str(partial), parameters=params,
                                 kernel_name="python3", cwd=str(NOTEBOOKS),
                                 progress_bar=os.environ.get("LAYERWISE_PROGRESS", "1") != "0", log_output=False)

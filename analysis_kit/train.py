@@ -113,7 +113,7 @@ def predict(model, tokenizer, texts: list[str], batch_size: int = 64, max_length
 def metrics_from_logits(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """Accuracy, macro-F1, loss and per-example arrays (probs, preds, correct, entropy)."""
     logits_t = torch.as_tensor(logits)
-    labels = np.asarray(labels)
+    labels = np.array(labels)  # a copy: pandas' copy-on-write arrays are read-only, which torch warns about
     if logits.shape[1] == 1:
         pred = logits[:, 0]
         mse = float(np.mean((pred - labels) ** 2))

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import word_tokenizer
 from scipy import stats as sps
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
-    BertTokenizerFast,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
@@ -25,21 +25,10 @@ from analysis_kit.compress import CompressError
 WORDS = ["good", "bad", "great", "awful", "the", "movie", "was", "not", "very", "fine", "phone", "battery"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tok")
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    return BertTokenizerFast(vocab_file=str(vocab))
+    return word_tokenizer(folder, WORDS)
 
 
 def texts(n: int, seed: int = 0) -> list[str]:
@@ -375,7 +364,7 @@ def test_best_configs_picks_highest_mean_validation():
 
 def test_sentiment_prompts_answers_and_lm_eval(tokenizer):
     prompts = compress.sentiment_prompts(tokenizer, ["good phone"])
-    assert "good phone" in prompts[0] and prompts[0].endswith("Answer:")
+    assert "good phone" in prompts[0] and prompts[0].endswith("(positive or negative):")
     with pytest.raises(CompressError, match="chat template"):
         compress.sentiment_prompts(tokenizer, ["x"], style="chat")
     ids = compress.answer_tokens(tokenizer, ("bad", "good"))

@@ -14,7 +14,8 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, LlamaConfig, LlamaForCausalLM
+from conftest import word_tokenizer
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from analysis_kit import cli, compress
 
@@ -52,14 +53,6 @@ LOADER = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run_loader(*jobs: tuple[str, str]) -> dict:
     """Load and run each (folder, kind) in one fresh process that never imports analysis_kit."""
     args = [f"{folder}:{kind}" for folder, kind in jobs]
@@ -74,8 +67,7 @@ def run_loader(*jobs: tuple[str, str]) -> dict:
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tok")
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    return BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    return word_tokenizer(folder, WORDS)
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,6 @@ from analysis_kit import depth, layers, measure, train
 from analysis_kit.depth import DepthError, TrainJob
 from analysis_kit.models import ModelSpec
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------------------ block selection
 
 

@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import word_tokenizer
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
-    BertTokenizerFast,
     LlamaConfig,
     LlamaForSequenceClassification,
 )
@@ -29,20 +29,10 @@ WORDS = ["good", "great", "fine", "bad", "awful", "the", "movie", "was", "not", 
 N_BLOCKS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning slows them 10-100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vocab")
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    return BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    return word_tokenizer(folder, WORDS)
 
 
 def tiny_bert(tokenizer, num_labels: int = 2, seed: int = 0) -> BertForSequenceClassification:
@@ -170,7 +160,7 @@ def test_bad_probability_shapes_are_named():
 
 def test_last_exit_equals_the_model_and_every_exit_equals_the_truncated_model(tokenizer):
     model = tiny_bert(tokenizer)
-    heads = dy.ExitHeads.from_model(model).eval()
+    heads = dy.ExitHeads.from_model(model, pooling="cls").eval()
     texts = ["the movie was good", "bad", "very very fine plot but not great"]
     logits = dy.predict_exits(model, heads, tokenizer, texts, batch_size=2, device="cpu")
     assert logits.shape == (3, N_BLOCKS, 2)
@@ -180,6 +170,24 @@ def test_last_exit_equals_the_model_and_every_exit_equals_the_truncated_model(to
         for k in range(N_BLOCKS):
             hidden = layers.run_blocks(model, batch, skip=set(range(k + 1, N_BLOCKS)))
             assert np.allclose(logits[:, k], heads.head(k, hidden[:, 0]).numpy(), atol=1e-5)
+    mean_heads = dy.ExitHeads.from_model(model, pooling="mean").eval()
+    logits = dy.predict_exits(model, mean_heads, tokenizer, texts, batch_size=2, device="cpu")
+    with torch.no_grad():
+        hidden = layers.run_blocks(model, batch, skip={3})  # exit 2 (0-based): blocks 0..2
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        mean = (hidden * mask).sum(1) / mask.sum(1)  # padding excluded, so batching cannot change it
+        assert np.allclose(logits[:, 2], mean_heads.head(2, mean).numpy(), atol=1e-5)
+
+
+def test_pool_by_hand_and_state_spread(tokenizer):
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
+    mask = torch.tensor([[1, 1, 0]])
+    assert dy.pool(hidden, mask, "mean").tolist() == [[2.0, 3.0]]
+    assert dy.pool(hidden, mask, "cls").tolist() == [[1.0, 2.0]]
+    with pytest.raises(dy.DynamicError, match="pooling"):
+        dy.pool(hidden, mask, "max")
+    spread = dy.state_spread(tiny_bert(tokenizer), tokenizer, toy_frame(6, 0)["text"].tolist(), device="cpu")
+    assert len(spread) == 2 * N_BLOCKS and (spread["relative_spread"] > 0).all()
 
 
 def test_exit_heads_refuse_decoders_and_regression(tokenizer):
@@ -223,7 +231,7 @@ def test_frozen_training_leaves_the_backbone_and_lowers_the_loss(tokenizer, spli
     cfg = dy.ExitTrainConfig(mode="frozen", epochs=15, head_lr=1e-2, batch_size=16, max_length=32, patience=15)
     untrained = dy.ExitHeads.from_model(model).eval()
     with torch.no_grad():
-        feats = dy._features(model, tokenizer, splits["val"]["text"].tolist(), 16, 32, torch.device("cpu"))
+        feats = dy._features(model, tokenizer, splits["val"]["text"].tolist(), 16, 32, torch.device("cpu"), "mean")
         loss0 = dy._weighted_loss(untrained(feats), torch.tensor(splits["val"]["label"].to_numpy()),
                                   dy.exit_weights(N_BLOCKS))
     out, heads, hist = dy.train_exits(model, tokenizer, splits["train"], splits["val"], cfg, seed=0, device="cpu")
@@ -315,7 +323,7 @@ def test_complexity_predictor_learns_depth_from_length_and_plans_within_range():
 
 def test_analyse_and_latency_study_tables(tokenizer, splits):
     model = tiny_bert(tokenizer)
-    heads = dy.ExitHeads.from_model(model).eval()
+    heads = dy.ExitHeads.from_model(model, pooling="cls").eval()
     res = dy.analyse(model, heads, tokenizer, splits, seed=0, base_model=model, targets=(0.5, 1.0), max_length=32,
                      device="cpu")
     assert set(res["exits"]["depth"]) == set(range(1, N_BLOCKS + 1))

@@ -21,15 +21,6 @@ from analysis_kit.heal import HealConfig, HealError
 VOCAB = 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def batches(n_batches: int = 4, size: int = 8, seq: int = 10, seed: int = 0, labels: bool = True):
     """Random token batches whose label is a learnable rule: does token 7 occur in the text?"""
     g = torch.Generator().manual_seed(seed)

@@ -28,15 +28,6 @@ from analysis_kit import layers
 VOCAB = 50
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded (and do not fight other processes for the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _bert(n_layers: int = 4, seed: int = 0, init: float = 0.2) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=n_layers, num_attention_heads=4,
@@ -285,7 +276,8 @@ def test_conductance_is_complete_on_tuple_returning_blocks():
 def test_conductance_and_mutual_info_run_on_a_causal_lm():
     model = _llama(2)
     batches = _lm_batches()
-    df = imp.compute_all(model, batches, methods=["conductance", "mutual_info"], options={"conductance": {"n_steps": 4}})
+    df = imp.compute_all(model, batches, methods=["conductance", "mutual_info"],
+                         options={"conductance": {"n_steps": 4}})
     assert np.isfinite(df["score"]).all()
     mi = df[df["method"] == "mutual_info"]
     assert mi["estimator"].iloc[0].startswith("logit lens")
@@ -359,6 +351,20 @@ def test_cost_table_counts_shared_passes_once():
                                               "shared: gradients", "shared: trace"])
     abl = cost.set_index("method").loc["ablation"]
     assert abl["n_forward"] == pytest.approx(1 + 0.5)  # the trace + 1 of 2 blocks re-run when block 0 is skipped
+
+
+def test_trace_from_the_gradient_pass_matches_a_plain_forward():
+    model = _bert(3)
+    batches = _cls_batches()
+    both = imp.compute_all(model, batches, methods=["fisher", "block_influence", "ablation"])
+    alone = imp.compute("block_influence", model, batches)
+    bi = both[both["method"] == "block_influence"]["score"].to_numpy()
+    np.testing.assert_allclose(bi, alone["score"].to_numpy(), rtol=1e-5, atol=1e-7)
+    cost = imp.cost_table(both).set_index("method")
+    assert cost.loc["shared: trace", "seconds"] == 0.0 and cost.loc["shared: trace", "n_forward"] == 0.0
+    other = imp.trace(model, _cls_batches(seed=7))
+    with pytest.raises(imp.ImportanceError, match="other batches"):
+        imp.compute("angular", model, batches, trace=other)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -117,4 +117,16 @@ def test_cli_reports_bad_parameter_with_exit_2(sandbox, capsys):
 def test_cli_list(sandbox, capsys):
     assert cli.main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "n (int, default 3 range 1.0..10.0)" in out and "[smoke] n=1" in out
+    assert "n (int, default 3) how many; range: 1..10" in out and "[smoke] n=1" in out
+    assert "range 1.0" not in out  # the range is stated once, as written in the notebook
+
+
+def test_code_digest_ignores_comments_and_docstrings_but_not_code():
+    base = 'def f(x):\n    """Double."""\n    return 2 * x  # twice\n'
+    same = '"""Module doc."""\n\n\ndef f(x):\n    """Twice x, reworded."""\n    # a new comment\n    return 2 * x\n'
+    other = 'def f(x):\n    """Double."""\n    return 3 * x\n'
+    assert runner.code_digest(base) == runner.code_digest(same)
+    assert runner.code_digest(base) != runner.code_digest(other)
+    assert runner.code_digest("def f(:\n") != runner.code_digest("def f(): pass\n")  # unparsable: bytes
+    only_doc = 'def g():\n    """Only a docstring."""\n'
+    assert runner.code_digest(only_doc) == runner.code_digest("def g():\n    pass\n")
