@@ -496,23 +496,32 @@ def cost_table(model: torch.nn.Module, tokenizer: Any, kept_counts: Sequence[int
     Cost depends on how many blocks remain, not which, so the first ``k`` blocks stand in for any
     ``k``-subset. ``speedup`` = full latency / compressed latency; ``ideal`` = L / k; ``efficiency`` =
     speedup / ideal (1.0 means the saving is exactly proportional to the blocks removed).
+
+    The sizes are timed interleaved (repeat r times every size once before repeat r + 1), so that a burst
+    of load on a shared machine slows all sizes alike instead of one size's whole timing window; timing
+    each size in its own window made efficiencies swing by tens of points between identical runs.
     """
     n = layers.num_blocks(model)
     counts = sorted({n, *(_check_k(n, k) for k in kept_counts)}, reverse=True)
+    subs = {k: model if k == n else compact(model, range(k)) for k in counts}
     rows = []
-    for k in progress(counts, desc="cost"):
-        sub = model if k == n else compact(model, range(k))
-        params, size = measure.count_parameters(sub), measure.file_size(sub)
-        for bs in batch_sizes:
-            batch = measure.fixed_batch(tokenizer, bs, seq_len)
-            lat = measure.latency(sub, batch, repeats=repeats, warmup=warmup, device=device)
+    for bs in progress(batch_sizes, desc="cost"):
+        batch = measure.fixed_batch(tokenizer, bs, seq_len)
+        for sub in subs.values():
+            measure.latency(sub, batch, repeats=1, warmup=warmup, device=device)
+        times: dict[int, list[float]] = {k: [] for k in counts}
+        for _ in range(repeats):
+            for k, sub in subs.items():
+                times[k] += measure.latency(sub, batch, repeats=1, warmup=0, device=device)["times_ms"]
+        for k, sub in subs.items():
+            q = np.percentile(times[k], [25, 50, 75])
             mem = measure.peak_memory(lambda sub=sub, batch=batch: _forward(sub, batch, device), device=device)
-            rows.append({"n_blocks": n, "n_kept": k, "batch_size": bs, "seq_len": seq_len, "params": params,
-                         "file_bytes": size, "median_ms": lat["median_ms"], "p25_ms": lat["p25_ms"],
-                         "p75_ms": lat["p75_ms"], "times_ms": lat["times_ms"], "peak_mib": mem["peak_mib"],
-                         "memory_kind": mem["kind"]})
-        del sub
-    df = pd.DataFrame(rows)
+            rows.append({"n_blocks": n, "n_kept": k, "batch_size": bs, "seq_len": seq_len,
+                         "params": measure.count_parameters(sub), "file_bytes": measure.file_size(sub),
+                         "median_ms": float(q[1]), "p25_ms": float(q[0]), "p75_ms": float(q[2]),
+                         "times_ms": times[k], "peak_mib": mem["peak_mib"], "memory_kind": mem["kind"]})
+    del subs
+    df = pd.DataFrame(rows).sort_values(["n_kept", "batch_size"], ascending=[False, True], ignore_index=True)
     full = df[df["n_kept"] == n].set_index("batch_size")
     df["speedup"] = df["batch_size"].map(full["median_ms"]) / df["median_ms"]
     bounds = [_median_ratio_ci(full.loc[r.batch_size, "times_ms"], r.times_ms) for r in df.itertuples()]

@@ -235,6 +235,22 @@ def test_cost_table_shapes_and_ideal(tokenizer):
     assert (df["peak_mib"] >= 0).all() and (df["memory_kind"] == "cpu_rss_sampled").all()
 
 
+def test_cost_table_times_sizes_interleaved(tokenizer, monkeypatch):
+    """Timed runs visit every size in turn, so a burst of load cannot fall on one size's window alone."""
+    from analysis_kit import layers, measure
+
+    order, real = [], measure.latency
+
+    def spy(model, batch, repeats=20, warmup=3, device="auto"):
+        if warmup == 0:  # a timed run, not the warm-up
+            order.append(layers.num_blocks(model))
+        return real(model, batch, repeats=repeats, warmup=warmup, device=device)
+
+    monkeypatch.setattr(measure, "latency", spy)
+    compress.cost_table(bert(4), tokenizer, [3, 2], batch_sizes=(2,), seq_len=8, repeats=3, warmup=1, device="cpu")
+    assert order == [4, 3, 2] * 3
+
+
 # ------------------------------------------------------------------------------------------ statistics
 
 
