@@ -130,3 +130,14 @@ def test_code_digest_ignores_comments_and_docstrings_but_not_code():
     assert runner.code_digest("def f(:\n") != runner.code_digest("def f(): pass\n")  # unparsable: bytes
     only_doc = 'def g():\n    """Only a docstring."""\n'
     assert runner.code_digest(only_doc) == runner.code_digest("def g():\n    pass\n")
+
+
+@pytest.mark.parametrize("slug", runner.EXPERIMENTS)
+def test_every_profile_of_every_chapter_resolves(slug):
+    """The real chapters' profile files name only existing parameters with valid types and ranges, so a
+    `full` run (GPU) fails neither on a typo nor on an out-of-range value after hours of other work."""
+    for profile in runner.PROFILES:
+        params = runner.resolve(slug, profile)
+        assert params.get("profile", profile) == profile
+    smoke, default = runner.resolve(slug, "smoke"), runner.resolve(slug, "default")
+    assert smoke != default, f"{slug}: the smoke profile overrides nothing"
