@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import copy
 import math
+import subprocess
+import sys
 import warnings
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -251,21 +252,39 @@ def test_trainable_state_round_trip(bert):
         view.load_state_dict({})
 
 
-def test_train_step_cost_counts_gradients_and_adam_and_restores(bert):
-    tok = SimpleNamespace(all_special_ids=[0, 1, 2, 3, 4], vocab_size=120)
-    batch = q.cost_batch(tok, batch_size=4, seq_len=16)
-    costs = {}
-    for method in ("full", "lora", "qlora"):
-        model = q.prepare(bert, method, LoraSpec(rank=4), device="cpu")
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        costs[method] = q.train_step_cost(model, batch, repeats=2, device="cpu")
-        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-        assert costs[method]["step_seconds"] > 0
-    fp_bytes = sum(p.numel() * 4 for p in bert.parameters())
-    # full fine-tuning holds the weights, their gradients and AdamW's two moments: at least 4x the weights
-    assert costs["full"]["peak_train_bytes"] >= 4 * fp_bytes
-    assert costs["lora"]["peak_train_bytes"] < costs["full"]["peak_train_bytes"]
-    assert costs["qlora"]["weight_bytes"] < costs["lora"]["weight_bytes"]
+_STEP_COST_CHECK = """
+from types import SimpleNamespace
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+from analysis_kit import quantize as q
+from analysis_kit.quantize import LoraSpec
+torch.set_num_threads(1)
+torch.manual_seed(0)
+bert = BertForSequenceClassification(BertConfig(vocab_size=120, hidden_size=%d, num_hidden_layers=%d,
+    num_attention_heads=4, intermediate_size=%d, max_position_embeddings=64, num_labels=2, pad_token_id=0)).eval()
+batch = q.cost_batch(SimpleNamespace(all_special_ids=[0, 1, 2, 3, 4], vocab_size=120), batch_size=4, seq_len=16)
+costs = {}
+for method in ("full", "lora", "qlora"):
+    model = q.prepare(bert, method, LoraSpec(rank=4), device="cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    costs[method] = q.train_step_cost(model, batch, repeats=2, device="cpu")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), method
+    assert costs[method]["step_seconds"] > 0
+fp_bytes = sum(p.numel() * 4 for p in bert.parameters())
+# full fine-tuning holds the weights, their gradients and AdamW's two moments: at least 4x the weights
+assert costs["full"]["peak_train_bytes"] >= 4 * fp_bytes, (costs, fp_bytes)
+assert costs["lora"]["peak_train_bytes"] < costs["full"]["peak_train_bytes"], costs
+assert costs["qlora"]["weight_bytes"] < costs["lora"]["weight_bytes"], costs
+"""
+
+
+def test_train_step_cost_counts_gradients_and_adam_and_restores():
+    """Checked in a fresh interpreter: after other tests in the same process (tests/test_heal.py) the
+    profiler's CPU allocation trace was seen to record about 10% less for the same step, a known limit
+    of the CPU measurement (the chapter measures each configuration the same way, in one kernel)."""
+    code = _STEP_COST_CHECK % (HIDDEN, BLOCKS, INTER)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------- bad input
