@@ -26,6 +26,7 @@ import itertools
 import math
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -514,11 +515,11 @@ def cost_table(model: torch.nn.Module, tokenizer: Any, kept_counts: Sequence[int
             for k, sub in subs.items():
                 times[k] += measure.latency(sub, batch, repeats=1, warmup=0, device=device)["times_ms"]
         for k, sub in subs.items():
-            q = np.percentile(times[k], [25, 50, 75])
+            q = statistics.quantiles(times[k], n=4) if len(times[k]) > 1 else times[k] * 3  # as measure.latency
             mem = measure.peak_memory(lambda sub=sub, batch=batch: _forward(sub, batch, device), device=device)
             rows.append({"n_blocks": n, "n_kept": k, "batch_size": bs, "seq_len": seq_len,
                          "params": measure.count_parameters(sub), "file_bytes": measure.file_size(sub),
-                         "median_ms": float(q[1]), "p25_ms": float(q[0]), "p75_ms": float(q[2]),
+                         "median_ms": statistics.median(times[k]), "p25_ms": q[0], "p75_ms": q[2],
                          "times_ms": times[k], "peak_mib": mem["peak_mib"], "memory_kind": mem["kind"]})
     del subs
     df = pd.DataFrame(rows).sort_values(["n_kept", "batch_size"], ascending=[False, True], ignore_index=True)

@@ -39,7 +39,8 @@ def run_once(model: str, seed: int, threads: int, tiny: bool) -> tuple[pd.DataFr
         try:
             net, tok, record = train.baseline(model, seed, tiny)
             test = train.load_task(train.standard_task(tiny), seed)["test"]
-            acc = train.evaluate(net, tok, test, max_length=64)["accuracy"]
+            cfg = train.SMOKE_TRAIN if tiny else train.STANDARD_TRAIN[model]
+            acc = train.evaluate(net, tok, test, max_length=cfg.max_length)["accuracy"]
         finally:
             torch.set_num_threads(before_threads)
             if before_cache is None:
