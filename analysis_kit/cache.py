@@ -44,12 +44,44 @@ def key_of(spec: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _umask() -> int:
+    """The process umask (reading it means setting it, so set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: Path) -> Path:
+    """Give a ``mkstemp``/``mkdtemp`` result the mode an ordinary ``open``/``mkdir`` would have had.
+
+    ``tempfile`` creates files 0600 and folders 0700 whatever the umask; renamed into place they would
+    lock other users out of a cache or a results folder shared on a cluster (group-writable umask 002).
+    """
+    path = Path(path)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+    return path
+
+
+def temp_dir(parent: Path, prefix: str) -> Path:
+    """A new empty folder inside ``parent`` (created if needed) with umask-respecting permissions.
+
+    The temporary sibling that an atomic folder write fills before renaming it into place.
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    return honour_umask(Path(tempfile.mkdtemp(dir=parent, prefix=prefix)))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (never half-written).
+
+    The file gets the permissions the umask gives a new file, not ``mkstemp``'s 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)
@@ -91,7 +123,10 @@ def cached_dir(kind: str, spec: Any, build: Callable[[Path], None]) -> Path:
     with _locked(final.parent / f".{final.name}.lock"):
         if (final / ".complete").exists():  # another process built it while we waited
             return final
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name[:12]}."))
+        for stale in final.parent.glob(f".{final.name[:12]}.*"):  # a killed build of this entry (we hold its lock)
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = temp_dir(final.parent, prefix=f".{final.name[:12]}.")
         try:
             build(tmp)
             atomic_write_json(tmp / "spec.json", spec)
@@ -103,6 +138,38 @@ def cached_dir(kind: str, spec: Any, build: Callable[[Path], None]) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final
+
+
+def clean_stale_temps(root: Path | None = None) -> list[Path]:
+    """Remove the temporary build folders that killed runs left in the cache; return what was removed.
+
+    A build folder ``<kind>/.<key[:12]>.<random>`` belongs to the entry whose lock ``<kind>/.<key>.lock``
+    is held while it builds; when that lock can be taken at once, no process is building it and the
+    folder is garbage (SIGKILL skips the ``finally`` that normally removes it).
+    """
+    import fcntl
+
+    root = Path(root) if root is not None else cache_dir()
+    removed: list[Path] = []
+    for kind in (d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")) if root.exists() else []:
+        locks = {lock.name[1:13]: lock for lock in kind.glob(".*.lock")}
+        for tmp in kind.glob(".*"):
+            if not tmp.is_dir() or tmp.name.count(".") < 2:
+                continue
+            lock = locks.get(tmp.name[1:13])
+            if lock is None:
+                continue
+            with open(lock, "a+") as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # being built right now
+                try:
+                    shutil.rmtree(tmp)
+                    removed.append(tmp)
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+    return removed
 
 
 def cached_json(kind: str, spec: Any, compute: Callable[[], T]) -> T:

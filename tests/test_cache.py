@@ -81,3 +81,67 @@ def _slow_build(marker: str, i: int) -> None:
         (folder / "x").write_text("done")
 
     cache.cached_dir("concurrent", {"same": True}, build)
+
+
+def test_entries_and_files_honour_the_umask(tmp_path):
+    """Issue 13.9: a cache shared on a cluster (umask 002) must not get mkdtemp's 0700 / mkstemp's 0600."""
+    import os
+
+    old = os.umask(0o002)
+    try:
+        folder = cache.cached_dir("k", {"n": 3}, lambda d: (d / "x.txt").write_text("x"))
+        path = tmp_path / "out" / "a.json"
+        cache.atomic_write_json(path, {"a": 1})
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o775
+    assert path.stat().st_mode & 0o777 == 0o664
+    assert (folder / "spec.json").stat().st_mode & 0o777 == 0o664
+
+
+def test_stale_temp_folders_of_killed_builds_are_removed(tmp_path):
+    """Issue 13.6: SIGKILL skips the cleanup; the next build of that entry, or clean_stale_temps, removes it."""
+    root = Path(tmp_path / "cache")
+    key = cache.key_of({"n": 4})
+    kind = root / "trained"
+    kind.mkdir(parents=True)
+    (kind / f".{key}.lock").write_text("")
+    stale = kind / f".{key[:12]}.abc123"
+    stale.mkdir()
+    (stale / "partial.bin").write_text("half")
+    assert cache.clean_stale_temps(root) == [stale] and not stale.exists()
+
+    stale.mkdir()
+    cache.cached_dir("trained", {"n": 4}, lambda d: (d / "x.txt").write_text("x"))
+    assert not stale.exists()
+    assert not [p for p in kind.iterdir() if p.is_dir() and p.name.startswith(".")]
+
+
+def test_a_temp_folder_being_built_is_kept(tmp_path):
+    import fcntl
+
+    root = Path(tmp_path / "cache")
+    key = cache.key_of({"n": 5})
+    kind = root / "trained"
+    kind.mkdir(parents=True)
+    live = kind / f".{key[:12]}.xyz"
+    live.mkdir()
+    with open(kind / f".{key}.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # another process is building this entry
+        assert cache.clean_stale_temps(root) == []
+    assert live.exists()
+
+
+def test_unwritable_cache_location_is_a_clear_error(tmp_path, monkeypatch):
+    """Issue 13.7: a LAYERWISE_CACHE that cannot be created names the variable and the fix."""
+    from analysis_kit import paths
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("LAYERWISE_CACHE", str(blocker / "cache"))
+    with pytest.raises(paths.CacheLocationError, match="LAYERWISE_CACHE=.*cannot be created.*point LAYERWISE_CACHE"):
+        paths.cache_dir()
+    monkeypatch.setattr(paths.os, "access", lambda *a: False)  # a read-only folder (root ignores chmod)
+    monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path / "ro"))
+    with pytest.raises(paths.CacheLocationError, match="is not writable"):
+        paths.cache_dir()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -195,6 +194,34 @@ def test_greedy_loss_criterion_matches_subset_loss(tokenizer):
         compress.greedy_removal(model, unlabelled, 2, criterion="loss")
 
 
+def test_bare_models_use_pooled_embeddings_and_cosine_greedy(tokenizer):
+    from transformers import BertModel, LlamaModel
+
+    t = texts(10, seed=6)
+    enc = compress.encode(tokenizer, t, batch_size=4)
+    batch = tokenizer(t, padding=True, return_tensors="pt")
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    torch.manual_seed(0)
+    bare_bert = BertModel(bert(4).config).eval()
+    torch.manual_seed(0)
+    bare_llama = LlamaModel(llama_config(5)).eval()
+    for model, keep in ((bare_bert, (0, 2)), (bare_llama, (1, 3, 4))):  # = the compacted model's mean pooling
+        with torch.no_grad():
+            hidden = compress.compact(model, keep)(**batch).last_hidden_state
+        ref = ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+        out = compress.subset_outputs(model, enc, [keep], compress.pooled_readout, device="cpu")[keep]
+        np.testing.assert_allclose(out, ref, atol=1e-5)
+    make_identity(bare_llama, 1)
+    make_identity(bare_llama, 3)
+    keep, trace = compress.greedy_removal(bare_llama, enc, 3, device="cpu")  # auto = cosine for a bare model
+    assert keep == (0, 2, 4) and set(trace["criterion"]) == {"cosine_from_full"}
+    assert trace["value"].tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
+    with pytest.raises(CompressError, match="bare model; use criterion='cosine'"):
+        compress.greedy_removal(bare_bert, enc, 2, criterion="kl")
+    with pytest.raises(CompressError, match="for bare models"):
+        compress.greedy_removal(bert(4), enc, 2, criterion="cosine")
+
+
 def test_angular_distance_zero_for_identity_run(tokenizer):
     torch.manual_seed(3)
     model = LlamaForCausalLM(llama_config(6)).eval()
@@ -319,6 +346,72 @@ def test_compress_folder_round_trip(tmp_path, tokenizer):
     assert record["n_kept"] == 2
 
 
+def test_compress_folder_saves_a_bare_encoder_that_automodel_loads(tmp_path, tokenizer):
+    from transformers import AutoModel, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(bert(4).config).eval()  # e.g. all-MiniLM-L6-v2: architectures ["BertModel"]
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    batch = tokenizer(texts(3), padding=True, return_tensors="pt")
+    for strategy in ("greedy", "angular", "drop_last"):
+        calib = texts(8) if strategy != "drop_last" else None
+        record = compress.compress_folder(src, tmp_path / strategy, strategy, keep=2, texts=calib, device="cpu")
+        loaded = AutoModel.from_pretrained(tmp_path / strategy).eval()
+        assert type(loaded).__name__ == "BertModel" and loaded.config.num_hidden_layers == 2
+        with torch.no_grad():
+            np.testing.assert_allclose(loaded(**batch).last_hidden_state,
+                                       compress.compact(model, record["kept"])(**batch).last_hidden_state, atol=1e-5)
+    with pytest.raises(CompressError, match=r"bare model \(BertModel\).*--strategy greedy"):
+        compress.compress_folder(src, tmp_path / "imp", "importance", keep=2, method="ablation", texts=texts(8))
+    assert not (tmp_path / "imp").exists()
+
+
+def test_compress_folder_checks_every_input_before_loading(tmp_path, tokenizer, monkeypatch):
+    from analysis_kit.errors import LayerwiseError
+
+    src = tmp_path / "src"
+    bert(4).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(compress, "_load_any", never)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    bad = [({"strategy": "greedy", "keep": 2, "method": "fisher", "texts": ["a"]}, CompressError,
+            r"used only by strategy 'importance'; strategy 'greedy' ignores it"),
+           ({"strategy": "drop_last", "keep": 2, "method": "fisher"}, CompressError, "'drop_last' ignores it"),
+           ({"strategy": "importance", "keep": 2, "method": "nope", "texts": ["a"]}, CompressError,
+            "unknown importance method 'nope'"),
+           ({"strategy": "drop_last", "keep": 2, "device": "cuda"}, LayerwiseError, "CUDA is not available"),
+           ({"strategy": "drop_last", "keep": 2, "device": "gpu"}, CompressError, "not a device torch knows"),
+           ({"strategy": "drop_last", "keep": 9}, CompressError, "cannot keep 9 of 4 blocks"),
+           ({"strategy": "drop_last", "ratio": 0.5}, CompressError, "must be >= 1"),
+           ({"strategy": "random", "keep": 2, "texts": ["a"]}, CompressError, "ignores --texts")]
+    for kwargs, error, match in bad:
+        with pytest.raises(error, match=match):
+            compress.compress_folder(src, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_save_folder_honours_a_group_writable_umask(tmp_path, tokenizer):
+    import os
+    import stat
+
+    old = os.umask(0o002)
+    try:
+        out = compress.save_folder(compress.compact(bert(4), (0, 3)), tokenizer, tmp_path / "shared" / "m",
+                                   {"kept": [0, 3]})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o775
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"config.json", "model.safetensors", "compression.json", "vocab.txt"}
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {oct(0o664)}
+
+
 # ------------------------------------------------------------------------------------ study helpers
 
 
@@ -408,4 +501,12 @@ def test_save_best_respects_the_size_cap(tmp_path, tokenizer, monkeypatch):
     assert out["where"].tolist() == ["results"] and (tmp_path / "res" / "m_keep2" / "config.json").is_file()
     out = compress.save_best({"m_keep2": (small, tokenizer, {"kept": [0, 3], "n_kept": 2})}, tmp_path / "res2", 0.0)
     assert out["where"].tolist() == ["cache"] and not (tmp_path / "res2").exists()
-    assert Path(out["path"].iloc[0], "config.json").is_file() and str(tmp_path / "cache") in out["path"].iloc[0]
+    path = out["path"].iloc[0]  # relative to the cache root: no machine's absolute path in a committed table
+    assert path.startswith("compressed/") and path.endswith("/model") and str(tmp_path) not in path
+    assert (compress.saved_model_path("cache", path) / "config.json").is_file()
+    assert compress.saved_model_path("cache", path).is_relative_to(tmp_path / "cache")
+    monkeypatch.setenv("LAYERWISE_RESULTS", str(tmp_path / "results"))
+    out = compress.save_best({"m_keep2": (small, tokenizer, {"kept": [0, 3], "n_kept": 2})},
+                             tmp_path / "results" / "compression" / "default" / "models", 1000.0)
+    assert out["path"].tolist() == ["compression/default/models/m_keep2"]
+    assert (compress.saved_model_path("results", out["path"].iloc[0]) / "config.json").is_file()

@@ -281,6 +281,38 @@ def test_amazon_reviews_2023_reads_gzip(tmp_path):
     assert data.load_amazon_reviews_2023(gz).equals(data.load_amazon_reviews_2023(SAMPLE))
 
 
+def test_amazon_reviews_2023_bad_bytes_and_bad_gzip_are_data_errors(tmp_path):
+    good = b'{"rating": 5, "title": "t", "text": "x"}\n'
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(good + '{"rating": 4, "title": "caf\u00e9", "text": "x"}\n'.encode("latin-1"))
+    with pytest.raises(data.DataError, match=r"latin1.jsonl:2: byte 0xe9 .* not valid UTF-8"):
+        data.load_amazon_reviews_2023(latin1)
+    unnamed = tmp_path / "unnamed.jsonl"  # gzip data without the .gz name
+    unnamed.write_bytes(gzip.compress(good))
+    with pytest.raises(data.DataError, match=r"unnamed.jsonl:1: .*gzip-compressed"):
+        data.load_amazon_reviews_2023(unnamed)
+    not_gz = tmp_path / "plain.jsonl.gz"
+    not_gz.write_bytes(good)
+    with pytest.raises(data.DataError, match=r"plain.jsonl.gz:1: the gzip data is corrupt"):
+        data.load_amazon_reviews_2023(not_gz)
+    truncated = tmp_path / "cut.jsonl.gz"
+    truncated.write_bytes(gzip.compress(good * 200)[:-30])
+    with pytest.raises(data.DataError, match=r"cut.jsonl.gz:\d+: the gzip data is corrupt or truncated"):
+        data.load_amazon_reviews_2023(truncated)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    with pytest.raises(data.DataError, match="empty.jsonl holds no reviews"):
+        data.load_amazon_reviews_2023(empty)
+
+
+def test_amazon_reviews_2023_all_neutral_is_an_error_not_an_empty_table(tmp_path):
+    path = tmp_path / "neutral.jsonl"
+    path.write_text('{"rating": 3, "title": "t", "text": "x"}\n' * 4)
+    with pytest.raises(data.DataError, match=r"all 4 reviews are 3-star .*label_mode='bins5'"):
+        data.load_amazon_reviews_2023(path)
+    assert len(data.load_amazon_reviews_2023(path, label_mode="bins5")) == 4
+
+
 # ------------------------------------------------------------------------------------------------- MovieLens
 
 

@@ -143,6 +143,26 @@ def test_regression_head_when_one_label(fake_assets):
     assert out.logits.shape == (1, 1) and out.loss.ndim == 0
 
 
+def test_saved_classifiers_name_their_labels(fake_assets, tmp_path):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    spec = ModelSpec("scratch", num_layers=1, hidden=32)
+    expected = {1: {0: "rating"}, 2: {0: "negative", 1: "positive"},
+                5: {0: "very negative", 1: "negative", 2: "neutral", 3: "positive", 4: "very positive"},
+                3: {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}}  # no project label mode has 3 classes
+    for n, names in expected.items():
+        folder = tmp_path / f"n{n}"
+        models.build_classifier(spec, n, seed=0).save_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder)
+        assert config.id2label == names and config.label2id == {v: k for k, v in names.items()}
+        assert config.num_labels == n
+    minilm = models.build_classifier(ModelSpec("minilm"), 2, seed=0)
+    assert minilm.config.id2label == {0: "negative", 1: "positive"}
+    torch.manual_seed(0)  # names are config only: the head is initialised exactly as without them
+    plain = AutoModelForSequenceClassification.from_pretrained(fake_assets, num_labels=2)
+    torch.testing.assert_close(minilm.classifier.weight, plain.classifier.weight, rtol=0, atol=0)
+
+
 def test_same_seed_same_weights_and_global_rng_untouched(fake_assets):
     spec = ModelSpec("scratch", num_layers=2, hidden=32)
     torch.manual_seed(7)

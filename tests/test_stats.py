@@ -345,3 +345,32 @@ def test_summarize_clips_to_bounds():
     assert clipped["ci_high"] == 1 and clipped["ci_low"] == 0 and "clipped" in clipped["method"]
     inside = S.summarize([0.5, 0.52, 0.51], over="seeds", bounds=(0, 1))
     assert "clipped" not in inside["method"]
+
+
+def test_ratio_summary_is_a_geometric_mean_with_a_log_t_interval():
+    ratios = np.array([2.0, 2.2, 1.9, 2.1, 2.05])
+    rec = S.ratio_summary(ratios)
+    logs = np.log(ratios)
+    half = sps.t.ppf(0.975, len(ratios) - 1) * sps.sem(logs)
+    assert rec["mean"] == pytest.approx(np.exp(logs.mean()))
+    assert (rec["ci_low"], rec["ci_high"]) == pytest.approx((np.exp(logs.mean() - half), np.exp(logs.mean() + half)))
+    assert rec["n"] == 5 and "log ratios" in rec["method"]
+    single = S.ratio_summary([2.0])
+    assert single["ci_low"] is None and "no interval" in single["method"]
+    with pytest.raises(S.StatsError, match="positive"):
+        S.ratio_summary([1.0, -1.0])
+
+
+@pytest.mark.parametrize("low, high, target, better, expected", [
+    (1.9, 2.1, 1.8, "higher", "met"),
+    (1.7, 1.9, 1.8, "higher", "not decided"),
+    (1.5, 1.7, 1.8, "higher", "missed"),
+    (2.0, 2.5, 3.0, "lower", "met"),
+    (2.8, 3.2, 3.0, "lower", "not decided"),
+    (3.1, 3.5, 3.0, "lower", "missed"),
+    (None, None, 1.0, "higher", "not decided"),
+])
+def test_verdict_comes_from_the_interval_not_the_point(low, high, target, better, expected):
+    """Issue 13.10: a point at 1.85 with an interval 1.7-1.9 is not 'met' (the old rule flipped on noise)."""
+    rec = {"mean": 1.85, "ci_low": low, "ci_high": high}
+    assert S.verdict(rec, target, better) == expected
