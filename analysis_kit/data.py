@@ -1,4 +1,4 @@
-"""Data: human-rated snippets, Amazon Reviews 2023 JSONL, MovieLens; splits, batches and the dataset card.
+"""Data: human-rated snippets, Amazon Reviews 2023 JSONL; splits, batches and the dataset card.
 
 The default task is the sentiment of Amazon review snippets (Hutto & Gilbert, 2014): every sentence
 carries the mean of ≥ 20 human ratings on −4…+4. Three label modes turn that mean into a target:
@@ -16,7 +16,6 @@ built from examples of similar length, so short sentences do not pay for long on
 
 from __future__ import annotations
 
-import csv
 import gzip
 import json
 import zlib
@@ -299,7 +298,7 @@ def make_loader(tokenizer: Any, texts: Sequence[str], labels: Any, batch_size: i
 
 
 # --------------------------------------------------------------------------------------------------
-# Amazon Reviews 2023 and MovieLens
+# Amazon Reviews 2023
 
 
 def _review_label(rating: pd.Series, label_mode: str) -> tuple[pd.Series, pd.Series]:
@@ -384,51 +383,6 @@ def load_amazon_reviews_2023(path: str | Path, limit: int | None = None, *,
     df = pd.DataFrame(rows, columns=["rating", "title", "text"])
     label, keep = _review_label(df["rating"], label_mode)
     return df.assign(label=label)[keep].reset_index(drop=True)
-
-
-def read_atomic(path: str | Path) -> pd.DataFrame:
-    """Read a RecBole atomic file (TSV whose header is ``name:type``); columns keep the names only.
-
-    ``token`` and ``token_seq`` columns stay strings (ids such as zip codes are not numbers), ``float``
-    and ``float_seq`` scalars become floats. The types are kept in ``df.attrs["types"]``.
-    """
-    path = Path(path)
-    df = pd.read_csv(path, sep="\t", dtype=str, quoting=csv.QUOTE_NONE, keep_default_na=False, encoding="utf-8")
-    names, types = [], {}
-    for col in df.columns:
-        name, _, kind = col.partition(":")
-        if kind not in ("token", "token_seq", "float", "float_seq"):
-            raise DataError(f"{path}: header field {col!r} is not 'name:type' with a RecBole type "
-                            f"(token, token_seq, float, float_seq); is this an atomic file?")
-        names.append(name)
-        types[name] = kind
-    df.columns = names
-    for name, kind in types.items():
-        if kind == "float":
-            values = pd.to_numeric(df[name].replace("", np.nan), errors="coerce")
-            bad = values.isna() & (df[name] != "")
-            if bad.any():
-                line = int(np.flatnonzero(bad.to_numpy())[0]) + 2  # header is line 1
-                raise DataError(f"{path}:{line}: {name} = {df[name][bad].iloc[0]!r} is not a number.")
-            df[name] = values.astype(float)
-    df.attrs["types"] = types
-    return df
-
-
-def load_movielens(folder: str | Path | None = None) -> dict[str, pd.DataFrame]:
-    """MovieLens 100K from RecBole's atomic files: ``inter`` (user, item, rating, timestamp), ``item``, ``user``.
-
-    ``folder`` defaults to the ``movielens`` asset; pass another folder holding ``ml-100k.{inter,item,user}``.
-    """
-    if folder is None:
-        from .assets import locate
-
-        folder = locate("movielens")
-    folder = Path(folder)
-    missing = [p for p in ("inter", "item", "user") if not (folder / f"ml-100k.{p}").is_file()]
-    if missing:
-        raise DataError(f"{folder} lacks ml-100k.{{{','.join(missing)}}}; run `analysis-kit fetch movielens`.")
-    return {part: read_atomic(folder / f"ml-100k.{part}") for part in ("inter", "item", "user")}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -234,8 +234,9 @@ def keep_top(scores: pd.DataFrame, k: int) -> tuple[int, ...]:
         raise DepthError("scores has several rows per layer (several seeds or methods?); pass one set of scores.")
     if not 1 <= k <= len(scores):
         raise DepthError(f"k={k} must lie in 1..{len(scores)} (the number of scored blocks).")
-    order = scores.assign(neg=-scores["score"]).sort_values(["neg", "layer"], kind="stable")["layer"]
-    return tuple(sorted(int(i) for i in order.iloc[:k]))
+    from .strategies import top_k  # the one top-k rule every module shares
+
+    return top_k(dict(zip(scores["layer"], scores["score"], strict=True)), k)
 
 
 # --------------------------------------------------------------------------------------------------

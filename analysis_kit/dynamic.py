@@ -11,11 +11,12 @@ may leave early:
 - ``train_exits``: ``mode="joint"`` trains backbone and heads together on a depth-weighted loss (weights
   growing with depth, as PABEE's weighted average, Zhou et al. 2020); ``mode="frozen"`` trains only the
   heads on a frozen backbone (DeeBERT's second stage, Xin et al. 2020). ``exit_model`` caches the result.
-- Policies (``ExitPolicy``): normalised-entropy and confidence thresholds (DeeBERT), patience (PABEE),
-  a planned depth per input (``PlannedPolicy``: static truncation, or the complexity predictor's
-  budget), and ``oracle_depths`` (the earliest exit that is correct) as the bound no policy can beat.
-  One ``step`` function serves both the simulation on all exits (``simulate``) and real early exit
-  (``early_exit_forward``), so the two cannot disagree.
+- Policies (``ExitPolicy``, one registered class each, built by ``make_policy(name, setting, **needs)``):
+  normalised-entropy and confidence thresholds (DeeBERT), patience (PABEE), a planned depth per input
+  (``PlannedPolicy``: static truncation, or the complexity predictor's budget), and the oracle (the
+  earliest exit that is correct, ``oracle_depths``) as the bound no policy can beat. Each class declares
+  its inputs and its settings grid. One ``step`` function serves both the simulation on all exits
+  (``simulate``) and real early exit (``early_exit_forward``), so the two cannot disagree.
 - ``ComplexityFeatures`` / ``ComplexityPredictor``: cheap text features (length, lexical diversity,
   rare-word rate from train-set word counts, semantic density: content-word share and hits of a
   polarity lexicon learned from the training split) and a small sklearn regressor of the blocks an
@@ -32,6 +33,7 @@ real early exit, never inferred from block counts.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -42,7 +44,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -57,10 +59,7 @@ from .errors import LayerwiseError
 
 #: Bump when exit-head training changes in a way that changes weights (invalidates cached heads).
 EXITS_CODE_VERSION = 2
-#: Policies whose decision is made online, from the input or the exits seen so far.
-ONLINE_POLICIES = ("entropy", "confidence", "patience", "complexity")
-#: Everything ``analyse`` compares: the online policies, static truncation and the oracle bound.
-POLICIES = (*ONLINE_POLICIES, "static", "oracle")
+# ONLINE_POLICIES and POLICIES (the names ``analyse`` compares) come from the policy registry below.
 MODES = ("joint", "frozen")
 WEIGHTINGS = ("linear", "uniform")
 
@@ -450,8 +449,6 @@ def exit_model(model: nn.Module, tokenizer: Any, base_key: str, train_df: pd.Dat
             "data": _frame_digest(train_df, val_df), "code": EXITS_CODE_VERSION}
 
     def build(folder: Path) -> None:
-        import copy
-
         start = time.time()
         work = model if cfg.mode == "frozen" else copy.deepcopy(model)
         trained, heads, hist = train_exits(work, tokenizer, train_df, val_df, cfg, seed, device)
@@ -529,45 +526,131 @@ def normalised_entropy(probs: np.ndarray) -> np.ndarray:
 
 
 class ExitPolicy:
-    """Decides, block by block, which examples leave. ``start(n)`` resets per-example state; ``step(k,
-    probs, rows)`` gets exit ``k``'s probabilities for the still-active examples ``rows`` (indices into
-    the ``n``) and returns a boolean mask of those that exit after block ``k`` (0-based). Policies with
-    ``needs_probs = False`` decide without the exits (``probs`` may then be ``None``)."""
+    """One exit policy: decides, block by block, which examples leave. Subclass it once per policy and
+    ``register_policy`` the class to make its ``name`` known to ``make_policy`` and ``settings_grid``.
 
-    name = "policy"
+    The decision method, shared by the simulation (``simulate``) and real early exit
+    (``early_exit_forward``) so the two cannot disagree: ``start(n)`` resets per-example state;
+    ``step(k, probs, rows)`` gets exit ``k``'s probabilities for the still-active examples ``rows``
+    (indices into the ``n``) and returns a boolean mask of those that exit after block ``k`` (0-based).
+
+    What a class declares instead of a central if/elif deciding for it:
+
+    - ``needs``: the keyword inputs ``make_policy`` must be given besides the setting (name → what it
+      is, for error messages), e.g. a fitted predictor; ``options`` the optional ones. ``from_needs``
+      builds the policy from them.
+    - ``settings_grid(val_probs)``: the settings that span the policy's range on validation data.
+    - ``needs_probs``: ``False`` when it decides without the exits (``probs`` may then be ``None``).
+    - ``online``: whether the decision is made from the input or the exits seen so far (a deployable
+      policy), not from a bound or a fixed truncation.
+    """
+
+    name: ClassVar[str] = "policy"
+    needs: ClassVar[dict[str, str]] = {}
+    options: ClassVar[dict[str, str]] = {}
+    online: ClassVar[bool] = True
     needs_probs = True
 
     def __init__(self, setting: float):
         self.setting = setting
 
+    @classmethod
+    def from_needs(cls, setting: float, **needs: Any) -> ExitPolicy:
+        """The policy at ``setting`` from its declared ``needs`` / ``options`` (checked by ``make_policy``)."""
+        return cls(setting, **needs)
+
+    @classmethod
+    def settings_grid(cls, val_probs: np.ndarray, n_points: int = 41) -> list[float]:
+        """Settings that span the policy's range on ``val_probs`` (examples, blocks, labels)."""
+        raise DynamicError(f"{cls.__name__} declares no settings grid; define the classmethod settings_grid.")
+
     def start(self, n: int) -> None:  # noqa: B027 - stateless policies need no reset
         """Reset per-example state for ``n`` examples."""
 
     def step(self, k: int, probs: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """Boolean mask over ``rows``: which of them exit after block ``k`` (0-based)."""
+        raise NotImplementedError(f"{type(self).__name__} must define step(k, probs, rows).")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.setting!r})"
 
 
+_REGISTRY: dict[str, type[ExitPolicy]] = {}
+
+
+def register_policy(cls: type[ExitPolicy]) -> type[ExitPolicy]:
+    """Class decorator: make ``cls.name`` known to ``make_policy`` and ``settings_grid``. Adding a policy is
+    one registered class; ``unregister_policy`` removes it again."""
+    if not (isinstance(cls, type) and issubclass(cls, ExitPolicy)):
+        raise DynamicError(f"register_policy takes an ExitPolicy subclass, got {cls!r}.")
+    name = cls.__dict__.get("name")
+    if not isinstance(name, str) or not name:
+        raise DynamicError(f"{cls.__name__} needs its own class attribute name = '...' to be registered.")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise DynamicError(f"policy name {name!r} is taken by {_REGISTRY[name].__name__}; choose another name "
+                           "or unregister_policy it first.")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def unregister_policy(name: str) -> None:
+    """Forget the policy ``name`` (e.g. a toy policy registered by a test)."""
+    if name not in _REGISTRY:
+        raise DynamicError(f"no policy {name!r} is registered; registered: {list(_REGISTRY)}.")
+    del _REGISTRY[name]
+
+
+def policy_names() -> tuple[str, ...]:
+    """The registered policy names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def policy_class(name: str) -> type[ExitPolicy]:
+    """The registered class of policy ``name``."""
+    if name not in _REGISTRY:
+        raise DynamicError(f"unknown policy {name!r}; registered: {list(_REGISTRY)} (add one with "
+                           "@register_policy on an ExitPolicy subclass).")
+    return _REGISTRY[name]
+
+
+def _quantile_grid(values: np.ndarray, n_points: int, never: float) -> list[float]:
+    """Quantiles of a threshold statistic over the exits (the last excluded), plus a never-exit value."""
+    return sorted({float(v) for v in np.quantile(values, np.linspace(0, 1, n_points))} | {never})
+
+
+@register_policy
 class EntropyPolicy(ExitPolicy):
     """DeeBERT: exit once the exit's normalised entropy is at most ``threshold`` (in [0, 1]; < 0 never exits)."""
 
     name = "entropy"
 
+    @classmethod
+    def settings_grid(cls, val_probs, n_points=41):
+        """Quantiles of the normalised entropies seen at the exits, plus -1 (never exits)."""
+        probs, _ = _check_probs(val_probs)
+        return _quantile_grid(normalised_entropy(probs[:, :-1]), n_points, -1.0)
+
     def step(self, k, probs, rows):
         return normalised_entropy(probs) <= self.setting
 
 
+@register_policy
 class ConfidencePolicy(ExitPolicy):
     """Exit once the exit's top probability is at least ``threshold`` (> 1 never exits)."""
 
     name = "confidence"
 
+    @classmethod
+    def settings_grid(cls, val_probs, n_points=41):
+        """Quantiles of the top probabilities seen at the exits, plus 2 (never exits)."""
+        probs, _ = _check_probs(val_probs)
+        return _quantile_grid(probs[:, :-1].max(-1), n_points, 2.0)
+
     def step(self, k, probs, rows):
         return probs.max(-1) >= self.setting
 
 
+@register_policy
 class PatiencePolicy(ExitPolicy):
     """PABEE: exit once ``patience`` consecutive exits after the first agree with the one before (0 = block 1)."""
 
@@ -577,6 +660,12 @@ class PatiencePolicy(ExitPolicy):
         if isinstance(patience, bool) or int(patience) != patience or patience < 0:
             raise DynamicError(f"patience={patience!r} must be a non-negative integer (0 exits after block 1).")
         super().__init__(int(patience))
+
+    @classmethod
+    def settings_grid(cls, val_probs, n_points=41):
+        """Every patience 0..blocks-1 (``n_points`` does not apply)."""
+        probs, _ = _check_probs(val_probs)
+        return list(range(probs.shape[1]))
 
     def start(self, n):
         self._prev = np.full(n, -1)
@@ -590,9 +679,10 @@ class PatiencePolicy(ExitPolicy):
 
 
 class PlannedPolicy(ExitPolicy):
-    """A depth fixed per example before the model runs (``depths``, 1-based; an int for all): static
-    truncation or the complexity predictor's plan. ``probe=True`` still evaluates every exit (to time
-    what a threshold policy pays for its heads)."""
+    """A depth fixed per example before the model runs (``depths``, 1-based; an int for all), named
+    ``name``. The registered planned policies (static, complexity, oracle) are its subclasses; use it
+    directly for a one-off plan. ``probe=True`` still evaluates every exit (to time what a threshold
+    policy pays for its heads)."""
 
     def __init__(self, depths: np.ndarray | int, name: str = "static", setting: float | None = None,
                  probe: bool = False):
@@ -603,18 +693,112 @@ class PlannedPolicy(ExitPolicy):
         self.name = name
         self.needs_probs = probe
 
+    def subset(self, rows: np.ndarray) -> PlannedPolicy:
+        """The same policy for examples ``rows`` only (a batch of the inputs it was planned for)."""
+        out = copy.copy(self)
+        out.depths = self.depths if self.depths.ndim == 0 else self.depths[rows]
+        return out
+
     def step(self, k, probs, rows):
         d = self.depths if self.depths.ndim == 0 else self.depths[rows]
         return np.broadcast_to(d == k + 1, rows.shape).copy()
 
 
-def make_policy(name: str, setting: float) -> ExitPolicy:
-    """The policy ``name`` (entropy, confidence, patience) at ``setting``."""
-    table = {"entropy": EntropyPolicy, "confidence": ConfidencePolicy, "patience": PatiencePolicy}
-    if name not in table:
-        raise DynamicError(f"make_policy knows {sorted(table)}; static and complexity depths are planned per "
-                           "example: use PlannedPolicy / ComplexityPredictor.policy.")
-    return table[name](setting)
+@register_policy
+class ComplexityPolicy(PlannedPolicy):
+    """The complexity predictor's plan: depth ⌈predicted blocks + ``offset``⌉ clipped to 1..blocks, decided
+    from the text before the model runs (``ComplexityPredictor.plan``)."""
+
+    name = "complexity"
+    needs = {"predictor": "a fitted ComplexityPredictor (ComplexityPredictor(...).fit(val_texts, needed))",
+             "texts": "the input texts to plan depths for"}
+
+    def __init__(self, depths: np.ndarray | int, offset: float, probe: bool = False):
+        super().__init__(depths, "complexity", offset, probe)
+
+    @classmethod
+    def from_needs(cls, setting, predictor=None, texts=None):
+        """Features + prediction for ``texts`` happen here (time them with the policy)."""
+        if not isinstance(predictor, ComplexityPredictor) or not hasattr(predictor.model, "estimators_"):
+            raise DynamicError(f"predictor must be a fitted ComplexityPredictor, got {predictor!r}; call "
+                               "ComplexityPredictor(features, n_blocks).fit(val_texts, blocks_needed(...)) first.")
+        return predictor.policy(texts, setting)
+
+    @classmethod
+    def settings_grid(cls, val_probs, n_points=41):
+        """Offsets -blocks..blocks in steps of 0.25 (``n_points`` does not apply)."""
+        probs, _ = _check_probs(val_probs)
+        n_blocks = probs.shape[1]
+        return [float(o) for o in np.arange(-n_blocks, n_blocks + 0.25, 0.25)]
+
+
+@register_policy
+class StaticPolicy(PlannedPolicy):
+    """Static truncation at average depth ``setting`` (the baseline): ⌊d⌋ or ⌈d⌉ blocks per example,
+    mixed to the exact mean (``static_depths``)."""
+
+    name = "static"
+    needs = {"n": "the number of examples to plan for", "n_blocks": "the number of blocks of the model"}
+    options = {"seed": "which examples get ⌈d⌉ blocks (default 0)"}
+    online = False
+
+    def __init__(self, depths: np.ndarray | int, setting: float | None = None, probe: bool = False):
+        super().__init__(depths, "static", setting, probe)
+
+    @classmethod
+    def from_needs(cls, setting, n=None, n_blocks=None, seed=0):
+        return cls(static_depths(n, setting, n_blocks, seed), setting)
+
+    @classmethod
+    def settings_grid(cls, val_probs, n_points=41):
+        """Every whole depth 1..blocks (``n_points`` does not apply)."""
+        probs, _ = _check_probs(val_probs)
+        return [float(d) for d in range(1, probs.shape[1] + 1)]
+
+
+@register_policy
+class OraclePolicy(PlannedPolicy):
+    """The bound no policy can beat: each example leaves at its earliest correct exit (``oracle_depths``);
+    it needs the labels, so it is a reference, not a deployable policy. ``setting`` is unused."""
+
+    name = "oracle"
+    needs = {"probs": "every exit's probabilities (examples, blocks, labels)", "labels": "the true labels"}
+    online = False
+
+    def __init__(self, depths: np.ndarray | int, setting: float = 0.0, probe: bool = False):
+        super().__init__(depths, "oracle", setting, probe)
+
+    @classmethod
+    def from_needs(cls, setting, probs=None, labels=None):
+        return cls(oracle_depths(probs, labels), setting)
+
+    @classmethod
+    def settings_grid(cls, val_probs, n_points=41):
+        """The one (unused) setting 0."""
+        _check_probs(val_probs)
+        return [0.0]
+
+
+#: Policies whose decision is made online, from the input or the exits seen so far.
+ONLINE_POLICIES = tuple(name for name, cls in _REGISTRY.items() if cls.online)
+#: Everything ``analyse`` compares: the online policies, static truncation and the oracle bound.
+POLICIES = (*ONLINE_POLICIES, *(name for name, cls in _REGISTRY.items() if not cls.online))
+
+
+def make_policy(name: str, setting: float, **needs: Any) -> ExitPolicy:
+    """The registered policy ``name`` at ``setting``, built from the inputs its class declares in ``needs``
+    (e.g. ``predictor=`` and ``texts=`` for complexity; ``n=`` and ``n_blocks=`` for static; ``probs=``
+    and ``labels=`` for oracle) and optionally ``options``."""
+    cls = policy_class(name)
+    missing = [k for k in cls.needs if needs.get(k) is None]
+    if missing:
+        what = "; ".join(f"{k}= ({cls.needs[k]})" for k in missing)
+        raise DynamicError(f"make_policy({name!r}, setting) is missing {what}.")
+    unknown = sorted(set(needs) - set(cls.needs) - set(cls.options))
+    if unknown:
+        raise DynamicError(f"make_policy({name!r}, ...) does not take {unknown}; it takes "
+                           f"{sorted({**cls.needs, **cls.options}) or 'only the setting'}.")
+    return cls.from_needs(setting, **needs)
 
 
 def _check_probs(probs: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -697,18 +881,10 @@ def static_depths(n: int, avg_depth: float, n_blocks: int, seed: int = 0) -> np.
 
 
 def settings_grid(name: str, val_probs: np.ndarray, n_points: int = 41) -> list[float]:
-    """Settings that span a policy's range on validation data: quantiles of the normalised entropies /
-    top probabilities seen at the exits (plus never-exit), or every patience 0..blocks-1."""
-    probs, _ = _check_probs(val_probs)
-    n_blocks = probs.shape[1]
-    q = np.linspace(0, 1, n_points)
-    if name == "entropy":
-        return sorted({float(v) for v in np.quantile(normalised_entropy(probs[:, :-1]), q)} | {-1.0})
-    if name == "confidence":
-        return sorted({float(v) for v in np.quantile(probs[:, :-1].max(-1), q)} | {2.0})
-    if name == "patience":
-        return list(range(n_blocks))
-    raise DynamicError(f"settings_grid knows entropy, confidence and patience, not {name!r}.")
+    """Settings that span policy ``name``'s range on validation data (its class's ``settings_grid``): e.g.
+    quantiles of the normalised entropies / top probabilities seen at the exits (plus never-exit), or
+    every patience 0..blocks-1."""
+    return policy_class(name).settings_grid(val_probs, n_points)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -846,9 +1022,9 @@ class ComplexityPredictor:
         """Depths ⌈predicted + offset⌉ clipped to 1..blocks."""
         return np.clip(np.ceil(np.asarray(predicted) + offset - 1e-9), 1, self.n_blocks).astype(int)
 
-    def policy(self, texts: Sequence[str], offset: float) -> PlannedPolicy:
+    def policy(self, texts: Sequence[str], offset: float) -> ComplexityPolicy:
         """The planned-depth policy for ``texts`` (features + prediction happen here: time them with it)."""
-        return PlannedPolicy(self.plan(self.predict(texts), offset), name="complexity", setting=offset)
+        return ComplexityPolicy(self.plan(self.predict(texts), offset), offset)
 
 
 @dataclass
@@ -1149,7 +1325,7 @@ def analyse(model: nn.Module, heads: ExitHeads, tokenizer: Any, splits: dict[str
     pred_blocks = {"val": predictor.out_of_fold(val_texts, needed)}
     predictor.fit(val_texts, needed)
     pred_blocks["test"] = predictor.predict(test_texts)
-    offsets = [float(o) for o in np.arange(-n_blocks, n_blocks + 0.25, 0.25)]
+    offsets = settings_grid("complexity", probs["val"])
     static_correct, static_choice = _static_table(model, heads, tokenizer, splits, probs, static_search, **kw)
 
     def complexity_depths(offset: float, split: str) -> np.ndarray:
@@ -1234,10 +1410,10 @@ def latency_study(model: nn.Module, heads: ExitHeads, tokenizer: Any, analysis: 
 
     def planner(name: str, setting: float) -> Planner:
         if name == "complexity":
-            return lambda idx, t: predictor.policy(t, setting)
+            return lambda idx, t: make_policy(name, setting, predictor=predictor, texts=t)
         if name == "static":
-            depths = static_depths(len(texts), setting, n_blocks, seed)
-            return lambda idx, t: PlannedPolicy(depths[idx], "static", setting)
+            static = make_policy(name, setting, n=len(texts), n_blocks=n_blocks, seed=seed)
+            return lambda idx, t: static.subset(idx)
         policy = make_policy(name, setting)
         return lambda idx, t: policy
 

@@ -3,37 +3,13 @@
 Every method answers "how important is block i?" with one number per block, behind one interface:
 ``compute(method, model, batches, seed=...)`` returns a tidy table ``method, layer, score, seed`` plus
 method-specific columns and its cost (``seconds``, ``n_forward``, ``n_backward`` in full-model passes over
-``batches``). **Higher score = more important, for every method**:
+``batches``). **Higher score = more important, for every method.**
 
-=================  ===============================================================================================
-``fisher``         diagonal empirical Fisher of the block's parameters: mean over examples of the squared
-                   per-example gradient of the log-likelihood of the true label (LM: of the text's mean token
-                   log-likelihood), summed over the block's parameters (``per_param``: divided by their number).
-``gradient``       mean over examples of the norm of the per-example loss gradient w.r.t. the block's parameters
-                   (``output_grad``: w.r.t. the block's output hidden states).
-``ablation``       damage: loss with the block skipped (identity) minus the full model's loss (``delta_accuracy``:
-                   the accuracy lost). Computed from cached block inputs: skipping block i runs blocks i+1.. only.
-``block_influence``  ShortGPT's BI = 1 - mean cosine(input, output) of the block over non-padding tokens.
-``angular``        Gromov et al.: arccos(cosine)/pi between the block's input and output, per token, averaged over
-                   non-padding tokens; ``angular_runs`` gives the distance across runs of n blocks.
-``activation``     relative update ||out - in|| / ||in|| per token (the share of the residual stream the block
-                   rewrites); also output norm and variance.
-``mutual_info``    information the block adds about the target: CE(probe on block input) - CE(probe on block
-                   output), a difference of variational lower bounds I(Y; Z) >= H(Y) - CE. Classifiers: 5-fold
-                   cross-validated logistic probe (C = 0.1) on PCA-reduced (16) mean-pooled states. LMs: the
-                   model's own final norm + LM head on every layer (logit lens), which needs no fitting.
-``conductance``    captum Layer Conductance, from the embedding output, of the predicted class's probability (LM:
-                   the text's mean token log-likelihood) through the block's *update* (output - input): |sum of
-                   the update's conductance|, averaged over examples. The block output is presented to captum as
-                   the pair (input, update), a cut of the network, so captum's convergence delta is a real
-                   completeness check; it is reported. Baseline: the embedding output of the same positions
-                   with every token replaced by the pad token. (The zero embedding output, ``baseline="zero"``,
-                   is a poor reference here: LayerNorm/RMSNorm are scale-invariant, so the path from 0 has a
-                   near-discontinuity at the origin and the integral does not converge.)
-``shap``           Shapley value of the block in the game "blocks kept vs skipped", value = task metric on the
-                   calibration set (accuracy, or minus the loss). Exact with ``shap.explainers.Exact`` up to
-                   ``exact_max_blocks`` (12), antithetic permutation sampling with standard errors beyond.
-=================  ===============================================================================================
+The methods, in the chapter's order (``METHODS``): ``fisher``, ``gradient``, ``ablation``,
+``block_influence``, ``angular``, ``activation``, ``mutual_info``, ``conductance``, ``shap``. Each is one
+:class:`ImportanceMethod` subclass in this file, whose docstring defines it and whose class attributes declare
+the shared pass it works from, the options it accepts and its cost. ``compute`` runs any registered method
+the same way, so adding a method is one class with ``@register`` (see :class:`ImportanceMethod`).
 
 Ground truth for validation: ``damage`` (any sets of blocks dropped), ``ablation_damage`` (one set),
 ``topk_damage`` (each method's choice of the k least important blocks, and random draws), ``oracle_subsets``
@@ -51,7 +27,8 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,24 +41,6 @@ from torch import nn
 from . import layers
 from .device import progress
 from .errors import LayerwiseError
-
-#: Every method, in the order of the chapter.
-METHODS = ("fisher", "gradient", "ablation", "block_influence", "angular", "activation", "mutual_info",
-           "conductance", "shap")
-#: The methods that cost about one forward/backward pass each (the performance target is about these).
-CHEAP_METHODS = METHODS[:6]
-#: What each method's score means (higher = more important).
-SIGN_CONVENTION = {
-    "fisher": "mean squared per-example log-likelihood gradient of the block's parameters",
-    "gradient": "mean per-example loss-gradient norm of the block's parameters",
-    "ablation": "loss increase when the block is skipped (damage)",
-    "block_influence": "1 - mean cosine(input, output)",
-    "angular": "mean arccos(cosine(input, output)) / pi",
-    "activation": "mean ||output - input|| / ||input||",
-    "mutual_info": "probe cross-entropy before the block minus after it (nats of label information added)",
-    "conductance": "mean |conductance through the block's update| of the predicted-class probability",
-    "shap": "Shapley value of keeping the block (task metric on the calibration set)",
-}
 
 
 class ImportanceError(LayerwiseError):
@@ -676,7 +635,7 @@ def _probe_ce(features: np.ndarray, labels: np.ndarray, seed: int, folds: int, c
     return float(-np.log(np.clip(proba[np.arange(labels.size), idx], 1e-12, 1.0)).mean())
 
 
-def _mutual_info_rows(model: nn.Module, tr: Trace, seed: int, folds: int = 5, components: int = 16, c: float = 0.1,
+def _mutual_info_rows(model: nn.Module, tr: Trace, seed: int, *, folds: int, components: int, c: float,
                       counter: _Counter | None = None) -> pd.DataFrame:
     if tr.task == "classifier":
         labels = np.concatenate([b["labels"].cpu().numpy() for b in tr.batches])
@@ -731,9 +690,8 @@ def _baseline_embedding(model: nn.Module, batch: Mapping[str, torch.Tensor], bas
     return layers.embed(model, {"input_ids": ids, "attention_mask": batch["attention_mask"]})
 
 
-def _conductance_rows(model: nn.Module, tr: Trace, n_steps: int = 16, internal_batch_size: int = 32,
-                      max_examples: int | None = None, baseline: str = "pad", counter: _Counter | None = None,
-                      ) -> pd.DataFrame:
+def _conductance_rows(model: nn.Module, tr: Trace, *, n_steps: int, internal_batch_size: int,
+                      max_examples: int | None, baseline: str, counter: _Counter | None = None) -> pd.DataFrame:
     from captum.attr import LayerConductance
 
     if n_steps < 2:
@@ -806,22 +764,6 @@ def _value(tr: Trace, nll: np.ndarray, correct: np.ndarray, value: str) -> np.nd
     return correct.sum(-1) / units if value == "accuracy" else -nll.sum(-1) / units
 
 
-def game_values(model: nn.Module, batches: Any, *, value: str = "accuracy", trace: Trace | None = None,
-                max_blocks: int = 16) -> np.ndarray:
-    """v(S) for every subset S of kept blocks, indexed by the bitmask sum(2**i for i in S); 2**L values.
-
-    Computed with the prefix tree, so the whole game costs 2**L - 1 block evaluations (not L 2**(L-1)).
-    """
-    tr = _ensure_trace(model, batches, trace)
-    n_layers = tr.n_blocks
-    if n_layers > max_blocks:
-        raise ImportanceError(f"the exact game has 2**{n_layers} coalitions; above {max_blocks} blocks use "
-                              "permutation sampling (shap with n_permutations).")
-    keeps = [tuple(bool(m >> i & 1) for i in range(n_layers)) for m in range(2**n_layers)]
-    nll, correct = _evaluate_keeps(model, tr, keeps)
-    return _value(tr, nll, correct, value)
-
-
 def _shap_exact(values: np.ndarray, n_layers: int) -> np.ndarray:
     """Shapley values from the game table via ``shap.explainers.Exact`` (players = blocks kept or skipped)."""
     import shap
@@ -890,9 +832,8 @@ def _shap_permutation(model: nn.Module, tr: Trace, value: str, n_permutations: i
     return marg.mean(0), se, 2 * pairs, v_empty
 
 
-def _shap_rows(model: nn.Module, tr: Trace, seed: int, value: str | None = None, exact_max_blocks: int = 12,
-               n_permutations: int = 16, max_examples: int | None = None, counter: _Counter | None = None,
-               ) -> pd.DataFrame:
+def _shap_rows(model: nn.Module, tr: Trace, seed: int, *, value: str | None, exact_max_blocks: int,
+               n_permutations: int, max_examples: int | None, counter: _Counter | None = None) -> pd.DataFrame:
     value = value or ("accuracy" if tr.task == "classifier" else "loss")
     if value not in ("accuracy", "loss"):
         raise ImportanceError(f"shap value={value!r}; choose 'accuracy' or 'loss' (the value is minus the loss).")
@@ -911,6 +852,274 @@ def _shap_rows(model: nn.Module, tr: Trace, seed: int, value: str | None = None,
         v_all = _value(tr, tr.nll[None, :], tr.correct[None, :], value)[0]
     return pd.DataFrame({"layer": range(n_layers), "score": phi, "se": se, "value": value, "estimator": how,
                          "n_permutations": n_perm, "v_all": v_all, "v_none": v_none, "n_examples": tr.n_examples})
+
+
+# --------------------------------------------------------------------------------------------------
+# The family: one class per method, and the registry
+
+#: The shared passes a method can declare in ``needs``: ``trace`` = one forward pass with every block boundary
+#: kept (:class:`Trace`), ``gradients`` = one forward + backward with per-example gradients (its forward pass
+#: also yields the trace).
+SHARED_PASSES = ("trace", "gradients")
+
+
+@dataclass
+class Passes:
+    """What ``ImportanceMethod.score`` works from.
+
+    ``model`` (eval mode) and ``batches`` (prepared: on the model's device, with an attention mask); the shared
+    pass the method declared in ``needs``, ``trace`` or ``grads`` (the other is None: a method sees only what
+    it declared, so the cost columns stay true); ``counter``, to which a method adds the block and head
+    evaluations it runs beyond the shared pass (they become ``n_forward``).
+    """
+
+    model: nn.Module
+    batches: list[dict[str, torch.Tensor]]
+    trace: Trace | None = None
+    grads: _Grads | None = None
+    counter: _Counter = field(default_factory=_Counter)
+
+    @property
+    def n_layers(self) -> int:
+        return layers.num_blocks(self.model)
+
+
+class ImportanceMethod:
+    """One way to score every block: subclass it, fill in the class attributes and ``score``, decorate with
+    ``@register``; ``compute(name, ...)`` and ``compute_all`` then run it like the built-in methods.
+
+    Class attributes:
+
+    - ``name``: the method's name in ``compute`` and in the ``method`` column.
+    - ``description``: what its score means, one line (higher = more important); ``SIGN_CONVENTION`` lists them.
+    - ``needs``: the one shared pass it works from, ``("trace",)`` or ``("gradients",)`` (see ``SHARED_PASSES``);
+      ``compute_all`` computes it once for every method that declares it. It is reported in the ``shared``
+      column and counted as one forward pass (and one backward for ``gradients``) in ``n_forward``/``n_backward``.
+    - ``options``: the keyword options ``score`` accepts, with their defaults; any other option is refused
+      before compute, naming these.
+    - ``cheap``: costs about one forward/backward pass (``CHEAP_METHODS``, the performance target).
+
+    ``score(passes, seed, **options)`` returns one row per block with ``layer`` and ``score`` (higher = more
+    important) and any method-specific columns (``se`` by convention); ``compute`` adds ``method``, ``seed``
+    and the cost columns. ``n_backward`` says how many full backward passes over the batches it costs.
+    """
+
+    name: str = ""
+    description: str = ""
+    needs: tuple[str, ...] = ("trace",)
+    options: Mapping[str, Any] = {}
+    cheap: bool = False
+
+    def score(self, passes: Passes, seed: int, **options: Any) -> pd.DataFrame:
+        raise NotImplementedError(f"{type(self).__name__} must define score(passes, seed, **options).")
+
+    def n_backward(self, rows: pd.DataFrame, passes: Passes, options: Mapping[str, Any]) -> float:
+        """Full-model backward passes over the batches, the shared pass included (default: the gradient pass's
+        one, if declared)."""
+        return 1.0 if "gradients" in self.needs else 0.0
+
+
+_REGISTRY: dict[str, type[ImportanceMethod]] = {}
+
+
+def register(cls: type[ImportanceMethod]) -> type[ImportanceMethod]:
+    """Class decorator: make ``cls`` available to ``compute``/``compute_all`` under ``cls.name``.
+
+    Checks the declaration here, so a mistake fails at import rather than in the middle of a run.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, ImportanceMethod)):
+        raise ImportanceError(f"register takes an ImportanceMethod subclass, got {cls!r}.")
+    name = cls.name
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ImportanceError(f"{cls.__name__}.name={name!r}; set it to the method's name, e.g. name = 'my_method'.")
+    if name in _REGISTRY:
+        raise ImportanceError(f"an importance method named {name!r} is registered already ({_REGISTRY[name].__name__})"
+                              "; choose another name, or unregister the old one first.")
+    if not cls.description:
+        raise ImportanceError(f"{cls.__name__}.description is empty; say in one line what its score means "
+                              "(higher = more important).")
+    if len(cls.needs) != 1 or cls.needs[0] not in SHARED_PASSES:
+        raise ImportanceError(f"{cls.__name__}.needs={cls.needs!r}; declare the one shared pass it works from, "
+                              f"one of {[(p,) for p in SHARED_PASSES]}.")
+    if not isinstance(cls.options, Mapping):
+        raise ImportanceError(f"{cls.__name__}.options must map each accepted option to its default, "
+                              f"got {type(cls.options).__name__}.")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def unregister(name: str) -> type[ImportanceMethod]:
+    """Remove a method added with ``register`` (e.g. a test's); the built-in ``METHODS`` cannot be removed."""
+    if name in METHODS:
+        raise ImportanceError(f"{name!r} is a built-in method (METHODS); only methods registered later can be removed.")
+    if name not in _REGISTRY:
+        raise ImportanceError(f"no importance method {name!r} is registered; registered: {', '.join(_REGISTRY)}.")
+    return _REGISTRY.pop(name)
+
+
+@contextmanager
+def registered(cls: type[ImportanceMethod]) -> Iterator[type[ImportanceMethod]]:
+    """``with registered(MyMethod): ...``: the method is available inside the block only."""
+    register(cls)
+    try:
+        yield cls
+    finally:
+        unregister(cls.name)
+
+
+def available_methods() -> tuple[str, ...]:
+    """Every registered method's name: ``METHODS`` plus any registered since, in registration order."""
+    return tuple(_REGISTRY)
+
+
+@register
+class Fisher(ImportanceMethod):
+    """Diagonal empirical Fisher of the block's parameters: mean over examples of the squared per-example
+    gradient of the log-likelihood of the true label (LM: of the text's mean token log-likelihood), summed over
+    the block's parameters (``per_param``: divided by their number; ``per_batch``: the mean per batch)."""
+
+    name = "fisher"
+    description = "mean squared per-example log-likelihood gradient of the block's parameters"
+    needs = ("gradients",)
+    cheap = True
+
+    def score(self, passes: Passes, seed: int, **options: Any) -> pd.DataFrame:
+        return _fisher_rows(passes.model, passes.grads)
+
+
+@register
+class Gradient(ImportanceMethod):
+    """Mean over examples of the norm of the per-example loss gradient w.r.t. the block's parameters
+    (``output_grad``: w.r.t. the block's output hidden states)."""
+
+    name = "gradient"
+    description = "mean per-example loss-gradient norm of the block's parameters"
+    needs = ("gradients",)
+    cheap = True
+
+    def score(self, passes: Passes, seed: int, **options: Any) -> pd.DataFrame:
+        return _gradient_rows(passes.grads)
+
+
+@register
+class Ablation(ImportanceMethod):
+    """Damage: loss with the block skipped (identity) minus the full model's loss (``delta_accuracy``: the
+    accuracy lost). Computed from cached block inputs: skipping block i runs blocks i+1.. only."""
+
+    name = "ablation"
+    description = "loss increase when the block is skipped (damage)"
+    cheap = True
+
+    def score(self, passes: Passes, seed: int, **options: Any) -> pd.DataFrame:
+        n_layers = passes.n_layers
+        rows = damage(passes.model, passes.batches, [{i} for i in range(n_layers)], trace=passes.trace,
+                      _counter=passes.counter)
+        rows = rows.drop(columns=["drop", "k"]).rename(
+            columns={"d_loss": "score", "d_accuracy": "delta_accuracy", "se_d_loss": "se"})
+        rows.insert(0, "layer", range(n_layers))
+        return rows
+
+
+@register
+class BlockInfluence(ImportanceMethod):
+    """ShortGPT's block influence: 1 - mean cosine(input, output) of the block over non-padding tokens."""
+
+    name = "block_influence"
+    description = "1 - mean cosine(input, output)"
+    cheap = True
+
+    def score(self, passes: Passes, seed: int, **options: Any) -> pd.DataFrame:
+        return _block_influence_rows(passes.trace)
+
+
+@register
+class Angular(ImportanceMethod):
+    """Gromov et al.: arccos(cosine)/pi between the block's input and output, per token, averaged over
+    non-padding tokens; ``angular_runs`` gives the distance across runs of n blocks."""
+
+    name = "angular"
+    description = "mean arccos(cosine(input, output)) / pi"
+    cheap = True
+
+    def score(self, passes: Passes, seed: int, **options: Any) -> pd.DataFrame:
+        return _angular_rows(passes.trace)
+
+
+@register
+class Activation(ImportanceMethod):
+    """Relative update ||out - in|| / ||in|| per token (the share of the residual stream the block rewrites);
+    also output norm and variance."""
+
+    name = "activation"
+    description = "mean ||output - input|| / ||input||"
+    cheap = True
+
+    def score(self, passes: Passes, seed: int, **options: Any) -> pd.DataFrame:
+        return _activation_rows(passes.trace)
+
+
+@register
+class MutualInfo(ImportanceMethod):
+    """Information the block adds about the target: CE(probe on block input) - CE(probe on block output), a
+    difference of variational lower bounds I(Y; Z) >= H(Y) - CE. Classifiers: ``folds``-fold cross-validated
+    logistic probe (C = ``c``) on PCA-reduced (``components``) mean-pooled states. LMs: the model's own final
+    norm + LM head on every layer (logit lens), which needs no fitting."""
+
+    name = "mutual_info"
+    description = "probe cross-entropy before the block minus after it (nats of label information added)"
+    options = {"folds": 5, "components": 16, "c": 0.1}
+
+    def score(self, passes: Passes, seed: int, **options: Any) -> pd.DataFrame:
+        return _mutual_info_rows(passes.model, passes.trace, seed, counter=passes.counter, **options)
+
+
+@register
+class Conductance(ImportanceMethod):
+    """captum Layer Conductance, from the embedding output, of the predicted class's probability (LM: the
+    text's mean token log-likelihood) through the block's *update* (output - input): |sum of the update's
+    conductance|, averaged over examples.
+
+    The block output is presented to captum as the pair (input, update), a cut of the network, so captum's
+    convergence delta is a real completeness check; it is reported. Baseline: the embedding output of the
+    same positions with every token replaced by the pad token. (The zero embedding output, ``baseline="zero"``,
+    is a poor reference here: LayerNorm/RMSNorm are scale-invariant, so the path from 0 has a
+    near-discontinuity at the origin and the integral does not converge.)
+    """
+
+    name = "conductance"
+    description = "mean |conductance through the block's update| of the predicted-class probability"
+    options = {"n_steps": 16, "internal_batch_size": 32, "max_examples": None, "baseline": "pad"}
+
+    def score(self, passes: Passes, seed: int, **options: Any) -> pd.DataFrame:
+        return _conductance_rows(passes.model, passes.trace, counter=passes.counter, **options)
+
+    def n_backward(self, rows: pd.DataFrame, passes: Passes, options: Mapping[str, Any]) -> float:
+        """captum: one backward per scaled input (n_steps + 1) per block, over the examples it used."""
+        return (float((options["n_steps"] + 1) * passes.n_layers) * int(rows["n_examples"].iloc[0])
+                / passes.trace.n_examples)
+
+
+@register
+class Shap(ImportanceMethod):
+    """Shapley value of the block in the game "blocks kept vs skipped", value = task metric on the calibration
+    set (accuracy, or minus the loss). Exact with ``shap.explainers.Exact`` up to ``exact_max_blocks`` blocks,
+    antithetic permutation sampling (``n_permutations`` orders) with standard errors beyond."""
+
+    name = "shap"
+    description = "Shapley value of keeping the block (task metric on the calibration set)"
+    options = {"value": None, "exact_max_blocks": 12, "n_permutations": 16, "max_examples": None}
+
+    def score(self, passes: Passes, seed: int, **options: Any) -> pd.DataFrame:
+        return _shap_rows(passes.model, passes.trace, seed, counter=passes.counter, **options)
+
+
+#: The built-in methods, in the order of the chapter (those registered above; ``available_methods`` adds any
+#: registered later).
+METHODS = tuple(_REGISTRY)
+#: The methods that cost about one forward/backward pass each (the performance target is about these).
+CHEAP_METHODS = tuple(name for name, cls in _REGISTRY.items() if cls.cheap)
+#: What each method's score means (higher = more important).
+SIGN_CONVENTION = {name: cls.description for name, cls in _REGISTRY.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -965,54 +1174,40 @@ def _shared(model: nn.Module, batches: Any, tr: Trace | None) -> _Shared:
 
 def _check_methods(methods: Iterable[str]) -> list[str]:
     methods = [methods] if isinstance(methods, str) else list(methods)
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in _REGISTRY]
     if unknown or not methods:
-        raise ImportanceError(f"unknown importance method(s) {unknown or methods}; choose from {', '.join(METHODS)}.")
+        raise ImportanceError(f"unknown importance method(s) {unknown or methods}; choose from "
+                              f"{', '.join(_REGISTRY)}.")
     return methods
 
 
 def _run(method: str, shared: _Shared, seed: int, kw: dict[str, Any]) -> pd.DataFrame:
     """One method's rows and cost (seconds of its own work; shared passes are accounted separately)."""
-    allowed = {"mutual_info": {"folds", "components", "c"},
-               "conductance": {"n_steps", "internal_batch_size", "max_examples", "baseline"},
-               "shap": {"value", "exact_max_blocks", "n_permutations", "max_examples"}}.get(method, set())
-    extra = set(kw) - allowed
+    cls = _REGISTRY[method]
+    extra = set(kw) - set(cls.options)
     if extra:
-        raise ImportanceError(f"{method} takes no option(s) {sorted(extra)}; it accepts {sorted(allowed) or 'none'}.")
+        raise ImportanceError(f"{method} takes no option(s) {sorted(extra)}; it accepts "
+                              f"{sorted(cls.options) or 'none'}.")
+    options = {**cls.options, **kw}
+    instance = cls()
     model = shared.model
     n_layers = layers.num_blocks(model)
-    counter = _Counter()
+    (shared_name,) = cls.needs
+    passes = Passes(model, shared.batches)
     spent_before = shared.spent
     start = time.perf_counter()
-    backward = 0.0
-    if method in ("fisher", "gradient"):
-        grads = shared.get_grads()
-        rows = _fisher_rows(model, grads) if method == "fisher" else _gradient_rows(grads)
-        shared_name, backward = "gradients", 1.0
+    if shared_name == "gradients":
+        passes.grads = shared.get_grads()
     else:
-        tr = shared.get_trace()
-        shared_name = "trace"
-        if method == "conductance":
-            rows = _conductance_rows(model, tr, counter=counter, **kw)
-            backward = float((kw.get("n_steps", 16) + 1) * n_layers) * int(rows["n_examples"].iloc[0]) / tr.n_examples
-        elif method == "ablation":
-            rows = damage(model, shared.batches, [{i} for i in range(n_layers)], trace=tr, _counter=counter)
-            rows = rows.drop(columns=["drop", "k"]).rename(
-                columns={"d_loss": "score", "d_accuracy": "delta_accuracy", "se_d_loss": "se"})
-            rows.insert(0, "layer", range(n_layers))
-        elif method == "block_influence":
-            rows = _block_influence_rows(tr)
-        elif method == "angular":
-            rows = _angular_rows(tr)
-        elif method == "activation":
-            rows = _activation_rows(tr)
-        elif method == "mutual_info":
-            rows = _mutual_info_rows(model, tr, seed, counter=counter, **kw)
-        else:
-            rows = _shap_rows(model, tr, seed, counter=counter, **kw)
+        passes.trace = shared.get_trace()
+    rows = instance.score(passes, seed, **options)
+    if not isinstance(rows, pd.DataFrame) or not {"layer", "score"} <= set(rows.columns):
+        raise ImportanceError(f"{cls.__name__}.score must return a DataFrame with one row per block and columns "
+                              f"'layer' and 'score'; got {getattr(rows, 'columns', type(rows).__name__)!r}.")
+    backward = instance.n_backward(rows, passes, options)
     seconds = time.perf_counter() - start - (shared.spent - spent_before)
     n_examples = sum(b["input_ids"].shape[0] for b in shared.batches)
-    forward = counter.blocks / (n_layers * n_examples) + 1.0  # + the shared pass
+    forward = passes.counter.blocks / (n_layers * n_examples) + 1.0  # + the shared pass
     rows = rows.assign(method=method, seed=seed, seconds=seconds, shared=shared_name,
                        shared_seconds=shared.used[shared_name], n_forward=forward, n_backward=backward)
     front = ["method", "layer", "score", "seed"]
@@ -1027,9 +1222,10 @@ def compute(method: str, model: nn.Module, batches: Any, *, seed: int = 0, trace
     method's own columns (e.g. ``se``, ``delta``, ``per_param``), and cost: ``seconds`` (this method's own
     work), ``shared``/``shared_seconds`` (the pass it reuses: ``trace`` = one forward with every block
     boundary kept, ``gradients`` = one forward + backward with per-example gradients), ``n_forward`` and
-    ``n_backward`` (full-model passes over ``batches``, shared pass included). Options: ``mutual_info``
-    (``folds``, ``components``, ``c``), ``conductance`` (``n_steps``, ``internal_batch_size``, ``max_examples``),
-    ``shap`` (``value``, ``exact_max_blocks``, ``n_permutations``, ``max_examples``). ``trace``: a
+    ``n_backward`` (full-model passes over ``batches``, shared pass included). ``method`` is any registered
+    method (``available_methods()``); its options are those its class declares: ``mutual_info`` (``folds``,
+    ``components``, ``c``), ``conductance`` (``n_steps``, ``internal_batch_size``, ``max_examples``,
+    ``baseline``), ``shap`` (``value``, ``exact_max_blocks``, ``n_permutations``, ``max_examples``). ``trace``: a
     ``trace(model, batches)`` computed beforehand, to share it (its time then counts as shared, not own).
     """
     (method,) = _check_methods([method])
@@ -1052,7 +1248,7 @@ def compute_all(model: nn.Module, batches: Any, methods: Iterable[str] = METHODS
     if unknown:
         raise ImportanceError(f"options given for {sorted(unknown)}, which are not among the methods {methods}.")
     shared = _shared(model, batches, trace)
-    shared.want_grads = bool({"fisher", "gradient"} & set(methods))
+    shared.want_grads = any("gradients" in _REGISTRY[m].needs for m in methods)
     return pd.concat([_run(m, shared, seed, dict(options.get(m, {})))
                       for m in progress(methods, desc=f"importance methods (seed {seed})")], ignore_index=True)
 
@@ -1079,12 +1275,13 @@ def cost_table(scores: pd.DataFrame) -> pd.DataFrame:
 
 def choose(scores: pd.DataFrame, k: int) -> dict[str, tuple[int, ...]]:
     """Each method's choice of the k blocks to drop: its k lowest scores (ties: earlier block first)."""
+    from .strategies import top_k  # the one top-k rule every module shares
+
     out = {}
     for method, g in scores.groupby("method", sort=False):
         if g["layer"].duplicated().any():
             raise ImportanceError(f"{method} has several rows per layer (several seeds?); pass one seed's scores.")
-        order = g.sort_values(["score", "layer"], kind="stable")["layer"].astype(int).tolist()
-        out[str(method)] = tuple(sorted(order[:k]))
+        out[str(method)] = top_k(dict(zip(g["layer"], g["score"], strict=True)), k, largest=False)
     return out
 
 

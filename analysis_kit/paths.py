@@ -42,3 +42,31 @@ def cache_dir() -> Path:
 def results_dir() -> Path:
     """Root of ``results/<experiment>/<profile>/``; ``LAYERWISE_RESULTS`` overrides it."""
     return Path(os.environ.get("LAYERWISE_RESULTS", REPO_ROOT / "results")).expanduser()
+
+
+def published(path: str | Path) -> Path:
+    """Where ``path`` will live once the run that is writing it is published.
+
+    Under ``analysis-kit run`` a notebook writes into a staging folder (``LAYERWISE_RUN_DIR``) that the
+    runner renames to ``results/<LAYERWISE_PUBLISH_AS>`` only if the whole notebook succeeds; paths that a
+    notebook records or prints must name the published place, not the staging one. Outside a run (or for
+    a path outside the staging folder) ``path`` is returned unchanged.
+    """
+    path = Path(path)
+    stage, target = os.environ.get("LAYERWISE_RUN_DIR"), os.environ.get("LAYERWISE_PUBLISH_AS")
+    if not stage or not target:
+        return path
+    try:
+        rel = path.resolve().relative_to(Path(stage).resolve())
+    except ValueError:
+        return path
+    return results_dir() / target / rel
+
+
+def shown(path: str | Path) -> str:
+    """``path`` for a reader: relative to the repository when inside it, so no machine's layout is printed."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return str(path)

@@ -23,7 +23,7 @@ import pandas as pd
 
 from .cache import atomic_write_json, atomic_write_text
 from .errors import LayerwiseError
-from .paths import REPO_ROOT, results_dir
+from .paths import REPO_ROOT, published, results_dir, shown
 
 #: Distributions whose versions are recorded with every result.
 TRACKED_PACKAGES = (
@@ -196,11 +196,15 @@ class Report:
             "tables": sorted(f"{n}.csv" for n in self.tables),
         }
 
-    def save(self) -> Path:
-        """Write summary.json and the tables atomically; returns the folder."""
+    def save(self) -> str:
+        """Write summary.json and the tables atomically; return where they are published, for the reader.
+
+        That is ``results/<experiment>/<profile>`` (relative to the repository): under ``analysis-kit run``
+        the files go to a staging folder first, which the runner publishes there when the notebook succeeds.
+        """
         out = self.out_dir
         out.mkdir(parents=True, exist_ok=True)
         for name, df in self.tables.items():
             atomic_write_text(out / f"{name}.csv", df.to_csv(index=False))
         atomic_write_json(out / "summary.json", self.summary())
-        return out
+        return shown(published(out))

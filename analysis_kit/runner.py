@@ -465,6 +465,19 @@ def _kernel_manager_class() -> type:
     return _KERNEL_MANAGER[0]
 
 
+def _portable_metadata(executed: Path, slug: str, out: Path) -> None:
+    """Record papermill's input and output paths relative to the repository (they are published)."""
+    import nbformat
+
+    from .paths import shown
+
+    nb = nbformat.read(executed, as_version=4)
+    meta = nb.metadata.get("papermill", {})
+    meta["input_path"] = f"notebooks/{slug}.ipynb"
+    meta["output_path"] = shown(out)
+    nbformat.write(nb, executed)
+
+
 def _publish(staging: Path, final: Path, record: dict[str, Any]) -> None:
     """Replace ``final`` (a results folder) by the staged one in two renames, then write its run record.
 
@@ -594,6 +607,7 @@ def run_one(slug: str, profile: str, overrides: dict[str, Any] | None = None, fo
         relay = _console_progress()
         try:
             with _env(LAYERWISE_PROGRESS="0", PYTHONWARNINGS=warn, LAYERWISE_RUN_DIR=str(stage),
+                      LAYERWISE_PUBLISH_AS=f"{slug}/{label}",
                       LAYERWISE_KERNEL_LOG=str(stage.parent / f".{label}.kernel.log"),
                       LAYERWISE_PROGRESS_FILE=str(relay_file) if relay else None), \
                     (_ProgressRelay(relay_file) if relay else contextlib.nullcontext()):
@@ -616,6 +630,7 @@ def run_one(slug: str, profile: str, overrides: dict[str, Any] | None = None, fo
                                                                 "params": params})
             return RunResult(slug, "failed", time.time() - start, failed_nb, msg, params, label=label)
         secs = time.time() - start
+        _portable_metadata(executed, slug, out)
         executed.rename(stage.parent / f".{label}.executed.ipynb")
         relay_file.unlink(missing_ok=True)
         record = {"fingerprint": fp, "status": "ran", "seconds": round(secs, 1), "params": params,
@@ -645,6 +660,9 @@ def run(slugs: list[str] | None, profile: str, overrides: dict[str, Any] | None 
     for slug in slugs:  # validate everything before the first heavy run
         resolve(slug, profile, overrides)
     _check_writable()
+    from .assets import check_present
+
+    check_present()  # a damaged asset stops the run here, in a second, with the fix named
     clean_stale()
     results: list[RunResult] = []
     for i, slug in enumerate(slugs, 1):

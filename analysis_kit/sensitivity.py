@@ -381,8 +381,9 @@ def drop_set(scores: pd.Series | dict[int, float], n_drop: int) -> tuple[int, ..
         raise SensitivityError("scores contain NaN; every layer needs a score before choosing what to drop.")
     if not 1 <= n_drop < len(s):
         raise SensitivityError(f"n_drop={n_drop} must be between 1 and {len(s) - 1} (the model has {len(s)} layers).")
-    order = sorted(s.index, key=lambda layer: (s[layer], layer))
-    return tuple(sorted(int(i) for i in order[:n_drop]))
+    from .strategies import top_k  # the one top-k rule every module shares
+
+    return top_k(s, n_drop, largest=False)
 
 
 def pruning_transfer(df: pd.DataFrame, evaluate: Callable[[tuple, frozenset[int]], dict[str, float]],

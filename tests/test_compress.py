@@ -437,8 +437,10 @@ def test_candidates_cover_every_strategy_and_size(tokenizer):
     assert set(extras) == {"angular", "greedy"} and len(extras["greedy"]) == 3  # 5 → 2 blocks
     greedy4 = by.loc[("greedy", 4), "keep"]
     assert len(greedy4) == 4 and set(by.loc[("greedy", 2), "keep"]) < set(greedy4)  # one removal path
-    with pytest.raises(CompressError, match="calibration"):
+    with pytest.raises(CompressError, match="greedy needs calibration"):  # read from the strategy's declaration
         compress.candidates(model, None, [2], strategies=("greedy",))
+    with pytest.raises(CompressError, match="the importance strategy needs scores="):
+        compress.candidates(model, calib, [2], strategies=("importance",))
 
 
 def test_retention_tables_and_random_null(tokenizer):

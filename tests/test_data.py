@@ -1,4 +1,4 @@
-"""Data: readers, label modes, splits, bucketed batches, the JSONL and MovieLens loaders, the dataset card.
+"""Data: readers, label modes, splits, bucketed batches, the JSONL loader, the dataset card.
 
 Small hand-made files and frames check the rules exactly; the real snippets (fetched once into the
 default cache by a session fixture, skipped when they cannot be had) check the readers on the real data.
@@ -311,46 +311,6 @@ def test_amazon_reviews_2023_all_neutral_is_an_error_not_an_empty_table(tmp_path
     with pytest.raises(data.DataError, match=r"all 4 reviews are 3-star .*label_mode='bins5'"):
         data.load_amazon_reviews_2023(path)
     assert len(data.load_amazon_reviews_2023(path, label_mode="bins5")) == 4
-
-
-# ------------------------------------------------------------------------------------------------- MovieLens
-
-
-def test_read_atomic_types_and_errors(tmp_path):
-    (tmp_path / "ml-100k.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
-                                            "196\t242\t3\t881250949\n186\t302\t3.5\t891717742\n")
-    (tmp_path / "ml-100k.item").write_text('item_id:token\tmovie_title:token_seq\trelease_year:token\n'
-                                           '1\tToy "Story"\t1995\n2\tNA\t\n')
-    (tmp_path / "ml-100k.user").write_text("user_id:token\tzip_code:token\n1\t01234\n2\tT8H1N\n")
-    ml = data.load_movielens(tmp_path)
-    inter = ml["inter"]
-    assert list(inter.columns) == ["user_id", "item_id", "rating", "timestamp"]
-    assert inter["user_id"].tolist() == ["196", "186"] and inter["rating"].tolist() == [3.0, 3.5]
-    assert inter["rating"].dtype == float and inter.attrs["types"]["user_id"] == "token"
-    assert ml["item"]["movie_title"].tolist() == ['Toy "Story"', "NA"] and ml["item"]["release_year"].tolist() == [
-        "1995", ""]
-    assert ml["user"]["zip_code"].tolist() == ["01234", "T8H1N"]  # leading zero kept
-    (tmp_path / "ml-100k.inter").write_text("user_id:token\trating:float\n1\t4\n2\tfour\n")
-    with pytest.raises(data.DataError, match=r"ml-100k.inter:3: rating = 'four'"):
-        data.load_movielens(tmp_path)
-    (tmp_path / "ml-100k.inter").write_text("user_id\trating\n1\t4\n")
-    with pytest.raises(data.DataError, match="not 'name:type'"):
-        data.load_movielens(tmp_path)
-    (tmp_path / "ml-100k.user").unlink()
-    with pytest.raises(data.DataError, match=r"lacks ml-100k.\{user\}.*analysis-kit fetch movielens"):
-        data.load_movielens(tmp_path)
-
-
-def test_real_movielens_if_cached():
-    from analysis_kit import assets
-
-    try:
-        assets.fetch("movielens", offline=True)  # never downloads here: 2 MB wheel, fetched by `analysis-kit fetch`
-    except assets.AssetError as exc:
-        pytest.skip(f"movielens is not in the cache: {exc}")
-    ml = data.load_movielens()
-    assert len(ml["inter"]) == 100_000 and len(ml["item"]) == 1682 and len(ml["user"]) == 943
-    assert ml["inter"]["user_id"].nunique() == 943 and ml["inter"]["rating"].between(1, 5).all()
 
 
 # ------------------------------------------------------------------------------------------------- card

@@ -31,6 +31,14 @@ def test_keep_top_takes_highest_scores_in_block_order_and_breaks_ties_early():
         depth.first_and_best(scores, [0])
 
 
+def test_keep_top_reads_layer_labels_in_any_row_order_and_ranks_nan_last():
+    """The shared ``strategies.top_k`` keeps what the pandas sort did: layer labels, not row positions; NaN last."""
+    shuffled = pd.DataFrame({"layer": [3, 1, 0, 2], "score": [0.2, 0.5, float("nan"), 0.5]})
+    assert depth.keep_top(shuffled, 1) == (1,)
+    assert depth.keep_top(shuffled, 3) == (1, 2, 3)
+    assert depth.keep_top(shuffled, 4) == (0, 1, 2, 3)
+
+
 def test_train_job_rejects_bad_block_lists():
     spec, task, cfg = ModelSpec("scratch", tiny=True), train.TaskSpec(), train.TrainConfig()
     assert TrainJob(spec, task, cfg, 0, keep=[0, 2]).keep == (0, 2)

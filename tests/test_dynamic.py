@@ -135,6 +135,99 @@ def test_settings_grid_spans_never_exit_to_always_exit():
     assert depths[0] < depths[-1] == N_BLOCKS and depths == sorted(depths)
 
 
+def random_probs(n: int, n_blocks: int, n_labels: int, seed: int) -> np.ndarray:
+    """Random exit probabilities (examples, blocks, labels): every policy must cope with any of them."""
+    logits = np.random.default_rng(seed).normal(0, 2, (n, n_blocks, n_labels))
+    return dy.exit_probs(logits)
+
+
+@pytest.fixture(scope="module")
+def policy_inputs():
+    """Everything a registered policy may declare in ``needs``, for random probabilities of 5 blocks."""
+    n, n_blocks = 24, 5
+    rng = np.random.default_rng(1)
+    texts = [" ".join(rng.choice(WORDS, int(rng.integers(1, 12)))) for _ in range(n)]
+    feats = dy.ComplexityFeatures().fit(texts, rng.integers(0, 3, n))
+    predictor = dy.ComplexityPredictor(feats, n_blocks, seed=0).fit(texts, rng.integers(1, n_blocks + 1, n))
+    probs = random_probs(n, n_blocks, 3, seed=2)
+    return {"n": n, "n_blocks": n_blocks, "texts": texts, "predictor": predictor, "probs": probs,
+            "labels": rng.integers(0, 3, n)}
+
+
+def test_registry_holds_the_six_policies_in_the_order_analyse_reports_them():
+    assert dy.policy_names() == ("entropy", "confidence", "patience", "complexity", "static", "oracle")
+    assert dy.ONLINE_POLICIES == ("entropy", "confidence", "patience", "complexity")
+    assert dy.POLICIES == (*dy.ONLINE_POLICIES, "static", "oracle")
+    with pytest.raises(dy.DynamicError, match="unknown policy 'nope'; registered"):
+        dy.make_policy("nope", 0.5)
+
+
+@pytest.mark.parametrize("name", dy.policy_names())
+def test_every_registered_policy_is_made_by_make_policy_and_exits_within_the_blocks(name, policy_inputs):
+    cls = dy.policy_class(name)
+    probs, n_blocks = policy_inputs["probs"], policy_inputs["n_blocks"]
+    needs = {k: policy_inputs[k] for k in cls.needs}
+    grid = dy.settings_grid(name, probs)
+    assert grid and grid == cls.settings_grid(probs)
+    for setting in grid:
+        policy = dy.make_policy(name, setting, **needs)
+        assert isinstance(policy, cls) and policy.name == name
+        depth = dy.simulate(policy, probs)
+        assert depth.shape == (len(probs),) and depth.min() >= 1 and depth.max() <= n_blocks
+    for missing in cls.needs:  # each declared input, left out, is named in the error
+        with pytest.raises(dy.DynamicError, match=f"missing {missing}="):
+            dy.make_policy(name, grid[0], **{k: v for k, v in needs.items() if k != missing})
+    with pytest.raises(dy.DynamicError, match=r"does not take \['bogus'\]"):
+        dy.make_policy(name, grid[0], bogus=1, **needs)
+
+
+def test_planned_policies_through_make_policy_equal_their_hand_built_plans(policy_inputs):
+    pred, texts = policy_inputs["predictor"], policy_inputs["texts"]
+    made = dy.make_policy("complexity", 0.5, predictor=pred, texts=texts)
+    assert made.depths.tolist() == pred.policy(texts, 0.5).depths.tolist() and made.setting == 0.5
+    with pytest.raises(dy.DynamicError, match="fitted ComplexityPredictor"):
+        dy.make_policy("complexity", 0.5, predictor=dy.ComplexityPredictor(pred.features, 5), texts=texts)
+    static = dy.make_policy("static", 2.5, n=10, n_blocks=4, seed=3)
+    assert static.depths.tolist() == dy.static_depths(10, 2.5, 4, seed=3).tolist() and static.setting == 2.5
+    assert static.subset(np.array([1, 4])).depths.tolist() == static.depths[[1, 4]].tolist()
+    oracle = dy.make_policy("oracle", 0.0, probs=HAND, labels=LABELS)
+    assert dy.simulate(oracle, HAND).tolist() == dy.oracle_depths(HAND, LABELS).tolist()
+    assert dy.settings_grid("static", HAND) == [1.0, 2.0, 3.0, 4.0] and dy.settings_grid("oracle", HAND) == [0.0]
+    assert dy.settings_grid("complexity", HAND) == [float(o) for o in np.arange(-4, 4.25, 0.25)]
+
+
+def test_a_toy_policy_is_one_class_that_registers_runs_through_simulate_and_unregisters():
+    class AfterBlock(dy.ExitPolicy):
+        """Toy: every example leaves after block ``setting`` (1-based), whatever the exits say."""
+
+        name = "toy_after_block"
+        needs_probs = False
+
+        @classmethod
+        def settings_grid(cls, val_probs, n_points=41):
+            return [float(d) for d in range(1, np.shape(val_probs)[1] + 1)]
+
+        def step(self, k, probs, rows):
+            return np.full(rows.shape, k + 1 >= self.setting)
+
+    assert dy.register_policy(AfterBlock) is AfterBlock
+    try:
+        assert "toy_after_block" in dy.policy_names()
+        assert dy.simulate(dy.make_policy("toy_after_block", 2), HAND).tolist() == [2, 2, 2, 2]
+        sweep = dy.curve(HAND, LABELS, "toy_after_block", dy.settings_grid("toy_after_block", HAND))
+        assert sweep["avg_depth"].tolist() == [1.0, 2.0, 3.0, 4.0]
+
+        class Clash(AfterBlock):
+            name = "toy_after_block"
+
+        with pytest.raises(dy.DynamicError, match="taken by AfterBlock"):
+            dy.register_policy(Clash)
+    finally:
+        dy.unregister_policy("toy_after_block")
+    assert "toy_after_block" not in dy.policy_names()
+    with pytest.raises(dy.DynamicError, match="unknown policy 'toy_after_block'"):
+        dy.make_policy("toy_after_block", 2)
+
 def test_calibrate_picks_the_best_setting_within_budget():
     c = pd.DataFrame({"policy": "entropy", "setting": [0.1, 0.2, 0.3, 0.4],
                       "avg_depth": [3.5, 2.9, 2.0, 1.5], "accuracy": [0.90, 0.88, 0.88, 0.80]})

@@ -163,6 +163,14 @@ def test_planted_block_ranks_first(planted):
 # Shapley values
 
 
+def _game_values(model: nn.Module, batches: list[dict], value: str) -> np.ndarray:
+    """v(S) for every subset S of kept blocks, indexed by the bitmask sum(2**i for i in S): the whole game."""
+    tr = imp.trace(model, batches)
+    keeps = [tuple(bool(m >> i & 1) for i in range(tr.n_blocks)) for m in range(2**tr.n_blocks)]
+    nll, correct = imp._evaluate_keeps(model, tr, keeps)
+    return imp._value(tr, nll, correct, value)
+
+
 def _brute_shapley(values: np.ndarray, n: int) -> np.ndarray:
     phi = np.zeros(n)
     for i in range(n):
@@ -178,7 +186,7 @@ def _brute_shapley(values: np.ndarray, n: int) -> np.ndarray:
 def test_exact_shapley_sums_to_v_all_minus_v_none_and_matches_the_formula():
     model = _bert(n_layers=3, init=0.5)
     batches = _cls_batches()
-    values = imp.game_values(model, batches, value="loss")
+    values = _game_values(model, batches, "loss")
     assert values.shape == (8,)
     full = imp.trace(model, batches)
     assert values[-1] == pytest.approx(-full.loss, rel=1e-6)
@@ -197,7 +205,7 @@ def test_permutation_shapley_is_efficient_and_has_standard_errors():
     assert df["estimator"].iloc[0].startswith("antithetic permutation")
     assert df["score"].sum() == pytest.approx(df["v_all"].iloc[0] - df["v_none"].iloc[0], abs=1e-6)
     assert np.isfinite(df["se"]).all() and (df["se"] >= 0).all()
-    values = imp.game_values(model, batches, value="loss")
+    values = _game_values(model, batches, "loss")
     exact = _brute_shapley(values, 4)
     assert np.abs(df["score"].to_numpy() - exact).max() < 4 * df["se"].max() + 1e-6  # sampling error, not bias
 

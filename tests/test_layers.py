@@ -19,6 +19,7 @@ from transformers import (
     MistralConfig,
     MPNetConfig,
     Qwen2Config,
+    RobertaConfig,
     T5Config,
     ViTConfig,
 )
@@ -57,6 +58,8 @@ DECODERS = ["llama", "mistral", "qwen2", "gpt2"]
 FAMILIES = ENCODERS + DECODERS
 EXPECTED_PATH = {"bert": "bert.encoder.layer", "mpnet": "mpnet.encoder.layer", "llama": "model.layers",
                  "mistral": "model.layers", "qwen2": "model.layers", "gpt2": "transformer.h"}
+EXPECTED_ADAPTER = {"bert": layers.BertAdapter, "mpnet": layers.MPNetAdapter, "llama": layers.LlamaAdapter,
+                    "mistral": layers.MistralAdapter, "qwen2": layers.Qwen2Adapter, "gpt2": layers.GPT2Adapter}
 
 
 def make_model(family: str, head: str = "seq", seed: int = 0):
@@ -111,6 +114,41 @@ def test_blocks_found_in_bare_and_head_models(family):
         assert model.get_submodule(expected) is blocks
 
 
+def test_supported_is_exactly_the_adapter_registry():
+    assert set(layers.SUPPORTED) == set(FAMILIES)
+    assert all(f in EXPECTED_ADAPTER[f].model_types for f in FAMILIES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_resolves_to_its_adapter(family):
+    for head in ["bare", "seq"] + (["lm"] if family in DECODERS else []):
+        model = make_model(family, head)
+        adapter = layers.adapter_for(model)
+        assert type(adapter) is EXPECTED_ADAPTER[family]
+        assert isinstance(adapter, layers.FamilyAdapter)
+        assert adapter is layers.adapter_for(make_model(family, head))  # one shared instance per family
+        assert adapter.is_encoder == (family in ENCODERS)
+        assert layers.family(model) == family
+        assert adapter.blocks(model) is layers.get_blocks(model)
+
+
+@pytest.mark.parametrize("config", [T5Config(d_model=32, num_layers=2, num_heads=4, d_ff=64, d_kv=8, vocab_size=50),
+                                    RobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=4, intermediate_size=64)],
+                         ids=["t5", "roberta"])
+def test_unsupported_model_type_is_refused_by_the_adapter_lookup(config):
+    """Refused by ``config.model_type`` before any work, even where the module layout looks like a supported
+    family's (RoBERTa has ``roberta.encoder.layer`` like BERT but is not a supported family today)."""
+    model = AutoModelForSequenceClassification.from_config(config) if config.model_type == "roberta" \
+        else AutoModel.from_config(config)
+    for call in (layers.adapter_for, layers.family, lambda m: layers.run_blocks(m, {"input_ids": torch.ones(1, 3)})):
+        with pytest.raises(layers.UnsupportedArchitectureError) as err:
+            call(model)
+        message = str(err.value)
+        assert f"model_type={config.model_type!r}" in message
+        assert "Supported families (config.model_type): " + ", ".join(layers.SUPPORTED) in message
+
+
 @pytest.mark.parametrize("config", [T5Config(d_model=32, num_layers=2, num_heads=4, d_ff=64, d_kv=8, vocab_size=50),
                                     ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                               intermediate_size=64, image_size=16, patch_size=8)],
@@ -159,10 +197,12 @@ def test_keep_accepts_sets_numpy_ints_and_leaves_the_original_alone():
 
     model = make_model("bert")
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    full = layers.get_blocks(model)
     a = layers.keep_blocks(model, {3, 1})
     b = layers.keep_blocks(model, np.array([1, 3]))
     assert layers.num_blocks(a) == layers.num_blocks(b) == 2
     assert layers.num_blocks(model) == N_BLOCKS and model.config.num_hidden_layers == N_BLOCKS
+    assert layers.get_blocks(model) is full  # the block list was swapped on the copy only
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert layers.get_blocks(a)[0] is not layers.get_blocks(model)[1]  # a copy, not shared modules
     assert torch.equal(layers.get_blocks(a)[0].output.dense.weight, layers.get_blocks(model)[1].output.dense.weight)

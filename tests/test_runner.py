@@ -327,3 +327,23 @@ def test_kernel_notices_stay_off_the_console(sandbox, capfd):
     assert runner.run(["baselines"], "default")[0].status == "ran"
     captured = capfd.readouterr()
     assert "without encryption" not in captured.err + captured.out
+
+
+def test_published_paths_name_the_final_place_not_the_staging_folder(sandbox, monkeypatch):
+    """Paths a notebook records while it runs in staging must point where the results are published."""
+    from analysis_kit import paths
+
+    stage = sandbox / "runs/baselines/default"
+    monkeypatch.setenv("LAYERWISE_RUN_DIR", str(stage))
+    monkeypatch.setenv("LAYERWISE_PUBLISH_AS", "baselines/default+abc")
+    assert paths.published(stage / "models" / "m1") == sandbox / "results/baselines/default+abc/models/m1"
+    assert paths.published(sandbox / "elsewhere") == sandbox / "elsewhere"
+    assert paths.shown(paths.REPO_ROOT / "results" / "x") == "results/x"
+
+
+def test_executed_notebooks_record_repository_relative_paths(sandbox):
+    import nbformat as nbf
+
+    res = runner.run(["baselines"], "default")[0]
+    meta = nbf.read(res.output, as_version=4).metadata["papermill"]
+    assert meta["input_path"] == "notebooks/baselines.ipynb" and "runs" not in meta["output_path"]

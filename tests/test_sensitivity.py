@@ -169,6 +169,7 @@ def test_drop_set_takes_least_important_with_stable_ties():
     assert S.drop_set({0: 0.0, 1: 0.0, 2: 1.0}, 1) == (0,)
     with pytest.raises(S.SensitivityError, match="n_drop"):
         S.drop_set(pd.Series([1.0, 2.0]), 2)
+    assert S.drop_set(pd.Series({7: 2.0, 4: 2.0, 9: 5.0}), 1) == (4,)  # labels, not positions, break ties
 
 
 def _tiny_bert():

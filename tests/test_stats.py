@@ -220,7 +220,7 @@ def test_tost_against_two_one_sided_scipy_tests():
         S.tost_paired(a, b, margin=0)
 
 
-def test_anova_and_kruskal_match_scipy():
+def test_anova_matches_scipy():
     g = ([0.80, 0.82, 0.81], [0.85, 0.86, 0.84], [0.79, 0.80, 0.83])
     res = S.anova_oneway(*g)
     ref = sps.f_oneway(*g)
@@ -228,10 +228,6 @@ def test_anova_and_kruskal_match_scipy():
     allv = np.concatenate(g)
     ss_between = sum(len(x) * (np.mean(x) - allv.mean()) ** 2 for x in g)
     assert res.effect_size == pytest.approx(ss_between / ((allv - allv.mean()) ** 2).sum())
-    kw = S.kruskal(*g)
-    ref = sps.kruskal(*g)
-    assert (kw.statistic, kw.p_value) == pytest.approx((ref.statistic, ref.pvalue))
-    assert kw.effect_size == pytest.approx(ref.statistic / (len(allv) - 1))
     with pytest.raises(LayerwiseError, match="at least 2"):
         S.anova_oneway([1.0, 2.0])
     with pytest.raises(S.DegenerateDataError):
