@@ -545,6 +545,10 @@ class Analyzer:
             self._lock()
             self.log(f"loading {self.model_dir}")
             self.model, self.tokenizer = _load_model(self.model_dir, self.task)
+            from .device import pick
+
+            # importance methods run on the model's own device: put it where the user asked once, here
+            self.model.to(pick(self.settings["device"]))
             if self.tokenizer.pad_token is None:
                 raise AnalyzeError(f"the tokenizer in {self.model_dir} has no pad token and no EOS token to use as "
                                    "one; set tokenizer.pad_token and save it into the folder.")
