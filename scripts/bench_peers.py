@@ -462,6 +462,8 @@ def pick_texts(n: int, seed: int, held_out: float, tokenizer: Any) -> tuple[list
     from analysis_kit import analyze, data
 
     snippets = data.load_snippets("amazon", label_mode="regression")  # every snippet, no neutral band
+    # a language model needs a next token to predict: keep snippets of at least four tokens
+    snippets = snippets[[len(tokenizer(t)["input_ids"]) >= 4 for t in snippets["text"]]]
     if len(snippets) < n + 2:
         raise SystemExit(f"--texts {n}: only {len(snippets)} Amazon snippets; use --texts {len(snippets) - 2} or fewer.")
     frame = pd.DataFrame({"text": snippets.sample(n=n + 2, random_state=seed)["text"].to_numpy()})
