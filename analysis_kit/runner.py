@@ -332,14 +332,19 @@ RUNS = REPO_ROOT / "_build" / "runs"  #: staging: a run executes here and is pub
 FAILED = REPO_ROOT / "_build" / "failed"  #: the partial notebook and error record of the last failed run
 
 
+def changed_params(slug: str, profile: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The parameters in ``params`` whose values differ from what ``profile`` alone resolves to."""
+    base = resolve(slug, profile)
+    return {k: v for k, v in params.items() if base.get(k) != v}
+
+
 def run_label(slug: str, profile: str, params: dict[str, Any]) -> str:
     """``profile``, or ``profile+<hash>`` when ``params`` differ from what the profile alone resolves to.
 
     Runs with command-line overrides are kept apart from the profile's own results, so trying a parameter
     never replaces the committed numbers of the book.
     """
-    base = resolve(slug, profile)
-    diff = {k: v for k, v in params.items() if base.get(k) != v}
+    diff = changed_params(slug, profile, params)
     if not diff:
         return profile
     digest = hashlib.sha256(json.dumps(diff, sort_keys=True, default=str).encode()).hexdigest()[:8]
@@ -637,7 +642,7 @@ def run_one(slug: str, profile: str, overrides: dict[str, Any] | None = None, fo
                   "finished": time.strftime("%Y-%m-%d %H:%M", time.localtime()),
                   "output": os.path.relpath(out, REPO_ROOT)}
         if label != profile:
-            record["overrides"] = {k: v for k, v in params.items() if resolve(slug, profile).get(k) != v}
+            record["overrides"] = changed_params(slug, profile, params)
         _publish(stage, final, record)
         _replace_file(stage.parent / f".{label}.executed.ipynb", out)
         (stage.parent / f".{label}.executed.ipynb").unlink()
