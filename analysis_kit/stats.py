@@ -16,6 +16,15 @@ Conventions:
 - Inputs with NaN, mismatched lengths or too few values raise ``StatsError``. Data on which a statistic
   is undefined (e.g. zero variance of paired differences) raises ``DegenerateDataError`` so a notebook
   can catch exactly that case and say so, instead of printing p = 0 or p = nan.
+
+The evidence protocol's engine (the end of this module) works on per-example rows, not per-seed numbers:
+
+- ``hierarchical_bootstrap`` (and ``accuracy_ci``, ``macro_f1_ci``, ``retention_ci``): intervals that
+  resample seeds, then test examples within a seed, so a finite test set's sampling error is always in
+  the interval; percentile intervals, so bounded metrics stay inside their bounds without clipping.
+- ``paired_difference`` and ``stratified_mcnemar``: two classifiers on the same test examples.
+- ``TestFamilies``: test families declared once per chapter, Holm within each, and a list of the tests
+  that cannot reject at their n (``min_attainable_p``).
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -31,6 +40,7 @@ import pandas as pd
 from scipy import stats as sps
 from statsmodels.stats.contingency_tables import mcnemar as _sm_mcnemar
 from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.proportion import proportion_confint
 from statsmodels.stats.weightstats import ttost_paired
 
 from .errors import LayerwiseError
@@ -585,3 +595,708 @@ def prob_improvement(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.nd
     est, low, high, _ = _bootstrap((x, y), _pi_pairs, paired=False, confidence=confidence, n_resamples=n_resamples,
                                    seed=seed, method="BCa")
     return est, low, high
+
+
+# ---------------------------------------------------- hierarchical bootstrap: seeds, then test examples
+
+MIN_SEEDS = 5  # the evidence protocol's minimum number of seeds behind a reported interval
+_CELL_LIMIT = 64  # 1-D np.mean input with at most this many distinct values: resample by multinomial counts
+_CHUNK = 4_000_000  # index matrices are drawn in chunks of about this many elements (bounds memory)
+
+
+class _CellStatistic:
+    """A statistic of rows that take few distinct values ("cells"), computed from the cell counts.
+
+    Resampling n rows with replacement is the same, in distribution, as drawing the cell counts from a
+    multinomial with the observed cell frequencies. A statistic that needs only the counts (accuracy,
+    a retention ratio, a confusion matrix and so macro-F1) therefore gets thousands of resamples from
+    one ``multinomial`` call instead of a Python loop over resamples. A subclass declares ``n_cells``,
+    ``encode`` (rows -> one cell code per row, validating the rows) and ``from_counts`` (counts of shape
+    ``(..., n_cells)`` -> values of shape ``(...)``); calling the object on rows gives the plain statistic.
+    """
+
+    n_cells: int = 0
+
+    def encode(self, rows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def from_counts(self, counts: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, rows: np.ndarray) -> float:
+        counts = np.bincount(self.encode(np.asarray(rows)), minlength=self.n_cells)
+        return float(self.from_counts(counts))
+
+
+def _binary_pair_codes(rows: np.ndarray, what: str) -> np.ndarray:
+    """Rows ``(x, y)`` of 0/1 values -> cell code ``2 x + y`` (0: both 0, 1: only y, 2: only x, 3: both)."""
+    r = np.asarray(rows)
+    if r.ndim != 2 or r.shape[1] != 2:
+        raise StatsError(f"{what} must have two columns; got shape {r.shape}.")
+    if not np.isin(r, (0, 1)).all():
+        raise StatsError(f"{what} must be booleans or 0/1 (was each example answered correctly?).")
+    return 2 * r[:, 0].astype(np.int64) + r[:, 1].astype(np.int64)
+
+
+class _AccuracyDifference(_CellStatistic):
+    """mean(a) - mean(b) on the same rows; rows are ``(correct_a, correct_b)``."""
+
+    n_cells = 4
+
+    def encode(self, rows: np.ndarray) -> np.ndarray:
+        return _binary_pair_codes(rows, "paired rows (correct_a, correct_b)")
+
+    def from_counts(self, counts: np.ndarray) -> np.ndarray:
+        c = np.asarray(counts, dtype=float)
+        return (c[..., 2] - c[..., 1]) / c.sum(-1)
+
+
+class _Retention(_CellStatistic):
+    """mean(correct_comp) / mean(correct_full) on the same rows; rows are ``(correct_full, correct_comp)``."""
+
+    n_cells = 4
+
+    def encode(self, rows: np.ndarray) -> np.ndarray:
+        return _binary_pair_codes(rows, "retention rows (correct_full, correct_comp)")
+
+    def from_counts(self, counts: np.ndarray) -> np.ndarray:
+        c = np.asarray(counts, dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):  # full accuracy 0 -> inf/nan, caught by the engine
+            return (c[..., 1] + c[..., 3]) / (c[..., 2] + c[..., 3])
+
+
+class _MacroF1(_CellStatistic):
+    """Macro-averaged F1 from the confusion matrix; rows are ``(label, prediction)``, integers in [0, K).
+
+    Same value as ``sklearn.metrics.f1_score(labels, preds, average="macro", zero_division=0)``: the
+    average runs over the classes that occur among the labels or the predictions (sklearn's default
+    label set), and a class never predicted has F1 = 0.
+    """
+
+    def __init__(self, n_classes: int) -> None:
+        self.n_classes = int(n_classes)
+        self.n_cells = self.n_classes**2
+
+    def encode(self, rows: np.ndarray) -> np.ndarray:
+        r = np.asarray(rows)
+        if r.ndim != 2 or r.shape[1] != 2:
+            raise StatsError(f"macro-F1 rows must be (label, prediction) pairs; got shape {r.shape}.")
+        return r[:, 0].astype(np.int64) * self.n_classes + r[:, 1].astype(np.int64)
+
+    def from_counts(self, counts: np.ndarray) -> np.ndarray:
+        c = np.asarray(counts, dtype=float)
+        k = self.n_classes
+        cm = c.reshape(*c.shape[:-1], k, k)  # [..., label, prediction]
+        tp = np.diagonal(cm, axis1=-2, axis2=-1)
+        denom = cm.sum(-1) + cm.sum(-2)  # 2 tp + fp + fn
+        present = denom > 0
+        f1 = np.divide(2 * tp, denom, out=np.zeros(tp.shape), where=present)
+        return f1.sum(-1) / np.maximum(present.sum(-1), 1)
+
+
+def _check_groups(groups: Any, name: str) -> list[np.ndarray]:
+    """One array of rows per seed, validated: numeric, (n,) or (n, k) with k equal across seeds, no NaN."""
+    if isinstance(groups, (str, bytes)) or not hasattr(groups, "__iter__"):
+        raise StatsError(f"{name} must be a sequence with one array of test-example rows per seed; got "
+                         f"{type(groups).__name__}.")
+    seq = list(groups)
+    if not seq:
+        raise StatsError(f"{name} is empty: pass one array of test-example rows per seed (at least one seed).")
+    out = []
+    for i, g in enumerate(seq):
+        arr = np.asarray(g)
+        if arr.ndim == 0:
+            raise StatsError(f"{name}[{i}] is a single number; each entry must be one seed's array of test-example "
+                             "rows. For a single seed pass [values], not values.")
+        if arr.ndim > 2:
+            raise StatsError(f"{name}[{i}] has shape {arr.shape}; one seed's rows must be (n,) or (n, k).")
+        if arr.dtype != bool and not np.issubdtype(arr.dtype, np.number):
+            raise StatsError(f"{name}[{i}] must hold numbers or booleans; got dtype {arr.dtype}.")
+        if arr.shape[0] == 0:
+            raise StatsError(f"{name}[{i}] is empty (seed {i} has no test examples); drop that seed or re-run its "
+                             "evaluation.")
+        if np.issubdtype(arr.dtype, np.inexact) and not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr)).sum())
+            raise StatsError(f"{name}[{i}] contains {bad} NaN/inf value(s); drop or re-score those examples before "
+                             "computing an interval.")
+        out.append(arr)
+    trailing = {a.shape[1:] for a in out}
+    if len(trailing) > 1:
+        raise StatsError(f"every seed's rows need the same columns; {name} mixes row shapes {sorted(trailing)}.")
+    return out
+
+
+def _within_replicates(rows: np.ndarray, statistic: Callable[[np.ndarray], float], m: int,
+                       rng: np.random.Generator) -> np.ndarray:
+    """``m`` example-level bootstrap replicates of ``statistic`` on one seed's ``rows``.
+
+    Fast paths: a ``_CellStatistic`` and ``np.mean`` on few distinct values draw multinomial cell counts;
+    ``np.mean`` on many distinct values averages index matrices; any other statistic loops over the
+    resamples (fine for thousands: one call per seed and resample).
+    """
+    n = rows.shape[0]
+    if m == 0:
+        return np.empty(0)
+    step = max(1, _CHUNK // max(n, 1))
+    if isinstance(statistic, _CellStatistic):
+        freq = np.bincount(statistic.encode(rows), minlength=statistic.n_cells) / n
+        return np.asarray(statistic.from_counts(rng.multinomial(n, freq, size=m)), dtype=float)
+    if statistic is np.mean and rows.ndim == 1:
+        values, codes = np.unique(rows, return_inverse=True)
+        if values.size <= _CELL_LIMIT:
+            return rng.multinomial(n, np.bincount(codes) / n, size=m) @ values.astype(float) / n
+        x = rows.astype(float)
+        return np.concatenate([x[rng.integers(0, n, size=(min(step, m - i), n))].mean(1) for i in range(0, m, step)])
+    out = np.empty(m)
+    for i in range(0, m, step):
+        for j, idx in enumerate(rng.integers(0, n, size=(min(step, m - i), n))):
+            out[i + j] = float(statistic(rows[idx]))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Resampled:
+    """What the two-stage bootstrap produced; every interval and p-value below is read off this."""
+
+    per_seed: np.ndarray  # the statistic on each seed's rows
+    replicates: np.ndarray  # two-stage bootstrap replicates of the mean over seeds
+    within_var: float  # mean over seeds of the example-level bootstrap variance of a seed's statistic
+    n_examples: int
+    n_resamples: int
+
+    @property
+    def n_seeds(self) -> int:
+        return int(self.per_seed.size)
+
+
+def _resample(groups: list[np.ndarray], statistic: Callable[[np.ndarray], float], n_resamples: int,
+              seed: int) -> _Resampled:
+    """Two-stage bootstrap: draw seeds with replacement, then each drawn seed's rows with replacement.
+
+    Every draw of a seed gets its own fresh resample of that seed's rows (a seed drawn twice in one
+    replicate counts twice with different rows), which is the textbook two-stage scheme (Davison &
+    Hinkley 1997, sec. 3.8, strategy 1). The statistic is evaluated ``n_resamples x n_seeds`` times.
+    """
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, (int, np.integer)) or n_resamples < 100:
+        raise StatsError(f"n_resamples={n_resamples!r} is too few for a stable interval; use at least 1000 "
+                         "(10000 for reported results).")
+    per_seed = np.empty(len(groups))
+    for i, rows in enumerate(groups):
+        value = np.asarray(statistic(rows), dtype=float)
+        if value.ndim != 0:
+            raise StatsError(f"statistic must return one number per seed; it returned shape {value.shape}.")
+        if not np.isfinite(value):
+            raise StatsError(f"statistic is {float(value)} on seed {i}'s rows; it must be finite on every seed "
+                             "(e.g. a retention needs full-model accuracy > 0).")
+        per_seed[i] = value
+    rng = np.random.default_rng(seed)
+    n_seeds = len(groups)
+    drawn = rng.integers(0, n_seeds, size=(int(n_resamples), n_seeds))
+    values = np.empty(drawn.shape)
+    within = np.full(n_seeds, np.nan)
+    for s, rows in enumerate(groups):
+        mask = drawn == s
+        reps = _within_replicates(rows, statistic, int(mask.sum()), rng)
+        values[mask] = reps
+        if reps.size > 1:
+            within[s] = reps.var(ddof=1)
+    replicates = values.mean(1)
+    bad = int((~np.isfinite(replicates)).sum())
+    if bad:
+        raise DegenerateDataError(f"the statistic is undefined on {bad} of {n_resamples} resamples (e.g. a ratio "
+                                  "whose denominator can resample to 0); use a statistic defined on every "
+                                  "resample, or more test examples.")
+    return _Resampled(per_seed, replicates, float(np.nanmean(within)) if np.isfinite(within).any() else 0.0,
+                      int(sum(g.shape[0] for g in groups)), int(n_resamples))
+
+
+def _half_width(res: _Resampled, alpha: float) -> tuple[float, str]:
+    """The interval's half-width at level 1 - alpha in normal-equivalent units, and which part set it.
+
+    Two seeds or more: the larger of (a) a Student t half-width on the spread of the per-seed values,
+    t_{1-alpha/2, S-1} sd(per-seed) / sqrt(S), which estimates the seed-to-seed variance *including* each
+    seed's test-set noise with S - 1 degrees of freedom, and (b) the test-set sampling error of the S
+    fixed models alone, z_{1-alpha/2} sqrt(mean within-seed bootstrap variance / S), the floor the
+    evidence protocol asks for (it keeps the interval from collapsing when the seeds happen to agree).
+    One seed: (b) alone.
+    """
+    s_count = res.n_seeds
+    z = float(sps.norm.ppf(1 - alpha / 2))
+    example = z * math.sqrt(res.within_var / s_count)
+    if s_count == 1:
+        return example, "examples"
+    seeds = float(sps.t.ppf(1 - alpha / 2, s_count - 1)) * float(res.per_seed.std(ddof=1)) / math.sqrt(s_count)
+    return (seeds, "seeds") if seeds >= example else (example, "examples")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Interval:
+    low: float
+    high: float
+    level: float  # coverage of the percentile interval of the replicates actually used, e.g. 0.996
+    driver: str  # "seeds", "examples" (the test-set floor) or "none" (replicates do not vary)
+    capped: bool  # the level needed lies beyond the resolution of n_resamples
+
+
+def _interval(res: _Resampled, confidence: float) -> _Interval:
+    """Percentile interval of the two-stage replicates at a calibrated level (see ``hierarchical_bootstrap``)."""
+    alpha = 1 - confidence
+    se_boot = float(res.replicates.std(ddof=1))
+    if se_boot <= 1e-15 * max(1.0, abs(float(res.replicates.mean()))):
+        v = float(res.per_seed.mean())
+        return _Interval(v, v, confidence, "none", False)
+    if res.n_seeds == 1:
+        q, driver = alpha / 2, "examples"  # the plain example-level percentile interval
+    else:
+        h, driver = _half_width(res, alpha)
+        q = float(sps.norm.cdf(-h / se_boot))
+    capped = q < 0.5 / res.n_resamples
+    low, high = np.quantile(res.replicates, [q, 1 - q])
+    return _Interval(float(low), float(high), 1 - 2 * q, driver, bool(capped))
+
+
+def _bootstrap_p(res: _Resampled, null: float = 0.0) -> tuple[float, float]:
+    """Two-sided p of ``mean = null`` by inverting the calibrated interval, and the smallest p attainable.
+
+    P = (#{replicates on the far side of null} + 1) / (n_resamples + 1), the smaller tail with the +1
+    correction. One seed: p = 2 P (the plain percentile-bootstrap p). Two seeds or more: p is the level
+    1 - confidence at which the calibrated interval of ``_interval`` has its end exactly at ``null``, so
+    the interval excludes ``null`` when p < 1 - confidence (one rule for both; the +1 correction makes p
+    a little conservative at the boundary). The smallest attainable p is the same formula with no
+    replicate beyond ``null``. With a t reference on few seeds it is well above 2 / (n_resamples + 1):
+    a t with 4 df needs |t| = 8.6 for p = 0.001, far beyond what 10000 resamples can resolve, so 5 seeds
+    and 10000 resamples give a floor of about 0.007-0.03 (lower when test-set noise dominates).
+    """
+    b = res.n_resamples
+
+    def p_of(tail: float) -> float:
+        if res.n_seeds == 1:
+            return min(1.0, 2 * tail)
+        se_boot = float(res.replicates.std(ddof=1))
+        dist = -float(sps.norm.ppf(tail)) * se_boot  # normal-equivalent distance of null from the centre
+        if dist <= 0:
+            return 1.0
+        sd = float(res.per_seed.std(ddof=1))
+        p_seeds = 2 * float(sps.t.sf(dist * math.sqrt(res.n_seeds) / sd, res.n_seeds - 1)) if sd > 0 else 0.0
+        se_ex = math.sqrt(res.within_var / res.n_seeds)
+        p_examples = 2 * float(sps.norm.sf(dist / se_ex)) if se_ex > 0 else 0.0
+        return min(1.0, max(p_seeds, p_examples))
+
+    below = int((res.replicates <= null).sum())
+    above = int((res.replicates >= null).sum())
+    tail = (min(below, above) + 1) / (b + 1)
+    return p_of(tail), p_of(1 / (b + 1))
+
+
+def _interval_method(res: _Resampled, iv: _Interval, confidence: float, what: str) -> str:
+    """The ``method`` sentence of a metric record: what was resampled, how much, and which level was used."""
+    pct = f"{100 * confidence:g}%"
+    n_ex = f"{res.n_examples:,} examples"
+    if res.n_seeds == 1:
+        text = (f"example-level bootstrap {pct} CI of {what} (single seed: test examples only, between-seed "
+                f"variation not included; {n_ex}, {res.n_resamples} resamples)")
+    else:
+        text = (f"hierarchical bootstrap {pct} CI of {what} (seeds, then test examples within a seed; "
+                f"{res.n_seeds} seeds, {n_ex}, {res.n_resamples} resamples)")
+        level = "the replicates' extremes" if iv.capped else f"level {100 * iv.level:.2f}%"
+        if iv.driver == "seeds":
+            text += (f"; percentile interval at {level}, calibrated to the width of a Student t interval on the "
+                     f"spread of the {res.n_seeds} per-seed values (df {res.n_seeds - 1})")
+        elif iv.driver == "examples":
+            text += (f"; percentile interval at {level}, calibrated to the test-set sampling error (the seeds "
+                     "agree more closely than test-set noise alone would make them)")
+        if res.n_seeds < MIN_SEEDS:
+            text += f"; fewer than {MIN_SEEDS} seeds, below the evidence protocol's minimum"
+    if iv.driver == "none":
+        text += "; no resample differs: zero-width interval"
+    if iv.capped:
+        text += (f"; the calibrated level ({100 * iv.level:.4f}%) is beyond the resolution of {res.n_resamples} "
+                 "resamples, so the interval may be too narrow")
+    return text
+
+
+def hierarchical_bootstrap(groups: Sequence[Any], statistic: Callable[[np.ndarray], float] = np.mean, *,
+                           n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0,
+                           unit: str = "fraction", what: str = "accuracy") -> dict[str, Any]:
+    """The ``summary.json`` metric record of a per-seed statistic, with a seeds x test-examples interval.
+
+    ``groups`` holds one array per training seed whose rows are that seed's test examples: a boolean
+    "correct" vector, ``(label, prediction)`` columns, ``(correct_full, correct_compressed)`` columns.
+    ``statistic(rows) -> float`` is applied to one seed's rows. The point estimate is the mean over
+    seeds of ``statistic(group)``; the record is ``{mean, ci_low, ci_high, n (seeds), n_examples, unit,
+    method}``.
+
+    The interval resamples seeds with replacement, then each drawn seed's rows with replacement,
+    evaluates the statistic per drawn seed and averages (one replicate), so a finite test set's sampling
+    error is always in it; it is a *percentile* interval of those replicates, so a bounded metric stays
+    inside its bounds without clipping. Its level is calibrated, because the plain 95% percentile
+    interval of the two-stage bootstrap has the wrong width with few seeds: resampling 5 seeds shrinks
+    the seed-to-seed variance by (S-1)/S and uses normal instead of t_{S-1} quantiles (too narrow when
+    seeds differ a lot: 88% coverage at 5 seeds with a between-seed sd of 5 points), while the second
+    stage counts test-set noise twice, since each seed's statistic already contains it (too wide when
+    seeds agree: 98-99% coverage). The calibration takes the percentile level at which the interval has
+    the width of the classical interval for a mean of S seeds, t_{1-a/2, S-1} sd(per-seed) / sqrt(S) (the
+    per-seed spread already includes the test-set noise, and has S - 1 df), but never less than the
+    test-set sampling error of the S fixed models, z_{1-a/2} sqrt(mean within-seed bootstrap variance /
+    S), so the interval cannot collapse to zero width when the rows vary (evidence protocol, rule 5).
+    With an approximately normal bootstrap distribution, level = 1 - 2 Phi(-half-width / bootstrap sd);
+    the shape (skew, bounds) stays the bootstrap's. ``method`` states the level used.
+
+    Measured coverage of the 95% interval (accuracy, 400 test examples per seed, per-seed true accuracy
+    ~ N(0.85, sd), target 0.85, 2000 simulated data sets, 1000 resamples), calibrated vs plain
+    percentile: sd = 0.02: 95.8% vs 95.0% (5 seeds), 94.7% vs 96.5% (10 seeds); sd = 0 (test-set noise
+    only): 98.0% vs 98.4% (5 seeds), 97.0% vs 99.0% (10 seeds), conservative because of the floor (the
+    union of two valid intervals); sd = 0.05: 93.2% vs 88.2% (5 seeds).
+    ``tests/test_stats_engine.py::test_hierarchical_coverage`` keeps this.
+
+    One seed is the example-level bootstrap (plain percentile interval; ``method`` says so). With 2-4
+    seeds the same rule gives a very wide interval (t with 1-3 df) that the replicates may not reach:
+    ``method`` then says the level was capped and that the protocol asks for 5 seeds. Fast for
+    ``np.mean`` on 1-D rows and for the module's count-based statistics (``accuracy_ci``,
+    ``macro_f1_ci``, ``retention_ci``); any other statistic is called ``n_resamples x seeds`` times.
+    Deterministic for a given ``seed``.
+    """
+    confidence = _confidence(confidence)
+    rows = _check_groups(groups, "groups")
+    res = _resample(rows, statistic, n_resamples, seed)
+    iv = _interval(res, confidence)
+    return {"mean": float(res.per_seed.mean()), "ci_low": iv.low, "ci_high": iv.high, "n": res.n_seeds,
+            "n_examples": res.n_examples, "unit": unit, "method": _interval_method(res, iv, confidence, what)}
+
+
+def _correct_by_seed(values: Any, name: str) -> list[np.ndarray]:
+    """One boolean correctness vector per seed (validated by ``_correct_vector``)."""
+    if isinstance(values, np.ndarray) and values.ndim == 1 and values.dtype != object:
+        raise StatsError(f"{name} must hold one correctness vector per seed; got one 1-D array. For a single seed "
+                         f"pass [{name.removesuffix('_by_seed')}].")
+    seq = list(values) if hasattr(values, "__iter__") and not isinstance(values, (str, bytes)) else None
+    if not seq:
+        raise StatsError(f"{name} must be a non-empty sequence with one correctness vector per seed.")
+    return [_correct_vector(v, f"{name}[{i}]") for i, v in enumerate(seq)]
+
+
+def _paired_rows(a_by_seed: Any, b_by_seed: Any, names: tuple[str, str]) -> list[np.ndarray]:
+    """Per seed, an (n, 2) 0/1 array of two correctness vectors on the same examples in the same order."""
+    a, b = _correct_by_seed(a_by_seed, names[0]), _correct_by_seed(b_by_seed, names[1])
+    if len(a) != len(b):
+        raise StatsError(f"{names[0]} has {len(a)} seeds, {names[1]} has {len(b)}; pass the same seeds, in the "
+                         "same order, for both.")
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        if x.size != y.size:
+            raise StatsError(f"seed {i}: {names[0]} has {x.size} examples, {names[1]} has {y.size}; both must be "
+                             "scored on the same test examples in the same order.")
+    return [np.column_stack([x, y]).astype(np.int8) for x, y in zip(a, b, strict=True)]
+
+
+def accuracy_ci(correct_by_seed: Sequence[Any], **kw: Any) -> dict[str, Any]:
+    """Accuracy record from per-seed correctness vectors (``preds == labels``), via ``hierarchical_bootstrap``.
+
+    Keyword arguments go to ``hierarchical_bootstrap`` (``n_resamples``, ``confidence``, ``seed``, ``unit``,
+    ``what``); defaults: unit "fraction", what "accuracy".
+    """
+    groups = _correct_by_seed(correct_by_seed, "correct_by_seed")
+    kw.setdefault("what", "accuracy")
+    rec = hierarchical_bootstrap(groups, np.mean, **kw)
+    return _with_wilson_floor(rec, groups, kw.get("confidence", 0.95))
+
+
+def _with_wilson_floor(rec: dict[str, Any], groups: list[np.ndarray], confidence: float) -> dict[str, Any]:
+    """Widen an accuracy interval to contain the Wilson interval of the pooled proportion.
+
+    When every test example of every seed is right (or wrong), no resample can vary, yet a finite test set
+    still has sampling error: 442 of 442 correct is compatible with a true accuracy of 99.2 %. The Wilson
+    interval of all seeds' examples pooled is the narrowest honest statement of that error, so the
+    interval is never narrower than it (it only matters when the bootstrap interval degenerates).
+    """
+    k = int(sum(int(np.sum(g)) for g in groups))
+    n = int(sum(g.size for g in groups))
+    low, high = proportion_ci(k, n, confidence)
+    if rec["ci_low"] is None or low < rec["ci_low"] or high > rec["ci_high"]:
+        rec = {**rec, "ci_low": min(low, rec["ci_low"] if rec["ci_low"] is not None else low),
+               "ci_high": max(high, rec["ci_high"] if rec["ci_high"] is not None else high),
+               "method": rec["method"] + f"; widened to contain the Wilson interval of the pooled {k}/{n}"}
+    return rec
+
+
+def macro_f1_ci(labels_by_seed: Sequence[Any], preds_by_seed: Sequence[Any], n_classes: int,
+                **kw: Any) -> dict[str, Any]:
+    """Macro-F1 record from per-seed labels and predictions (integers in [0, n_classes)).
+
+    Macro-F1 as ``sklearn.metrics.f1_score(average="macro", zero_division=0)`` computes it (classes absent
+    from both labels and predictions are left out of the average), from the confusion counts, so the
+    bootstrap is vectorised. Keyword arguments go to ``hierarchical_bootstrap``.
+    """
+    if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 2:
+        raise StatsError(f"n_classes={n_classes!r} must be an integer >= 2 (the number of label values).")
+    labels, preds = list(labels_by_seed), list(preds_by_seed)
+    if not labels or len(labels) != len(preds):
+        raise StatsError(f"labels_by_seed has {len(labels)} seeds and preds_by_seed {len(preds)}; pass one array "
+                         "of each per seed (at least one), in the same order.")
+    groups = []
+    for i, (lab, pred) in enumerate(zip(labels, preds, strict=True)):
+        arrays = []
+        for nm, v in ((f"labels_by_seed[{i}]", lab), (f"preds_by_seed[{i}]", pred)):
+            arr = np.asarray(v)
+            if arr.ndim != 1 or arr.size == 0 or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
+                raise StatsError(f"{nm} must be a non-empty 1-D integer array of class indices; got shape "
+                                 f"{arr.shape}, dtype {arr.dtype}.")
+            if arr.min() < 0 or arr.max() >= n_classes:
+                raise StatsError(f"{nm} has class indices outside [0, {n_classes}); check n_classes or the label "
+                                 "encoding.")
+            arrays.append(arr.astype(np.int64))
+        if arrays[0].size != arrays[1].size:
+            raise StatsError(f"seed {i}: {arrays[0].size} labels but {arrays[1].size} predictions.")
+        groups.append(np.column_stack(arrays))
+    kw.setdefault("what", "macro-F1")
+    return hierarchical_bootstrap(groups, _MacroF1(int(n_classes)), **kw)
+
+
+def retention_ci(correct_full_by_seed: Sequence[Any], correct_comp_by_seed: Sequence[Any],
+                 **kw: Any) -> dict[str, Any]:
+    """Retention record: per seed, accuracy of the compressed model / accuracy of the full model.
+
+    Both accuracies are computed on the same resampled test examples, so the ratio's interval keeps
+    their correlation (the two models err on many of the same examples). Default unit "ratio".
+    Keyword arguments go to ``hierarchical_bootstrap``.
+    """
+    groups = _paired_rows(correct_full_by_seed, correct_comp_by_seed,
+                          ("correct_full_by_seed", "correct_comp_by_seed"))
+    for i, g in enumerate(groups):
+        if not g[:, 0].any():
+            raise StatsError(f"seed {i}: the full model got no test example right, so retention is undefined; this "
+                             "is a failed training (leave the seed out and report it).")
+    kw.setdefault("unit", "ratio")
+    kw.setdefault("what", "retention")
+    return hierarchical_bootstrap(groups, _Retention(), **kw)
+
+
+def proportion_ci(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for k successes out of n on one fixed test set: ``(low, high)``.
+
+    Wilson (not the normal "Wald" interval) because it stays inside [0, 1] and keeps near-nominal
+    coverage for accuracies near 0 or 1 and small n; statsmodels ``proportion_confint(method="wilson")``.
+    Only the test-set sampling error: for several seeds use ``accuracy_ci``.
+    """
+    for nm, v in (("k", k), ("n", n)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise StatsError(f"{nm}={v!r} must be an integer count.")
+    if n < 1 or not 0 <= k <= n:
+        raise StatsError(f"need 0 <= k <= n and n >= 1; got k={k}, n={n}.")
+    low, high = proportion_confint(int(k), int(n), alpha=1 - _confidence(confidence), method="wilson")
+    return float(low), float(high)
+
+
+# ------------------------------------------------------------- two classifiers on the same test examples
+
+_ACC_DIFF = "accuracy difference (points)"
+
+
+def stratified_mcnemar(correct_a_by_seed: Sequence[Any], correct_b_by_seed: Sequence[Any],
+                       name: str) -> TestResult:
+    """Exact McNemar test of A vs B on the discordant examples pooled over seeds.
+
+    b = examples A gets right and B wrong, c = the reverse, each summed over seeds; under "no
+    difference" b ~ Binomial(b + c, 1/2), and p is the exact two-sided binomial p. This is the
+    Cochran-Mantel-Haenszel test with each matched pair (example, seed) as its own stratum: the CMH
+    statistic then reduces to McNemar's (b - c)^2 / (b + c), reported as ``statistic``. It is
+    conditional on the trained models (seed-to-seed variation is not in it); ``paired_difference``
+    generalises over seeds. Effect: pooled accuracy difference A - B in percentage points.
+    ``extras``: b, c, discordant (b + c), min_p (2 * 0.5**(b + c), capped at 1: with few discordant
+    examples even b = all cannot reject), n_seeds, pooled accuracies. No discordant example: p = 1 and a
+    note (the one rule for degenerate paired differences).
+    """
+    rows = _paired_rows(correct_a_by_seed, correct_b_by_seed, ("correct_a_by_seed", "correct_b_by_seed"))
+    allrows = np.concatenate(rows)
+    a_right, b_right = allrows[:, 0] == 1, allrows[:, 1] == 1
+    b, c = int((a_right & ~b_right).sum()), int((~a_right & b_right).sum())
+    n_ex = int(allrows.shape[0])
+    extras: dict[str, Any] = {"b": b, "c": c, "discordant": b + c, "min_p": min(1.0, 2 * 0.5 ** (b + c)),
+                              "n_seeds": len(rows), "accuracy_a": float(allrows[:, 0].mean()),
+                              "accuracy_b": float(allrows[:, 1].mean())}
+    if b + c == 0:
+        extras["note"] = "no discordant example (A and B right on the same examples): statistic undefined, p set to 1"
+        return TestResult(name, 0.0, 1.0, 0.0, _ACC_DIFF, n_ex, extras=extras)
+    p = float(sps.binomtest(b, b + c, 0.5).pvalue)
+    return TestResult(name, float((b - c) ** 2 / (b + c)), min(1.0, p), 100.0 * (b - c) / n_ex, _ACC_DIFF, n_ex,
+                      extras=extras)
+
+
+def paired_difference(correct_a_by_seed: Sequence[Any], correct_b_by_seed: Sequence[Any], *, name: str,
+                      n_resamples: int = 10_000, seed: int = 0, confidence: float = 0.95) -> dict[str, Any]:
+    """Accuracy difference A - B with a hierarchical paired bootstrap interval, a p-value and the MDE.
+
+    Both classifiers are scored on the same test examples per seed (seed i of A with seed i of B); each
+    replicate resamples seeds, then examples, and uses the *same* draws for A and B, so their shared
+    variation cancels. Returns ``{diff_points, ci_low, ci_high, p_value, min_p, prob_improvement,
+    mde_points, se_points, n, n_examples, method, test}`` (all in percentage points):
+
+    - ``diff_points``: mean over seeds of acc_a - acc_b, x 100; ``ci_low``/``ci_high``: the calibrated
+      percentile interval of ``hierarchical_bootstrap``.
+    - ``p_value``: two-sided, P = (#{replicates on the far side of 0} + 1) / (n_resamples + 1) for the
+      smaller tail. With one seed p = 2 P; with more it is read through the same calibration as the
+      interval, so p < 1 - confidence when the interval excludes 0 (see ``_bootstrap_p``).
+      ``min_p``: the smallest p this procedure can give at this n (one seed: 2 / (n_resamples + 1);
+      5 seeds, 10000 resamples: about 0.007-0.03, because the t reference with 4 df has heavy tails).
+    - ``prob_improvement``: P(a seed of A beats a seed of B in accuracy), ties counting 1/2, over all
+      (seed of A, seed of B) pairs (rliable's probability of improvement).
+    - ``se_points``: the normal-equivalent standard error of the interval, width / (2 z_{1-a/2});
+      ``mde_points`` = (z_0.975 + z_0.8) x se_points, the difference this design detects with 80% power
+      at alpha = 0.05.
+    - ``test``: a ``TestResult`` (statistic = diff_points / se_points, effect = diff_points) for
+      ``TestFamilies``; its extras carry min_p, prob_improvement, ci_low, ci_high, mde_points.
+
+    When A and B are right on exactly the same examples in every seed the difference is 0 in every
+    resample: diff 0, interval [0, 0], p = 1, statistic 0, min_p = 1, MDE undefined (None), with a note.
+    This is the one rule for degenerate differences: never an exception, never a standardised effect.
+    """
+    confidence = _confidence(confidence)
+    rows = _paired_rows(correct_a_by_seed, correct_b_by_seed, ("correct_a_by_seed", "correct_b_by_seed"))
+    acc_a = np.array([g[:, 0].mean() for g in rows])
+    acc_b = np.array([g[:, 1].mean() for g in rows])
+    pi = float(_pi_pairs(acc_a, acc_b))
+    n_seeds, n_ex = len(rows), int(sum(g.shape[0] for g in rows))
+    if not any((g[:, 0] != g[:, 1]).any() for g in rows):
+        note = "A and B are right on exactly the same examples in every seed: difference 0 in every resample, p = 1"
+        test = TestResult(name, 0.0, 1.0, 0.0, _ACC_DIFF, n_seeds,
+                          extras={"min_p": 1.0, "prob_improvement": pi, "ci_low": 0.0, "ci_high": 0.0,
+                                  "mde_points": None, "n_examples": n_ex, "note": note})
+        return {"diff_points": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p_value": 1.0, "min_p": 1.0,
+                "prob_improvement": pi, "mde_points": None, "se_points": 0.0, "n": n_seeds, "n_examples": n_ex,
+                "method": note, "test": test}
+    res = _resample(rows, _AccuracyDifference(), n_resamples, seed)
+    iv = _interval(res, confidence)
+    p, min_p = _bootstrap_p(res)
+    diff = 100.0 * float(res.per_seed.mean())
+    low, high = 100.0 * iv.low, 100.0 * iv.high
+    se = (high - low) / (2 * float(sps.norm.ppf(1 - (1 - confidence) / 2)))
+    mde = (float(sps.norm.ppf(0.975)) + float(sps.norm.ppf(0.8))) * se
+    method = _interval_method(res, iv, confidence, "the paired accuracy difference A - B, in points")
+    test = TestResult(name, diff / se if se > 0 else 0.0, p, diff, _ACC_DIFF, n_seeds,
+                      extras={"min_p": min_p, "prob_improvement": pi, "ci_low": low, "ci_high": high,
+                              "mde_points": mde, "n_examples": n_ex})
+    return {"diff_points": diff, "ci_low": low, "ci_high": high, "p_value": p, "min_p": min_p,
+            "prob_improvement": pi, "mde_points": mde, "se_points": se, "n": n_seeds, "n_examples": n_ex,
+            "method": method, "test": test}
+
+
+# -------------------------------------------------------------------------------- declared test families
+
+
+def min_attainable_p(test: TestResult) -> float | None:
+    """The smallest p-value ``test`` could have reached at its n, or None when there is no such floor.
+
+    ``extras["min_p"]`` when the test recorded it (every test of the hierarchical engine does); for this
+    module's older discrete tests it is derived: Wilcoxon signed-rank, 2 / 2**n two-sided (1 / 2**n
+    one-sided) over the n non-zero differences of the exact null distribution; McNemar, 2 * 0.5**(b + c)
+    exact, or the chi-squared p of b + c discordant pairs all on one side. t-tests, ANOVA and the like
+    have a continuous statistic with no floor: None.
+    """
+    if test.extras.get("min_p") is not None:
+        return float(test.extras["min_p"])
+    ex = test.extras
+    if test.effect_name == "matched-pairs rank-biserial r" and "n_nonzero" in ex:
+        n = int(ex["n_nonzero"])
+        return min(1.0, (2.0 if test.alternative == "two-sided" else 1.0) * 0.5**n)
+    if test.effect_name == "odds ratio b/c" and {"b", "c"} <= ex.keys():
+        n = int(ex["b"]) + int(ex["c"])
+        if n == 0:
+            return 1.0
+        if ex.get("exact", True):
+            return min(1.0, 2 * 0.5**n)
+        return float(sps.chi2.sf((n - 1) ** 2 / n, 1))
+    return None
+
+
+def _holm_adjust(p_values: Sequence[float]) -> np.ndarray:
+    """Holm step-down adjusted p-values, same order: max over j <= i of min(1, (m - j) p_(j)) for sorted p.
+
+    The same numbers as ``holm`` (statsmodels), without its ``gc.collect()`` per call (~0.1-0.3 s each),
+    which ``TestFamilies`` would pay once per family on every ``results()``/``table()``.
+    """
+    p = np.asarray(p_values, dtype=float)
+    order = np.argsort(p, kind="stable")
+    stepped = np.minimum(1.0, (p.size - np.arange(p.size)) * p[order])
+    out = np.empty(p.size)
+    out[order] = np.maximum.accumulate(stepped)
+    return out
+
+
+class TestFamilies:
+    """A chapter's test families, declared once before its results, with Holm within each family.
+
+    ``fam = TestFamilies({"healing": "does healing recover accuracy at each keep ratio?", ...})`` maps
+    each family's name to the question it asks. ``fam.add(family, test)`` files a test (``TestResult``)
+    under a declared family; an unknown family, a test name used before (in any family: no test sits in
+    two families) or a p-value outside [0, 1] raises ``StatsError``. ``results()`` returns copies with
+    ``p_holm`` from Holm within each family and ``extras["family"]``; ``table()`` is one row per test;
+    ``can_reject(alpha)`` lists the tests that *cannot* reject at level alpha whatever the data (their
+    minimum attainable p exceeds alpha): add seeds or examples, or drop them from the claims.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, families: Mapping[str, str]) -> None:
+        if not isinstance(families, Mapping) or not families:
+            raise StatsError("declare the families as a non-empty dict {name: the question this family asks}.")
+        for k, v in families.items():
+            if not isinstance(k, str) or not k.strip() or not isinstance(v, str) or not v.strip():
+                raise StatsError(f"family {k!r}: names and questions must be non-empty strings, e.g. "
+                                 "{'healing': 'does healing recover accuracy?'}.")
+        self.families: dict[str, str] = dict(families)
+        self._tests: list[tuple[str, TestResult]] = []
+        self._family_of: dict[str, str] = {}
+
+    def add(self, family: str, test: TestResult) -> TestResult:
+        """File ``test`` under ``family`` (declared in the constructor); returns the test unchanged."""
+        if family not in self.families:
+            raise StatsError(f"unknown test family {family!r}; declared: {sorted(self.families)}. Declare every "
+                             "family once, up front, in TestFamilies({...}).")
+        if not isinstance(test, TestResult):
+            raise StatsError(f"expected a TestResult, got {type(test).__name__}.")
+        if test.name in self._family_of:
+            raise StatsError(f"test {test.name!r} is already in family {self._family_of[test.name]!r}; each test "
+                             "has one name and sits in one family (rename it if it is a different test).")
+        p = test.p_value
+        if not (isinstance(p, (int, float, np.floating)) and math.isfinite(p) and 0 <= p <= 1):
+            raise StatsError(f"test {test.name!r} has p_value={p!r}; it must be in [0, 1]. Leave out tests that "
+                             "could not run and report why.")
+        self._family_of[test.name] = family
+        self._tests.append((family, test))
+        return test
+
+    def results(self) -> list[TestResult]:
+        """Copies of the tests in the order added, with ``p_holm`` (Holm within each family), ``extras["family"]``."""
+        adjusted: dict[str, float] = {}
+        for fam in self.families:
+            members = [t for f, t in self._tests if f == fam]
+            if members:
+                adjusted.update(zip([t.name for t in members], _holm_adjust([t.p_value for t in members]),
+                                    strict=True))
+        return [dataclasses.replace(t, p_holm=float(adjusted[t.name]), extras={**t.extras, "family": f})
+                for f, t in self._tests]
+
+    def table(self) -> pd.DataFrame:
+        """One row per test: family, name, statistic, p_value, p_holm, min_p, effect_size, effect_name, n, extras."""
+        cols = ["family", "name", "statistic", "p_value", "p_holm", "min_p", "effect_size", "effect_name", "n"]
+        rows = []
+        for t in self.results():
+            row = {"family": t.extras["family"], "name": t.name, "statistic": t.statistic, "p_value": t.p_value,
+                   "p_holm": t.p_holm, "min_p": min_attainable_p(t), "effect_size": t.effect_size,
+                   "effect_name": t.effect_name, "n": t.n}
+            row.update({k: v for k, v in t.extras.items() if k not in row})
+            rows.append(row)
+        return pd.DataFrame(rows, columns=cols) if not rows else pd.DataFrame(rows)
+
+    def can_reject(self, alpha: float = 0.05) -> pd.DataFrame:
+        """The tests that cannot reject at ``alpha`` at their n: minimum attainable p > alpha (table rows).
+
+        Such a test's verdict is decided by its design, not its data; a table with no rows means every test
+        could reject. Tests without a known floor (``min_p`` None) are assumed able to.
+        """
+        if not 0 < alpha < 1:
+            raise StatsError(f"alpha={alpha!r} must be strictly between 0 and 1, e.g. 0.05.")
+        table = self.table()
+        if table.empty:
+            return table
+        floor = pd.to_numeric(table["min_p"], errors="coerce")
+        return table[floor > alpha].reset_index(drop=True)

