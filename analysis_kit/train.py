@@ -354,6 +354,7 @@ RECIPE_SEARCH = {
     "mpnet": RecipeSearch(lrs=(2e-5, 5e-5), base=STANDARD_TRAIN["mpnet"]),
     "smollm2": RecipeSearch(lrs=(1e-5, 3e-5), base=STANDARD_TRAIN["smollm2"]),
 }
+#: The smoke profile's search: tiny random models, one epoch, two learning rates (checks the pipeline only).
 SMOKE_SEARCH = RecipeSearch(lrs=(1e-3, 3e-3), base=SMOKE_TRAIN)
 
 
