@@ -162,3 +162,24 @@ def test_epoch_budget_follows_the_training_split_size():
     assert search.schedule(2060).epochs == 4  # Amazon: 4 epochs
     assert search.schedule(3500).epochs == 2  # mr, capped split: 2 epochs, about the same example passes
     assert search.schedule(20000).epochs == 1  # never fewer than one epoch
+
+
+@pytest.mark.parametrize("name", ["smollm2", "mpnet"])
+def test_standard_models_train_as_sequence_classifiers(name, monkeypatch, tmp_path):
+    """The tiny stand-ins of the 12- and 30-block testbeds go through the same cached fine-tuning path."""
+    from analysis_kit import assets
+
+    needed = ("snippets", "smollm2" if name == "smollm2" else "mpnet")
+    try:
+        found = {a: assets.fetch(a, offline=True)[a] for a in needed}
+    except assets.AssetError as exc:
+        pytest.skip(f"assets not fetched: {exc}")
+    monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path))
+    (tmp_path / "assets").mkdir()
+    for asset, folder in found.items():
+        (tmp_path / "assets" / asset).symlink_to(folder)
+    task = train.TaskSpec(max_train=48, max_eval=24)
+    cfg = train.TrainConfig(epochs=1, batch_size=16, max_length=32)
+    model, tok, rec = train.get_trained(train.standard_spec(name, tiny=True), task, cfg, seed=0, device="cpu")
+    assert rec["steps"] == 3 and "val_majority" in rec and isinstance(rec["failed"], bool)
+    assert train.predict(model, tok, ["good phone", "bad movie"]).shape == (2, 2)
