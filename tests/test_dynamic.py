@@ -154,9 +154,9 @@ def policy_inputs():
             "labels": rng.integers(0, 3, n)}
 
 
-def test_registry_holds_the_six_policies_in_the_order_analyse_reports_them():
-    assert dy.policy_names() == ("entropy", "confidence", "patience", "complexity", "static", "oracle")
-    assert dy.ONLINE_POLICIES == ("entropy", "confidence", "patience", "complexity")
+def test_registry_holds_the_seven_policies_in_the_order_analyse_reports_them():
+    assert dy.policy_names() == ("entropy", "confidence", "patience", "calibrated", "complexity", "static", "oracle")
+    assert dy.ONLINE_POLICIES == ("entropy", "confidence", "patience", "calibrated", "complexity")
     assert dy.POLICIES == (*dy.ONLINE_POLICIES, "static", "oracle")
     with pytest.raises(dy.DynamicError, match="unknown policy 'nope'; registered"):
         dy.make_policy("nope", 0.5)
@@ -330,7 +330,8 @@ def test_frozen_training_leaves_the_backbone_and_lowers_the_loss(tokenizer, spli
     out, heads, hist = dy.train_exits(model, tokenizer, splits["train"], splits["val"], cfg, seed=0, device="cpu")
     assert out is model and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert hist["val_loss"].min() < float(loss0) - 0.01
-    assert list(hist.columns) == ["epoch", "train_loss", "val_loss", "val_acc_last", "val_acc_mean", "seconds"]
+    assert list(hist.columns) == ["epoch", "train_loss", "val_loss", "val_loss_last", "val_acc_last", "val_acc_mean",
+                                  "seconds"]
 
 
 def test_joint_training_moves_the_backbone_and_is_seeded(tokenizer, splits):
