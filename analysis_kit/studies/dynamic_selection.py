@@ -333,8 +333,10 @@ def _summarise(result: Result, units: list[dict[str, Any]], params: Params) -> N
     for (name, task), group in _groupby(units, ("model", "task")).items():
         ok = [u for u in group if not u["failed"] or params.tiny]
         result.metrics[f"failed_trainings/{name}/{task}"] = {
-            "mean": float(sum(u["failed"] for u in group)), "n": len(group), "unit": "trainings",
-            "method": "reference or exit-trained model within 1 point of the majority share on validation"
+            "mean": float(sum(u["failed"] for u in group)), "ci_low": None, "ci_high": None, "n": len(group),
+            "unit": "trainings",
+            "method": f"count of seeds whose reference or exit-trained model is within {train.FAILED_MARGIN:.0%} of "
+                      "the majority share on validation; no interval (a count)"
                       + (" (smoke: kept)" if params.tiny else " (excluded)")}
         if len(ok) < 2:
             result.notes.append(f"{name}/{task}: fewer than two usable seeds; no summary.")
@@ -391,6 +393,13 @@ def _summarise(result: Result, units: list[dict[str, Any]], params: Params) -> N
                 extra, n_resamples=min(nb, 4000), unit="ms per input",
                 what="exit runtime at full depth (every exit and the controller evaluated) minus the plain forward, "
                      "batch 1, over (task, seed) units and inputs")
+    for name in params.models:
+        usable = [u for u in units if u["model"] == name and (not u["failed"] or params.tiny)]
+        if len(usable) >= 2:
+            per_exit = [float((u["profile"]["probed_ms"] - u["profile"]["planned_ms"]).iloc[-1]
+                              / max(1, len(u["profile"]) - 1)) for u in usable]
+            result.metrics[f"exit_head_ms/{name}"] = stats.summarize(np.array(per_exit), unit="ms per exit",
+                                                                     over="seeds")
     tests = fam.results()
     result.tests.extend(tests)
     result.tables["tests"] = fam.table()
@@ -454,6 +463,9 @@ def _tables(result: Result, units: list[dict[str, Any]]) -> None:
                                                   **u["calm"]} for u in units])
     result.tables["runtime_agreement"] = pd.concat([tag(u["runtime_agreement"], u) for u in units],
                                                    ignore_index=True)
+    result.tables["runtime_agreement_summary"] = (result.tables["runtime_agreement"]
+                                                  .groupby(["model", "task", "policy"], as_index=False)
+                                                  ["depth_agreement"].mean())
     result.tables["ship"] = pd.DataFrame([{"model": u["model"], "task": u["task"], "seed": u["seed"], **u["ship"]}
                                           for u in units])
 
@@ -537,9 +549,11 @@ def _findings(result: Result, params: Params) -> str:
                          f"it disagreed on {_ci(cal, '.2%')} of inputs.")
     for name in params.models:
         if f"overhead_ms/{name}" in m:
-            lines.append(f"- The exit runtime at full depth, every exit evaluated, costs "
+            lines.append(f"- The exit runtime at full depth, every exit and the controller evaluated, costs "
                          f"{_ci(m[f'overhead_ms/{name}'], '+.2f')} ms per input over the plain forward at batch 1 "
-                         f"({LABELS[name]}).")
+                         f"({LABELS[name]}); one exit head alone costs "
+                         f"{_ci(m[f'exit_head_ms/{name}'], '.2f')} ms, what every block an input passes without "
+                         "leaving pays on top of the block.")
     agree = result.tables.get("runtime_agreement")
     ship = result.tables.get("ship")
     if agree is not None and ship is not None:
