@@ -255,26 +255,52 @@ def resolve(slug: str, profile: str, overrides: dict[str, Any] | None = None) ->
     return out
 
 
-def _imports(source: str, package: str = "analysis_kit") -> set[str]:
-    """Modules of ``package`` that ``source`` imports (``analysis_kit.x``, ``from analysis_kit import x``, ``from .x``)."""
+def _imports(source: str, package: str = "analysis_kit", current: str = "") -> set[str]:
+    """Modules of ``package`` that ``source`` imports, as dotted names inside the package.
+
+    ``current`` is the importing module's own dotted name (``""`` for a notebook, ``"studies.baselines"``
+    for ``analysis_kit/studies/baselines.py``), so relative imports resolve from its package:
+    ``import analysis_kit.x``, ``from analysis_kit import x``, ``from analysis_kit.studies import baselines``
+    (→ ``studies`` and ``studies.baselines``), ``from .x import y``, ``from .. import x``. A name that is not a
+    module (``from .cache import cached_dir`` also yields ``cache.cached_dir``) is dropped later, when no
+    file matches it.
+    """
     found: set[str] = set()
     try:
         tree = ast.parse(source)
     except SyntaxError:  # notebook magics: fall back to a line scan
-        return {m for m in re.findall(rf"{package}\.(\w+)", source)} | {"__init__"}
+        return {m for m in re.findall(rf"{package}\.([\w.]+)", source)} | {"__init__"}
+    here = current.split(".")[:-1] if current else []  # the package the importing module lives in
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            mod = node.module or ""
-            if node.level == 1 or mod == package or mod.startswith(package + "."):
-                base = mod.removeprefix(package).lstrip(".") if node.level == 0 else mod
-                found.update([base.split(".")[0]] if base else [a.name for a in node.names])
+            if node.level:
+                if node.level - 1 > len(here):
+                    continue
+                parts = here[:len(here) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+            elif node.module == package or (node.module or "").startswith(package + "."):
+                parts = node.module.split(".")[1:]
+            else:
+                continue
+            if parts:
+                found.add(".".join(parts))
+            found.update(".".join([*parts, a.name]) for a in node.names if a.name != "*")
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith(package + "."))
+            found.update(a.name.split(".", 1)[1] for a in node.names if a.name.startswith(package + "."))
     return found | {"__init__"}
 
 
+def _module_file(pkg: Path, mod: str) -> Path | None:
+    """The file of dotted module ``mod`` inside the package folder ``pkg`` (a module or a subpackage)."""
+    parts = mod.split(".")
+    for path in (pkg.joinpath(*parts).with_suffix(".py"), pkg.joinpath(*parts, "__init__.py")):
+        if path.is_file():
+            return path
+    return None
+
+
 def _source_fingerprint(slug: str) -> str:
-    """Hash of the package modules a notebook uses, followed transitively through their imports.
+    """Hash of the package modules a notebook uses, followed transitively through their imports
+    (subpackages such as ``analysis_kit.studies`` included).
 
     Editing a module's code re-runs exactly the notebooks that depend on it, not the whole book; editing
     its comments or docstrings re-runs nothing (see ``code_digest``).
@@ -284,18 +310,19 @@ def _source_fingerprint(slug: str) -> str:
     pkg = REPO_ROOT / "analysis_kit"
     nb = nbformat.read(NOTEBOOKS / f"{slug}.ipynb", as_version=4)
     todo = _imports("\n".join(c.source for c in nb.cells if c.cell_type == "code" and not c.source.startswith("%")))
-    seen: set[str] = set()
+    seen: dict[str, Path] = {}
     while todo:
         mod = todo.pop()
-        path = pkg / f"{mod}.py"
-        if mod in seen or not path.exists():
+        path = _module_file(pkg, mod) if mod not in seen else None
+        if path is None:
             continue
-        seen.add(mod)
-        todo |= _imports(path.read_text()) - seen
+        seen[mod] = path
+        current = mod + ".__init__" if path.name == "__init__.py" and mod != "__init__" else mod
+        todo |= _imports(path.read_text(), current=current) - set(seen)
     h = hashlib.sha256()
     for mod in sorted(seen):
         h.update(mod.encode())
-        h.update(code_digest((pkg / f"{mod}.py").read_text()).encode())
+        h.update(code_digest(seen[mod].read_text()).encode())
     return h.hexdigest()
 
 

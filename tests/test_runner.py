@@ -347,3 +347,38 @@ def test_executed_notebooks_record_repository_relative_paths(sandbox):
     res = runner.run(["baselines"], "default")[0]
     meta = nbf.read(res.output, as_version=4).metadata["papermill"]
     assert meta["input_path"] == "notebooks/baselines.ipynb" and "runs" not in meta["output_path"]
+
+
+def test_imports_follow_subpackages_and_relative_imports():
+    assert {"studies", "studies.baselines"} <= runner._imports("from analysis_kit.studies import baselines")
+    got = runner._imports("from .. import dynamic\nfrom . import Result\nfrom .baselines import _task\n",
+                          current="studies.dynamic_selection")
+    assert {"dynamic", "studies", "studies.baselines"} <= got
+    assert "x" in runner._imports("import analysis_kit.x")
+    assert runner._imports("from ... import deep", current="a.b") == {"__init__"}  # above the package: ignored
+
+
+def test_fingerprint_changes_with_the_code_of_a_study_module_and_what_it_imports(tmp_path, monkeypatch):
+    import nbformat
+
+    pkg = tmp_path / "analysis_kit"
+    (pkg / "studies").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "helper.py").write_text("def f():\n    return 1\n")
+    (pkg / "studies" / "__init__.py").write_text("")
+    (pkg / "studies" / "chapter.py").write_text("from .. import helper\n\ndef run():\n    return helper.f()\n")
+    nbs = tmp_path / "notebooks"
+    nbs.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("from analysis_kit.studies import chapter\nchapter.run()")]
+    nbformat.write(nb, nbs / "x.ipynb")
+    monkeypatch.setattr(runner, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(runner, "NOTEBOOKS", nbs)
+    first = runner._source_fingerprint("x")
+    (pkg / "studies" / "chapter.py").write_text('"""Doc."""\nfrom .. import helper\n\ndef run():\n    return helper.f()\n')
+    assert runner._source_fingerprint("x") == first  # a docstring is not code
+    (pkg / "studies" / "chapter.py").write_text("from .. import helper\n\ndef run():\n    return helper.f() + 1\n")
+    second = runner._source_fingerprint("x")
+    assert second != first  # the study module's code
+    (pkg / "helper.py").write_text("def f():\n    return 2\n")
+    assert runner._source_fingerprint("x") != second  # what the study imports, transitively
