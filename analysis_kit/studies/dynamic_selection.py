@@ -316,6 +316,20 @@ def _speedup(rows: np.ndarray) -> float:
     return float(rows[:, 0].sum() / rows[:, 1].sum())
 
 
+def _speedups(ok: list[dict[str, Any]], policy_of, params: Params) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Batch-1 and batched speed-up records over the reference for ``policy_of(unit)`` (a policy per seed):
+    ratio of summed times, hierarchical interval over seeds and timed inputs (or batches)."""
+    n = min(params.n_bootstrap, 4000)
+    return tuple(stats.hierarchical_bootstrap([_ratio_rows(u["timing"][setup], "reference", policy_of(u)) for u in ok],
+                                              _speedup, n_resamples=n, unit="x", what=what)
+                 for setup, what in (("b1", "b1 speed-up"), ("batched", f"batch-{params.latency_batch} speed-up")))
+
+
+def _usable(units: list[dict[str, Any]], params: Params) -> list[dict[str, Any]]:
+    """Units whose trainings did not fail (smoke keeps them all, so the pipeline still runs)."""
+    return [u for u in units if not u["failed"] or params.tiny]
+
+
 def _diff_record(d: dict[str, Any], what: str) -> dict[str, Any]:
     """A ``paired_difference`` result as a metric record (reference minus policy, in points)."""
     return {"mean": d["diff_points"], "ci_low": d["ci_low"], "ci_high": d["ci_high"], "n": d["n"],
@@ -332,7 +346,7 @@ def _summarise(result: Result, units: list[dict[str, Any]], params: Params) -> N
     nb = params.n_bootstrap
     pol_rows, head_rows = [], []
     for (name, task), group in _groupby(units, ("model", "task")).items():
-        ok = [u for u in group if not u["failed"] or params.tiny]
+        ok = _usable(group, params)
         result.metrics[f"failed_trainings/{name}/{task}"] = {
             "mean": float(sum(u["failed"] for u in group)), "ci_low": None, "ci_high": None, "n": len(group),
             "unit": "trainings",
@@ -356,11 +370,7 @@ def _summarise(result: Result, units: list[dict[str, Any]], params: Params) -> N
                                            n_resamples=nb)
             fam.add("vs reference", stats.stratified_mcnemar(
                 ref_c, dyn_c, name=f"{key}: reference vs {pol} (McNemar pooled over seeds)"))
-            b1 = stats.hierarchical_bootstrap([_ratio_rows(u["timing"]["b1"], "reference", pol) for u in ok],
-                                              _speedup, n_resamples=min(nb, 4000), unit="x", what="b1 speed-up")
-            bb = stats.hierarchical_bootstrap([_ratio_rows(u["timing"]["batched"], "reference", pol) for u in ok],
-                                              _speedup, n_resamples=min(nb, 4000), unit="x",
-                                              what=f"batch-{params.latency_batch} speed-up")
+            b1, bb = _speedups(ok, lambda u, pol=pol: pol, params)
             depth = stats.summarize(np.array([u["per_example"][f"{pol}_depth"].mean() for u in ok]),
                                     unit="blocks", over="seeds")
             p = f"policy/{key}/{pol}"
@@ -387,21 +397,19 @@ def _summarise(result: Result, units: list[dict[str, Any]], params: Params) -> N
         result.metrics[f"calibrated/{key}/test_disagreement"] = stats.summarize(
             np.array([u["calm"]["test_disagreement"] for u in ok]), unit="fraction", over="seeds")
     for name in params.models:
-        usable = [u for u in units if u["model"] == name and (not u["failed"] or params.tiny)]
-        if len(usable) >= 2:
-            extra = [np.diff(_ratio_rows(u["timing"]["b1"], "reference", "exit runtime, no exit"), axis=1)[:, 0]
-                     for u in usable]
-            result.metrics[f"overhead_ms/{name}"] = stats.hierarchical_bootstrap(
-                extra, n_resamples=min(nb, 4000), unit="ms per input",
-                what="exit runtime at full depth (every exit and the controller evaluated) minus the plain forward, "
-                     "batch 1, over (task, seed) units and inputs")
-    for name in params.models:
-        usable = [u for u in units if u["model"] == name and (not u["failed"] or params.tiny)]
-        if len(usable) >= 2:
-            per_exit = [float((u["profile"]["probed_ms"] - u["profile"]["planned_ms"]).iloc[-1]
-                              / max(1, len(u["profile"]) - 1)) for u in usable]
-            result.metrics[f"exit_head_ms/{name}"] = stats.summarize(np.array(per_exit), unit="ms per exit",
-                                                                     over="seeds")
+        usable = [u for u in _usable(units, params) if u["model"] == name]
+        if len(usable) < 2:
+            continue
+        extra = [np.diff(_ratio_rows(u["timing"]["b1"], "reference", "exit runtime, no exit"), axis=1)[:, 0]
+                 for u in usable]
+        result.metrics[f"overhead_ms/{name}"] = stats.hierarchical_bootstrap(
+            extra, n_resamples=min(nb, 4000), unit="ms per input",
+            what="exit runtime at full depth (every exit and the controller evaluated) minus the plain forward, "
+                 "batch 1, over (task, seed) units and inputs")
+        per_exit = [float((u["profile"]["probed_ms"] - u["profile"]["planned_ms"]).iloc[-1]
+                          / max(1, len(u["profile"]) - 1)) for u in usable]
+        result.metrics[f"exit_head_ms/{name}"] = stats.summarize(np.array(per_exit), unit="ms per exit",
+                                                                 over="seeds")
     tests = fam.results()
     result.tests.extend(tests)
     result.tables["tests"] = fam.table()
@@ -416,12 +424,7 @@ def _headline(result: Result, key: str, ok: list[dict[str, Any]], ref_c: list[np
     dyn_c = [u["per_example"][u["headline"]].to_numpy() for u in ok]
     diff = stats.paired_difference(ref_c, dyn_c, name=f"{key}: reference vs the validation-chosen policy",
                                    n_resamples=params.n_bootstrap)
-    b1 = stats.hierarchical_bootstrap([_ratio_rows(u["timing"]["b1"], "reference", u["headline"]) for u in ok],
-                                      _speedup, n_resamples=min(params.n_bootstrap, 4000), unit="x",
-                                      what="b1 speed-up")
-    bb = stats.hierarchical_bootstrap([_ratio_rows(u["timing"]["batched"], "reference", u["headline"]) for u in ok],
-                                      _speedup, n_resamples=min(params.n_bootstrap, 4000), unit="x",
-                                      what=f"batch-{params.latency_batch} speed-up")
+    b1, bb = _speedups(ok, lambda u: u["headline"], params)
     loss = _diff_record(diff, "reference - validation-chosen policy")
     h = f"headline/{key}"
     result.metrics[f"{h}/b1_speedup"] = b1
@@ -478,9 +481,7 @@ def _curve_summary(result: Result, units: list[dict[str, Any]], params: Params) 
     measured per-depth profile) and of the accuracy loss against the reference, with a t interval over
     seeds (each seed has its own test split, so the seed-to-seed spread includes test-set sampling)."""
     rows = []
-    for u in units:
-        if u["failed"] and not params.tiny:
-            continue
+    for u in _usable(units, params):
         t = u["timing"]["b1"]
         ref_ms = float(t[t["config"] == "reference"]["ms"].mean())
         c = u["curves"]
