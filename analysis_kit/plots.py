@@ -24,7 +24,9 @@ from .errors import LayerwiseError
 
 THEME = "layerwise"
 WIDTH, HEIGHT = 520, 300
-PALETTE = "tableau10"  # categorical, distinguishable under the common colour-vision deficiencies
+#: Okabe & Ito's categorical palette, chosen to stay distinguishable under the common colour-vision
+#: deficiencies (tableau10, used before, puts red beside green); black is last so it is used least.
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#56B4E9", "#CC79A7", "#F0E442", "#000000")
 MAX_ROWS = 5000  # altair's default cap on embedded rows
 
 
@@ -44,7 +46,7 @@ def _config() -> alt.theme.ThemeConfig:
             "header": {"labelFontSize": 12, "titleFontSize": 13},
             "title": {"fontSize": 15, "subtitleFontSize": 12, "anchor": "start", "fontWeight": "normal",
                       "color": "#222222"},
-            "range": {"category": {"scheme": PALETTE}},
+            "range": {"category": list(PALETTE)},
             "point": {"size": 50, "filled": True},
             "line": {"strokeWidth": 2},
             "errorbar": {"thickness": 1.5, "ticks": {"size": 12}},
@@ -281,3 +283,36 @@ def pareto(df: pd.DataFrame, x: str, y: str, color: str | None = None, label: st
     if label:
         layers.append(alt.Chart(front).mark_text(align="left", dx=6, dy=-6, fontSize=11).encode(**enc, text=label))
     return _titled(alt.layer(*layers), title)
+
+
+def tradeoff(points: pd.DataFrame, anchors: pd.DataFrame, goal_kept: float | None = None,
+             title: str = "Accuracy kept against measured speed-up") -> alt.LayerChart:
+    """The book's summary figure: accuracy kept (% of the full model) against measured speed-up (log scale).
+
+    ``points``: ``what, kind, task, speedup, speedup_low, speedup_high, kept, kept_low, kept_high`` (intervals
+    may be missing); ``anchors``: ``anchor, speedup``, drawn as labelled vertical rules (the literature's
+    speed-ups; their accuracy kept is quoted in the findings table). ``goal_kept`` draws a horizontal rule.
+    """
+    _check(points, "what", "kind", "task", "speedup", "kept")
+    x = alt.X("speedup:Q", scale=alt.Scale(type="log"), title="measured speed-up over the full model (×, log scale)")
+    y = alt.Y("kept:Q", scale=alt.Scale(zero=False), title="accuracy kept (% of the full model)")
+    shape = alt.Shape("kind:N", title="kind")
+    colour = alt.Color("what:N", title="model or policy")
+    base = alt.Chart(points)
+    layers = [base.mark_point(size=90, filled=True).encode(
+        x=x, y=y, color=colour, shape=shape,
+        tooltip=["what", "kind", "task", alt.Tooltip("speedup:Q", format=".2f"), alt.Tooltip("kept:Q", format=".1f")])]
+    if points[["kept_low", "kept_high"]].notna().all(axis=None):
+        layers.append(base.mark_rule().encode(x="speedup:Q", y="kept_low:Q", y2="kept_high:Q", color=colour))
+    xi = points.dropna(subset=["speedup_low", "speedup_high"])
+    if len(xi):
+        layers.append(alt.Chart(xi).mark_rule().encode(x="speedup_low:Q", x2="speedup_high:Q", y="kept:Q",
+                                                        color=colour))
+    if len(anchors):
+        rule = alt.Chart(anchors).mark_rule(strokeDash=[4, 4], color="#555555").encode(x="speedup:Q")
+        text = alt.Chart(anchors).mark_text(angle=270, align="right", dx=-4, dy=-4, fontSize=10,
+                                            color="#555555").encode(x="speedup:Q", y=alt.value(4), text="anchor:N")
+        layers += [rule, text]
+    if goal_kept is not None:
+        layers.append(alt.Chart(pd.DataFrame({"kept": [goal_kept]})).mark_rule(color="#999999").encode(y="kept:Q"))
+    return alt.layer(*layers).properties(title=title, width=WIDTH, height=HEIGHT + 60)

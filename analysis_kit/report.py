@@ -91,6 +91,23 @@ def provenance(start: float | None = None) -> dict[str, Any]:
     }
 
 
+def fmt_ci(rec: dict[str, Any], scale: float = 100.0, unit: str = " %", digits: int = 1, sign: bool = False) -> str:
+    """The book's one number format: ``"88.9 % [86.3, 91.2]"`` (mean, then the interval in brackets).
+
+    ``rec`` is a metric record (``mean``, ``ci_low``, ``ci_high``) on a 0–1 or raw scale; ``scale`` turns
+    it into the unit (100 for percent or points, 1 for ratios with ``unit="×"``); ``sign`` writes ``+``/``−``
+    for differences. A record without an interval prints its mean alone.
+    """
+    f = f"{'+' if sign else ''}.{digits}f"
+
+    def num(x: float) -> str:
+        return format(x * scale, f).replace("-", "−")
+
+    if rec.get("ci_low") is None or rec.get("ci_high") is None:
+        return f"{num(rec['mean'])}{unit}"
+    return f"{num(rec['mean'])}{unit} [{num(rec['ci_low'])}, {num(rec['ci_high'])}]"
+
+
 def _clean(x: Any) -> Any:
     """JSON-safe scalars: numpy to python, NaN/inf to None."""
     if isinstance(x, (np.floating, float)):
@@ -140,6 +157,47 @@ class Report:
         rows += [(f"param: {k}", v) for k, v in self.params.items()]
         rows += [(f"version: {k}", v) for k, v in prov["versions"].items()]
         return pd.DataFrame(rows, columns=["what", "value"]).astype({"value": str}).set_index("what")
+
+    def footer(self, notebook: str | None = None) -> Any:
+        """The chapter's last block: download links, then parameters and provenance in a collapsed box.
+
+        Readers want the answer first; reviewers want to check where it came from. So the provenance that
+        :meth:`header` lays out as one long table goes to the end of the page, folded (a ``dropdown``
+        admonition), with the parameters as a compact two-column table, and the page links its
+        ``summary.json``, its CSV tables and its executed notebook (``notebook``, default
+        ``<experiment>.ipynb`` beside the page) so a reviewer can take the numbers away. Rendered as MyST
+        Markdown by the book (``nb_render_markdown_format: myst``); the links are Sphinx ``{download}``
+        roles relative to ``book/experiments/``, so they work in the committed and the smoke book alike.
+        """
+        from IPython.display import Markdown
+
+        prov = provenance(self.start)
+        where = Path(REPO_ROOT) / shown(published(self.out_dir))
+        try:
+            rel = "../../" + where.resolve().relative_to(REPO_ROOT).as_posix()
+        except ValueError:  # results outside the repository (LAYERWISE_RESULTS): name the folder, no links
+            rel = None
+        notebook = notebook or f"{self.experiment}.ipynb"
+        if rel:
+            files = [f"{{download}}`summary.json <{rel}/summary.json>`"]
+            files += [f"{{download}}`{n}.csv <{rel}/{n}.csv>`" for n in sorted(self.tables)]
+            links = (f"**Downloads.** The executed notebook ({{download}}`{notebook} <{notebook}>`, code included) "
+                     f"and this run's results: {', '.join(files)}.")
+        else:
+            links = f"**Results** of this run are in `{where}` (summary.json and one CSV per table)."
+
+        def cell(v: Any) -> str:
+            return "`" + str(v).replace("|", "\\|").replace("`", "'").replace("\n", " ") + "`"
+
+        params = "\n".join(f"| `{k}` | {cell(v)} |" for k, v in self.params.items())
+        facts = [("profile", self.profile), ("git commit", prov["git_commit"]), ("started", prov["start_time"])]
+        facts += [(k, v) for k, v in prov["hardware"].items()]
+        facts += [(k, v) for k, v in prov["versions"].items()]
+        rows = "\n".join(f"| {k} | {cell(v)} |" for k, v in facts)
+        text = (f"{links}\n\n:::{{admonition}} Parameters and provenance (click to open)\n:class: dropdown provenance\n\n"
+                f"| parameter | value |\n|---|---|\n{params}\n\n"
+                f"| profile, commit, hardware, versions | value |\n|---|---|\n{rows}\n:::\n")
+        return Markdown(text)
 
     def metric(self, name: str, record: dict[str, Any]) -> dict[str, Any]:
         """Record a metric; ``record`` is a :func:`analysis_kit.stats.summarize` dict."""

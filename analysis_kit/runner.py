@@ -54,7 +54,12 @@ EXPERIMENTS = (
     "qlora",
     "sensitivity",
     "dynamic_selection",
+    "findings",
 )
+#: Pages that quote other chapters' published results: they run after them, and their fingerprint holds
+#: those results, so a re-run chapter re-runs the page that quotes it. (The findings page is run last but
+#: shown first: _toc.yml, not this order, places pages in the book.)
+READS_RESULTS = {"findings": EXPERIMENTS[:-1]}
 PROFILES = ("smoke", "default", "full")
 NOTEBOOKS = REPO_ROOT / "notebooks"
 BOOK = REPO_ROOT / "book"
@@ -352,6 +357,9 @@ def fingerprint(slug: str, profile: str, params: dict[str, Any]) -> str:
     h.update(json.dumps(params, sort_keys=True, default=str).encode())
     h.update(profile.encode())
     h.update(_source_fingerprint(slug).encode())
+    for other in READS_RESULTS.get(slug, ()):
+        summary = results_dir() / other / profile / "summary.json"
+        h.update(other.encode() + (summary.read_bytes() if summary.exists() else b"absent"))
     return h.hexdigest()
 
 
@@ -714,11 +722,44 @@ def run(slugs: list[str] | None, profile: str, overrides: dict[str, Any] | None 
     return results
 
 
+def stale_chapters(profile: str = "default") -> dict[str, str]:
+    """Chapters whose published run of ``profile`` no longer matches their notebook, parameters or code.
+
+    Returns ``{slug: why}`` for a reader: the date of the shown run and what to run to refresh it. A chapter
+    never run under ``profile`` is stale too. Cheap (hashes, no execution); the book puts the reason on the
+    page (:mod:`analysis_kit.book_ext`) and the findings page labels its numbers with it.
+    """
+    out = {}
+    for slug in available():
+        params = resolve(slug, profile)
+        stamp_path = results_dir() / slug / profile / "run.json"
+        stamp = json.loads(stamp_path.read_text()) if stamp_path.exists() else {}
+        if stamp.get("status") == "ran" and stamp.get("fingerprint") == fingerprint(slug, profile, params):
+            continue
+        when = f"on {stamp['finished']} UTC" if stamp.get("finished") else "never"
+        out[slug] = (f"Stale page: these numbers come from this chapter's last {profile} run ({when}); its notebook or "
+                     f"the package code it uses has changed since, so they may not match what the code computes now. "
+                     f"`analysis-kit run {slug}` re-computes them.")
+    return out
+
+
+def _stage_mathjax(root: Path) -> None:
+    """Copy the pinned MathJax (asset ``mathjax``) into the book's static folder, so math renders offline."""
+    from .assets import locate
+
+    src = locate("mathjax")
+    dest = root / "book" / "_static" / "mathjax"
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("es5/tex-svg.js", "LICENSE"):
+        shutil.copy(src / name, dest / Path(name).name)
+
+
 def build_book(profile: str = "default", strict: bool = True) -> Path:
     """Build the HTML book with jupyter-book (notebooks are not re-executed: papermill did it).
 
     ``default``/``full`` build the committed book at the repository root. ``smoke`` assembles a copy of
-    the book with the smoke notebooks under ``_build/smoke_book`` and builds that instead.
+    the book with the smoke notebooks and their results under ``_build/smoke_book`` and builds that
+    instead. Chapters whose shown run is stale (:func:`stale_chapters`) get a warning under their title.
     """
     root = REPO_ROOT
     if profile == "smoke":
@@ -735,10 +776,19 @@ def build_book(profile: str = "default", strict: bool = True) -> Path:
             if not src.exists():
                 raise LayerwiseError(f"no smoke run of {slug}; run `analysis-kit run --profile smoke` first.")
             shutil.copy(src, root / "book" / "experiments" / src.name)
+            # the pages link their results (Report.footer): ../../results/<slug>/smoke/ from book/experiments
+            shutil.copytree(results_dir() / slug / "smoke", root / "results" / slug / "smoke")
+    _stage_mathjax(root)
+    state = root / "_build" / "book_state.json"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    stale = json.dumps({"stale": {f"book/experiments/{slug}": why for slug, why in stale_chapters(profile).items()}})
+    if not state.exists() or state.read_text() != stale:  # the pages depend on it: rewrite only on change
+        state.write_text(stale)
     cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(root), "--path-output", str(root)]
     if strict:
         cmd += ["-W", "-n", "--keep-going"]
-    proc = subprocess.run(cmd, cwd=root, text=True, capture_output=True)
+    proc = subprocess.run(cmd, cwd=root, text=True, capture_output=True,
+                          env={**os.environ, "LAYERWISE_BOOK_STATE": str(state)})
     sys.stdout.write(proc.stdout[-6000:])
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-6000:])

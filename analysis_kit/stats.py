@@ -1121,6 +1121,10 @@ def stratified_mcnemar(correct_a_by_seed: Sequence[Any], correct_b_by_seed: Sequ
                       extras=extras)
 
 
+#: The power at which :func:`paired_difference` states its minimum detectable effect (``mde_points``).
+MDE_POWER = 0.8
+
+
 def paired_difference(correct_a_by_seed: Sequence[Any], correct_b_by_seed: Sequence[Any], *, name: str,
                       n_resamples: int = 10_000, seed: int = 0, confidence: float = 0.95) -> dict[str, Any]:
     """Accuracy difference A - B with a hierarchical paired bootstrap interval, a p-value and the MDE.
@@ -1169,7 +1173,7 @@ def paired_difference(correct_a_by_seed: Sequence[Any], correct_b_by_seed: Seque
     diff = 100.0 * float(res.per_seed.mean())
     low, high = 100.0 * iv.low, 100.0 * iv.high
     se = (high - low) / (2 * float(sps.norm.ppf(1 - (1 - confidence) / 2)))
-    mde = (float(sps.norm.ppf(0.975)) + float(sps.norm.ppf(0.8))) * se
+    mde = (float(sps.norm.ppf(0.975)) + float(sps.norm.ppf(MDE_POWER))) * se
     method = _interval_method(res, iv, confidence, "the paired accuracy difference A - B, in points")
     test = TestResult(name, diff / se if se > 0 else 0.0, p, diff, _ACC_DIFF, n_seeds,
                       extras={"min_p": min_p, "prob_improvement": pi, "ci_low": low, "ci_high": high,

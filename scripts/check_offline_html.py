@@ -56,7 +56,13 @@ def chromium_path() -> str:
 
 
 def check_site(html_dir: Path, browser) -> tuple[list[dict], list[str]]:
-    """Open every chapter page of one built book; return per-page facts and problems."""
+    """Open every chapter page of one built book; return per-page facts and problems.
+
+    Besides charts and the network, math: every ``.math`` element must be typeset (``mjx-container``) by
+    the MathJax copy the build vendors, with no request leaving the machine.
+    """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     pages = sorted((html_dir / "book" / "experiments").glob("*.html"))
     problems = [] if pages else [f"{html_dir}: no chapter pages under book/experiments/"]
     facts = []
@@ -70,11 +76,20 @@ def check_site(html_dir: Path, browser) -> tuple[list[dict], list[str]]:
         page.route(re.compile(r"^(https?|wss?)://"), lambda route: route.abort())
         page.goto(page_path.as_uri(), wait_until="load", timeout=20000)
         page.wait_for_timeout(300)
+        if page.evaluate("() => document.querySelectorAll('.math').length") > 0:
+            # math is typeset by the vendored MathJax (book/_static/mathjax) after load; wait for it
+            try:
+                page.wait_for_function("() => document.querySelectorAll('mjx-container').length >= "
+                                       "document.querySelectorAll('.math').length", timeout=15000)
+            except PlaywrightTimeout:
+                problems.append(f"{page_path}: MathJax did not typeset the page's math within 15 s")
         info = page.evaluate("""() => {
             const imgs = [...document.querySelectorAll('img')];
             const charts = imgs.filter(i => (i.currentSrc || i.src).includes('svg'));
             const inline = [...document.querySelectorAll('.cell_output svg, .output svg')];
-            return {images: imgs.length, charts: charts.length + inline.length,
+            const math = document.querySelectorAll('.math').length;
+            const typeset = document.querySelectorAll('mjx-container').length;
+            return {images: imgs.length, charts: charts.length + inline.length, math: math, typeset: typeset,
                     broken: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src.slice(0, 120)),
                     errors: [...document.querySelectorAll('.output.error, .output.traceback')].length};
         }""")
@@ -84,6 +99,9 @@ def check_site(html_dir: Path, browser) -> tuple[list[dict], list[str]]:
         facts.append(info)
         if info["charts"] == 0:
             problems.append(f"{page_path}: no chart rendered")
+        if info["math"] and info["typeset"] < info["math"]:
+            problems.append(f"{page_path}: {info['math'] - info['typeset']} of {info['math']} math expressions were "
+                            f"not typeset offline (is book/_static/mathjax/tex-svg.js in the build?)")
         if info["broken"]:
             problems.append(f"{page_path}: images that did not load: {info['broken']}")
         if external:

@@ -54,7 +54,7 @@ def test_theme_is_active_and_svg_mimebundle(seeds):
     bundle = bundle[0] if isinstance(bundle, tuple) else bundle
     assert set(bundle) == {"image/svg+xml"} and "<svg" in bundle["image/svg+xml"]
     spec = P.points_with_ci(seeds, "setting", "accuracy").to_dict()
-    assert spec["config"]["range"]["category"] == {"scheme": P.PALETTE}
+    assert spec["config"]["range"]["category"] == list(P.PALETTE)
     assert spec["config"]["axis"]["labelFontSize"] >= 11
 
 

@@ -19,7 +19,7 @@ the pipeline is still exercised.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,7 @@ from scipy.stats import spearmanr
 from .. import data, measure, references, stats, train
 from ..device import progress
 from ..errors import LayerwiseError
+from ..report import fmt_ci
 from . import Result
 
 MODELS = ("minilm", "mpnet", "smollm2")
@@ -52,7 +53,6 @@ class Params:
     bow_c_grid: tuple[float, ...] = (0.3, 1.0, 3.0, 10.0, 30.0)
     n_bootstrap: int = 10_000
     device: str = "auto"
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         """Fail before any training on settings the chapter cannot use."""
@@ -285,11 +285,8 @@ def _recipes(params: Params) -> pd.DataFrame:
 
 
 def _ci_text(rec: dict, scale: float = 100.0, fmt: str = ".1f") -> str:
-    """``"84.1 (82.0–86.3)"``: a metric record as text, in points by default."""
-    if rec.get("ci_low") is None:
-        return format(rec["mean"] * scale, fmt)
-    return (f"{format(rec['mean'] * scale, fmt)} ({format(rec['ci_low'] * scale, fmt)}–"
-            f"{format(rec['ci_high'] * scale, fmt)})")
+    """``"84.1 % [82.0, 86.3]"``: a metric record as text in the book's one format (:func:`report.fmt_ci`)."""
+    return fmt_ci(rec, scale=scale, digits=int(fmt.strip(".f")))
 
 
 def _presentation(result: Result, params: Params) -> None:
@@ -315,6 +312,7 @@ def _presentation(result: Result, params: Params) -> None:
     glue = {f"acc_{r['model']}_{r['task']}": r["text"] for r in own[own["metric"] == "accuracy"].to_dict("records")}
     result.values["glue"] = glue
     result.values["findings"] = _findings(result, params)
+    result.values["key_findings"] = _key_findings(result, params)
 
 
 def _findings(result: Result, params: Params) -> str:
@@ -323,7 +321,7 @@ def _findings(result: Result, params: Params) -> str:
     for task in params.tasks:
         parts = [f"{LABELS[k]} {_ci_text(m[f'accuracy/{k}/{task}'])}"
                  for k in (*params.models, "bow", "vader", "majority") if f"accuracy/{k}/{task}" in m]
-        lines.append(f"- **{task}** test accuracy in % (hierarchical 95% CI): " + "; ".join(parts) + ".")
+        lines.append(f"- **{task}** test accuracy (hierarchical 95% CI): " + "; ".join(parts) + ".")
     comps = result.tables["comparisons"]
     for row in comps[comps["a"].isin(params.models)].to_dict("records"):
         test = next(t for t in result.tests if t.name.startswith(f"{row['task']}: {LABELS[row['a']]} vs "
@@ -331,8 +329,8 @@ def _findings(result: Result, params: Params) -> str:
         verdict = ("interval above zero" if row["ci_low"] > 0 else "interval below zero" if row["ci_high"] < 0
                    else "interval includes zero: not distinguishable")
         lines.append(f"- {row['task']}: {LABELS[row['a']]} − {LABELS[row['b']]} = {row['diff_points']:+.1f} points "
-                     f"({row['ci_low']:+.1f} to {row['ci_high']:+.1f}; P(seed of A beats seed of B) = "
-                     f"{row['prob_improvement']:.2f}; Holm p = {test.p_holm:.3g}): {verdict}.")
+                     f"[{row['ci_low']:+.1f}, {row['ci_high']:+.1f}]; P(seed of A beats seed of B) = "
+                     f"{row['prob_improvement']:.2f}; Holm p = {test.p_holm:.3g}: {verdict}.")
     failed = result.tables["failed_trainings"]
     total = int(failed["failed"].sum()) if len(failed) else 0
     lines.append(f"- Failed trainings: {total} of {int(failed['trainings'].sum()) if len(failed) else 0} "
@@ -354,7 +352,39 @@ def _findings(result: Result, params: Params) -> str:
     unc = result.tables["uncertainty_vs_raters"]
     for row in unc.to_dict("records"):
         lines.append(f"- Uncertainty vs human disagreement, {LABELS[row['model']]} on {row['task']}: Spearman ρ "
-                     f"{row['mean']:.2f} ({row['ci_low']:.2f} to {row['ci_high']:.2f}).")
+                     f"{row['mean']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}].")
+    return "\n".join(lines)
+
+
+def _key_findings(result: Result, params: Params) -> str:
+    """Three to six bullets for the top of the chapter (the full list is :func:`_findings`)."""
+    m, lines = result.metrics, []
+    for task in params.tasks:
+        parts = [f"{LABELS[k]} {fmt_ci(m[f'accuracy/{k}/{task}'])}"
+                 for k in (*params.models, "bow", "vader", "majority") if f"accuracy/{k}/{task}" in m]
+        lines.append(f"- **{task}**, test accuracy: " + "; ".join(parts) + ".")
+    comps = result.tables["comparisons"]
+    best = comps[comps["a"].isin(params.models) & (comps["b"] == "bow")].to_dict("records")
+    parts = []
+    for r in best:
+        diff = fmt_ci({"mean": r["diff_points"], "ci_low": r["ci_low"], "ci_high": r["ci_high"]}, scale=1, unit="",
+                      sign=True)
+        verdict = ("interval above zero" if r["ci_low"] > 0 else "interval below zero" if r["ci_high"] < 0
+                   else "not distinguishable")
+        parts.append(f"{r['task']}, {LABELS[r['a']]} {diff} ({verdict})")
+    if parts:
+        lines.append("- The fine-tuned transformer against the strongest simple reference, bag-of-words (difference "
+                     "in points, paired hierarchical interval): " + "; ".join(parts) + ".")
+    failed = result.tables["failed_trainings"]
+    total = int(failed["failed"].sum()) if len(failed) else 0
+    lines.append(f"- Failed trainings (validation accuracy within one point of the majority class): {total} of "
+                 f"{int(failed['trainings'].sum()) if len(failed) else 0} fine-tunes; any would be left out.")
+    tweets = [f"tuned on {task}: {fmt_ci(m[f'accuracy/vader/{task}/on_tweets'])} on tweets vs "
+              f"{fmt_ci(m[f'accuracy/vader/{task}'])} in domain"
+              for task in params.tasks if f"accuracy/vader/{task}/on_tweets" in m]
+    if tweets:
+        lines.append("- VADER is far stronger on the tweets its lexicon was built on than on reviews ("
+                     + "; ".join(tweets) + "), so its transfer numbers are not a fair comparison.")
     return "\n".join(lines)
 
 

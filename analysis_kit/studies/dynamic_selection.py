@@ -47,6 +47,7 @@ from .. import dynamic, stats, train
 from ..cache import cached_dir
 from ..device import pick, progress
 from ..errors import LayerwiseError
+from ..report import fmt_ci
 from . import Result
 from .baselines import _task
 
@@ -503,10 +504,12 @@ def _curve_summary(result: Result, units: list[dict[str, Any]], params: Params) 
 
 
 def _ci(rec: dict[str, Any], fmt: str = ".2f", suffix: str = "") -> str:
-    """``mean (low–high)`` of a metric record, for prose."""
-    if rec.get("ci_low") is None:
-        return f"{rec['mean']:{fmt}}{suffix}"
-    return f"{rec['mean']:{fmt}}{suffix} ({rec['ci_low']:{fmt}}–{rec['ci_high']:{fmt}})"
+    """``mean [low, high]`` of a metric record, for prose, in the book's one format (:func:`report.fmt_ci`)."""
+    sign = fmt.startswith("+")
+    digits = int(fmt.strip("+.f%"))
+    if fmt.endswith("%"):
+        return fmt_ci(rec, scale=100, unit=" %", digits=digits, sign=sign)
+    return fmt_ci(rec, scale=1, unit=suffix, digits=digits, sign=sign)
 
 
 def _findings(result: Result, params: Params) -> str:
@@ -532,8 +535,8 @@ def _findings(result: Result, params: Params) -> str:
         key = f"{name}/{task}"
         parts = []
         for r in g.to_dict("records"):
-            txt = (f"{r['policy']} {r['b1_speedup']:.2f}× ({r['b1_low']:.2f}–{r['b1_high']:.2f}) at "
-                   f"{r['loss_points']:+.2f} ({r['loss_low']:+.2f} to {r['loss_high']:+.2f}) points")
+            txt = (f"{r['policy']} {r['b1_speedup']:.2f}× [{r['b1_low']:.2f}, {r['b1_high']:.2f}] at "
+                   f"{r['loss_points']:+.2f} [{r['loss_low']:+.2f}, {r['loss_high']:+.2f}] points")
             t = tests.get(f"{key}: {r['policy']} vs static truncation at the same average depth")
             if t is not None:
                 txt += f", {r['vs_static_points']:+.2f} points vs static at its depth (Holm p = {t.p_holm:.2g})"
@@ -575,6 +578,49 @@ def _findings(result: Result, params: Params) -> str:
     return "\n".join(lines)
 
 
+def _key_findings(result: Result, params: Params) -> str:
+    """Three to six bullets for the top of the chapter (the full list is :func:`_findings`)."""
+    m, lines = result.metrics, []
+    head = result.tables.get("headline", pd.DataFrame())
+    for name in params.models:
+        parts = []
+        for row in head[head["key"].str.startswith(f"{name}/")].to_dict("records") if len(head) else []:
+            key = row["key"]
+            parts.append(f"{key.split('/')[1]}: {row['policies']} {fmt_ci(m[f'headline/{key}/b1_speedup'], 1, '×', 2)}"
+                         f" at {fmt_ci(m[f'headline/{key}/acc_loss_points'], 1, ' points', 2, sign=True)} of "
+                         f"accuracy, goal {'met' if row['goal_met'] else 'missed'}")
+        if parts:
+            lines.append(f"- **{LABELS[name]}**, the policy chosen on validation, measured batch-1 speed-up and "
+                         f"accuracy loss against the full model (goal: the whole speed-up interval at least "
+                         f"{params.goal_speedup:g}×, the whole loss interval at most {params.max_loss_points:g} "
+                         "point): " + "; ".join(parts) + ".")
+    pol = result.tables.get("policies", pd.DataFrame())
+    cal = []
+    for r in pol[pol["policy"] == "calibrated"].to_dict("records") if len(pol) else []:
+        key = f"calibrated/{r['model']}/{r['task']}/test_disagreement"
+        if key in m:
+            cal.append(f"{r['model']}/{r['task']} {r['b1_speedup']:.2f}× [{r['b1_low']:.2f}, {r['b1_high']:.2f}], "
+                       f"test disagreement {fmt_ci(m[key])}")
+    if cal:
+        lines.append(f"- The calibrated policy (CALM-style, promises at most {params.calm_delta:.0%} disagreement "
+                     f"with the full model with probability {1 - params.calm_epsilon:.0%}): " + "; ".join(cal) + ".")
+    tests = {t.name: t for t in result.tests}
+    vs = [(r, tests.get(f"{r['model']}/{r['task']}: entropy vs static truncation at the same average depth"))
+          for r in (pol[pol["policy"] == "entropy"].to_dict("records") if len(pol) else [])]
+    vs = [(r, t) for r, t in vs if t is not None]
+    if vs:
+        lines.append("- Exiting by confidence beats cutting the last blocks at the same average depth (entropy minus "
+                     "static truncation, points): " + "; ".join(
+                         f"{r['model']}/{r['task']} {r['vs_static_points']:+.1f} (Holm p = {t.p_holm:.2g})"
+                         for r, t in vs) + ".")
+    cost = [f"{LABELS[name]} {fmt_ci(m[f'overhead_ms/{name}'], 1, ' ms', 2, sign=True)}"
+            for name in params.models if f"overhead_ms/{name}" in m]
+    if cost:
+        lines.append("- What the exits cost when no input leaves early (full depth, batch 1, per input over the plain "
+                     "forward): " + "; ".join(cost) + ".")
+    return "\n".join(lines)
+
+
 def run(params: Params) -> Result:
     """Run the chapter: train or load, choose on validation, score and time on test, summarise and test."""
     params.validate()
@@ -596,5 +642,6 @@ def run(params: Params) -> Result:
     _summarise(result, units, params)
     _curve_summary(result, units, params)
     result.values["findings"] = _findings(result, params)
+    result.values["key_findings"] = _key_findings(result, params)
     result.in_summary = ("headline", "policies", "fairness", "ship")
     return result
