@@ -16,19 +16,25 @@ may leave early:
   (``PlannedPolicy``: static truncation, or the complexity predictor's budget), and the oracle (the
   earliest exit that is correct, ``oracle_depths``) as the bound no policy can beat. Each class declares
   its inputs and its settings grid. One ``step`` function serves both the simulation on all exits
-  (``simulate``) and real early exit (``early_exit_forward``), so the two cannot disagree.
+  (``simulate``) and real early exit (``ExitRunner``), so the two cannot disagree.
+  ``consistency_threshold`` calibrates the confidence threshold CALM-style (Learn-then-Test: at most
+  ``delta`` disagreement with the last exit, with probability 1 - ``epsilon``).
 - ``ComplexityFeatures`` / ``ComplexityPredictor``: cheap text features (length, lexical diversity,
   rare-word rate from train-set word counts, semantic density: content-word share and hits of a
   polarity lexicon learned from the training split) and a small sklearn regressor of the blocks an
   input needs, fitted on validation data; it decides the depth *before* the model runs.
-- Budget mode (``calibrate``): a target average depth or latency → the setting that meets it on
-  validation, then reported on test; static truncation at the same average depth is the baseline.
-- Cost: ``depth_profile`` (batch-1 latency of every depth), ``time_policy`` (real early exit at batch 1
-  and batched, the batch shrinking as examples leave or not), ``complexity_overhead``.
-- ``analyse``: one (model, seed) through all of the above, as tidy tables for the notebook.
+- Curves: ``curve`` sweeps a policy's settings (average depth, accuracy, and the latency predicted from
+  a ``depth_profile``, the batch-1 latency of stopping at each depth); ``static_depths`` gives static
+  truncation at any average depth, the baseline every policy is compared with.
+- The fair exit-trained model (``fair_exit_model``, ``recipe_exit_config``): backbone and exits trained
+  jointly with the reference's own fine-tuning recipe, epochs and data.
+- Runtime: ``ExitRunner`` (real early exit, block by block, at batch 1 or batched with the batch
+  shrinking as examples leave); ``encode_each`` and ``time_configs`` time several ways of running the
+  same batches, interleaved; ``save_exit_model`` / ``load_exit_model`` (``ExitModel``) ship the model.
 
 All exits are computed in one pass for accuracy-vs-depth curves; latency is only ever measured with
-real early exit, never inferred from block counts.
+real early exit, never inferred from block counts. The chapter that puts it together per model, task
+and seed, and measures the latency, is :mod:`analysis_kit.studies.dynamic_selection`.
 """
 
 from __future__ import annotations
@@ -38,7 +44,6 @@ import hashlib
 import json
 import math
 import re
-import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -59,7 +64,7 @@ from .errors import LayerwiseError
 
 #: Bump when exit-head training changes in a way that changes weights (invalidates cached heads).
 EXITS_CODE_VERSION = 3
-# ONLINE_POLICIES and POLICIES (the names ``analyse`` compares) come from the policy registry below.
+# ONLINE_POLICIES and POLICIES come from the policy registry below.
 MODES = ("joint", "frozen")
 WEIGHTINGS = ("linear", "uniform")
 #: What joint training early-stops and picks its checkpoint on (validation loss).
@@ -68,9 +73,6 @@ STOP_ON = ("weighted", "last")
 
 class DynamicError(LayerwiseError):
     """Bad input to the dynamic-depth tools (wrong shapes, settings out of range, unsupported models)."""
-
-
-Planner = Callable[[np.ndarray, list[str]], "ExitPolicy"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -506,48 +508,6 @@ def exit_model(model: nn.Module, tokenizer: Any, base_key: str, train_df: pd.Dat
     return out.eval(), heads.eval(), record
 
 
-def default_exit_config(name: str, mode: str = "joint", tiny: bool = False, epochs: int | None = None,
-                        lr_factor: float = 0.5, head_lr: float = 1e-3, weighting: str = "linear",
-                        pooling: str = "mean") -> ExitTrainConfig:
-    """Exit-head training for a standard model: backbone lr = ``lr_factor`` × the baseline's fine-tuning lr.
-
-    ``epochs`` defaults to 2 for joint training (continuing from the fine-tuned model) and 30 for frozen
-    (heads alone on cached pooled states, cheap); smoke (``tiny``) uses 1 and 5.
-    """
-    from . import train
-
-    if name not in train.STANDARD_TRAIN:
-        raise DynamicError(f"unknown standard model {name!r}; choose from {sorted(train.STANDARD_TRAIN)}.")
-    base = train.SMOKE_TRAIN if tiny else train.STANDARD_TRAIN[name]
-    if epochs is None:
-        epochs = (1 if mode == "joint" else 5) if tiny else (2 if mode == "joint" else 30)
-    patience = 2 if mode == "joint" else 3
-    cfg = ExitTrainConfig(mode=mode, pooling=pooling, epochs=epochs, lr=lr_factor * base.lr, head_lr=head_lr,
-                          weighting=weighting, batch_size=base.batch_size, max_length=base.max_length,
-                          patience=patience)
-    cfg.validate()
-    return cfg
-
-
-def get_exit_model(name: str, seed: int, tiny: bool = False, cfg: ExitTrainConfig | None = None, task: Any = None,
-                   device: str | torch.device = "auto") -> dict[str, Any]:
-    """Standard baseline ``name`` for ``seed`` with trained exit heads (all cached).
-
-    Returns ``{"model", "heads", "tokenizer", "base_model", "splits", "record", "base_record"}``; the
-    splits are ``train.load_task`` for the same task and seed the baseline was trained on.
-    """
-    from . import train
-
-    cfg = cfg or default_exit_config(name, tiny=tiny)
-    task = task or train.standard_task(tiny)
-    base, tok, base_rec = train.baseline(name, seed, tiny, task, device=device)
-    splits = train.load_task(task, seed)
-    model, heads, rec = exit_model(base, tok, Path(base_rec["folder"]).name, splits["train"], splits["val"], cfg,
-                                   seed, device)
-    return {"model": model, "heads": heads, "tokenizer": tok, "base_model": base, "splits": splits, "record": rec,
-            "base_record": base_rec}
-
-
 # --------------------------------------------------------------------------------------------------
 # Exit policies
 
@@ -569,7 +529,7 @@ class ExitPolicy:
     ``register_policy`` the class to make its ``name`` known to ``make_policy`` and ``settings_grid``.
 
     The decision method, shared by the simulation (``simulate``) and real early exit
-    (``early_exit_forward``) so the two cannot disagree: ``start(n)`` resets per-example state;
+    (``ExitRunner``) so the two cannot disagree: ``start(n)`` resets per-example state;
     ``step(k, probs, rows)`` gets exit ``k``'s probabilities for the still-active examples ``rows``
     (indices into the ``n``) and returns a boolean mask of those that exit after block ``k`` (0-based).
 
@@ -866,7 +826,7 @@ class OraclePolicy(PlannedPolicy):
 
 #: Policies whose decision is made online, from the input or the exits seen so far.
 ONLINE_POLICIES = tuple(name for name, cls in _REGISTRY.items() if cls.online)
-#: Everything ``analyse`` compares: the online policies, static truncation and the oracle bound.
+#: Every registered policy: the online ones, then the planned ones (static truncation, the oracle bound).
 POLICIES = (*ONLINE_POLICIES, *(name for name, cls in _REGISTRY.items() if not cls.online))
 
 
@@ -1122,22 +1082,8 @@ class _Timer:
         return time.perf_counter()
 
 
-def complexity_overhead(predictor: ComplexityPredictor, texts: Sequence[str], repeats: int = 3) -> np.ndarray:
-    """Per-input milliseconds of features + prediction at batch 1 (median of ``repeats`` per input)."""
-    out = np.empty(len(texts))
-    predictor.predict([texts[0]])  # warm-up (imports, first-call allocation)
-    for i, text in enumerate(texts):
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            predictor.predict([text])
-            times.append((time.perf_counter() - t0) * 1000)
-        out[i] = statistics.median(times)
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
-# Curves and budget mode
+# Curves
 
 
 def curve(probs: np.ndarray, labels: np.ndarray, name: str, settings: Sequence[float],
@@ -1159,134 +1105,8 @@ def curve(probs: np.ndarray, labels: np.ndarray, name: str, settings: Sequence[f
     return pd.DataFrame(rows)
 
 
-def calibrate(val_curve: pd.DataFrame, target: float, cost: str = "avg_depth") -> pd.Series:
-    """Budget mode: the setting with the best validation accuracy among those whose validation ``cost``
-    is at most ``target`` (ties: the cheaper). When none meets it, the cheapest, with ``met = False``."""
-    if cost not in val_curve.columns or val_curve.empty:
-        raise DynamicError(f"val_curve needs a {cost!r} column and rows (build it with curve(...)).")
-    if val_curve["policy"].nunique() != 1:
-        raise DynamicError("calibrate one policy at a time: filter val_curve to one policy first.")
-    ok = val_curve[val_curve[cost] <= target + 1e-9]
-    if ok.empty:
-        row = val_curve.sort_values([cost, "accuracy"], ascending=[True, False]).iloc[0].copy()
-        row["met"] = False
-    else:
-        row = ok.sort_values(["accuracy", cost], ascending=[False, True]).iloc[0].copy()
-        row["met"] = True
-    row["target"] = target
-    return row
-
-
 # --------------------------------------------------------------------------------------------------
-# Real early exit and its latency
-
-
-@torch.no_grad()
-def early_exit_forward(model: nn.Module, heads: ExitHeads, batch: dict[str, torch.Tensor], policy: ExitPolicy,
-                       shrink: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``batch`` block by block, letting examples leave as ``policy`` says; ``(logits, depths)``.
-
-    ``shrink=True`` drops exited rows from the batch, so the work falls as examples leave;
-    ``shrink=False`` keeps the batch whole until its last example exits (what a static-shape batch
-    pays: the slowest example sets the depth of all). Exits are evaluated only where the policy needs
-    them, and at the depth where an example leaves.
-    """
-    dev = next(model.parameters()).device
-    model.eval()
-    heads.eval()
-    hidden = layers.embed(model, batch)
-    n = hidden.shape[0]
-    mask = batch["attention_mask"].to(dev) if "attention_mask" in batch \
-        else torch.ones(hidden.shape[:2], dtype=torch.long, device=dev)
-    n_blocks = layers.num_blocks(model)
-    out = np.zeros((n, heads.spec["num_labels"]), dtype=np.float32)
-    depth = np.full(n, n_blocks)
-    active = np.arange(n)  # examples not yet exited
-    rows = np.arange(n)  # the row of `hidden` that holds each active example
-    policy.start(n)
-    for k in range(n_blocks):
-        hidden = layers.block_forward(model, k, hidden, mask)
-        if shrink:
-            x = heads.pool(hidden, mask)
-        else:
-            sel_rows = torch.as_tensor(rows, device=dev)
-            x = heads.pool(hidden[sel_rows], mask[sel_rows])
-        if k == n_blocks - 1:
-            ex = np.ones(len(active), bool)
-            leaving = heads.head(k, x)
-        elif policy.needs_probs:
-            logits = heads.head(k, x)
-            ex = np.asarray(policy.step(k, torch.softmax(logits.float(), -1).cpu().numpy(), active), bool)
-            leaving = logits[torch.as_tensor(ex, device=dev)]
-        else:
-            ex = np.asarray(policy.step(k, None, active), bool)
-            leaving = heads.head(k, x[torch.as_tensor(ex, device=dev)]) if ex.any() else None
-        if ex.any():
-            out[active[ex]] = leaving.float().cpu().numpy()
-            depth[active[ex]] = k + 1
-        active, rows = active[~ex], rows[~ex]
-        if active.size == 0:
-            break
-        if shrink and ex.any():
-            keep = torch.as_tensor(rows, device=dev)
-            hidden, mask = hidden[keep], mask[keep]
-            rows = np.arange(len(active))
-    return out, depth
-
-
-def _tokenised_batches(tokenizer, texts, batch_size, max_length):
-    idx = _batch_plan(_lengths(tokenizer, texts, max_length), batch_size)
-    return [(i, [texts[j] for j in i], _encode(tokenizer, [texts[j] for j in i], max_length)) for i in idx]
-
-
-@torch.no_grad()
-def time_policy(model: nn.Module, heads: ExitHeads, tokenizer: Any, texts: Sequence[str], planner: Planner,
-                batch_size: int = 1, repeats: int = 3, shrink: bool = True, max_length: int = 128,
-                device: str | torch.device = "auto") -> dict[str, Any]:
-    """Real early exit over ``texts``: ``planner(indices, batch_texts)`` gives each batch's policy (inside
-    the timer, so a complexity predictor's features are paid for). Tokenisation is outside the timer.
-
-    Returns ``ms_per_example`` (median over ``repeats`` of total time / n), ``avg_depth``, ``preds``.
-    Batches are length-bucketed; batch 1 times each input alone.
-    """
-    if repeats < 1 or batch_size < 1:
-        raise DynamicError("repeats and batch_size must be >= 1.")
-    dev = pick(device)
-    model.eval().to(dev)
-    heads.eval().to(dev)
-    batches = [(i, t, {k: v.to(dev) for k, v in b.items()})
-               for i, t, b in _tokenised_batches(tokenizer, list(texts), batch_size, max_length)]
-    timer = _Timer(dev)
-    warm_i, warm_t, warm_b = batches[0]
-    early_exit_forward(model, heads, warm_b, planner(warm_i, warm_t), shrink)
-    totals, depth, preds = [], np.zeros(len(texts), int), np.zeros(len(texts), int)
-    for _ in range(repeats):
-        t0 = timer.now()
-        for idx, btexts, batch in batches:
-            logits, d = early_exit_forward(model, heads, batch, planner(idx, btexts), shrink)
-            depth[idx], preds[idx] = d, logits.argmax(-1)
-        totals.append((timer.now() - t0) * 1000 / len(texts))
-    return {"ms_per_example": statistics.median(totals), "avg_depth": float(depth.mean()), "preds": preds,
-            "depths": depth}
-
-
-@torch.no_grad()
-def time_full(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 1, repeats: int = 3,
-              max_length: int = 128, device: str | torch.device = "auto") -> float:
-    """Milliseconds per example of the plain Hugging Face forward (no exits), same batching as ``time_policy``."""
-    dev = pick(device)
-    model.eval().to(dev)
-    batches = [{k: v.to(dev) for k, v in b.items()}
-               for _, _, b in _tokenised_batches(tokenizer, list(texts), batch_size, max_length)]
-    timer = _Timer(dev)
-    model(**batches[0])
-    totals = []
-    for _ in range(repeats):
-        t0 = timer.now()
-        for batch in batches:
-            model(**batch)
-        totals.append((timer.now() - t0) * 1000 / len(texts))
-    return statistics.median(totals)
+# Latency per depth
 
 
 @torch.no_grad()
@@ -1319,235 +1139,6 @@ def depth_profile(model: nn.Module, heads: ExitHeads, tokenizer: Any, texts: Seq
             blocks[i - 1], head_ms[i - 1] = row_b, row_h
     b, h = np.median(blocks, 0), np.median(head_ms, 0)
     return pd.DataFrame({"depth": np.arange(1, n_blocks + 1), "planned_ms": b + h, "probed_ms": b + np.cumsum(h)})
-
-
-# --------------------------------------------------------------------------------------------------
-# One (model, seed) through everything
-
-
-def _static_table(model, heads, tokenizer, splits, probs, search, batch_size, max_length, device):
-    """Per-example correctness of static depth d (val and test) for d = 1..blocks, and how it was chosen.
-
-    ``first_k``: blocks 1..d with exit d. ``best_val``: also the d blocks ranked most important on
-    validation (accuracy drop when each block alone is skipped, last exit), whichever of the two is more
-    accurate on validation per d.
-    """
-    n_blocks = heads.n_blocks
-    correct = {s: (probs[s].argmax(-1) == splits[s]["label"].to_numpy()[:, None]) for s in ("val", "test")}
-    choice = ["first_k"] * n_blocks
-    if search == "first_k":
-        return correct, choice
-    dev = pick(device)
-
-    @torch.no_grad()
-    def last_exit_correct(split: str, skip: set[int]) -> np.ndarray:
-        df = splits[split]
-        texts, out = df["text"].tolist(), np.zeros(len(df), bool)
-        for idx in _batch_plan(_lengths(tokenizer, texts, max_length), batch_size):
-            batch = {k: v.to(dev) for k, v in _encode(tokenizer, [texts[i] for i in idx], max_length).items()}
-            hidden = layers.run_blocks(model, batch, skip=skip)
-            logits = heads.head(n_blocks - 1, heads.pool(hidden, batch["attention_mask"]))
-            out[idx] = logits.argmax(-1).cpu().numpy() == df["label"].to_numpy()[idx]
-        return out
-
-    full_val = correct["val"][:, -1].mean()
-    drop = [full_val - last_exit_correct("val", {b}).mean() for b in range(n_blocks)]
-    ranking = list(np.argsort(drop, kind="stable")[::-1])  # most important first
-    for d in range(1, n_blocks):
-        keep = set(int(b) for b in ranking[:d])
-        if keep == set(range(d)):
-            continue
-        skip = set(range(n_blocks)) - keep
-        val_c = last_exit_correct("val", skip)
-        if val_c.mean() > correct["val"][:, d - 1].mean():
-            correct["val"][:, d - 1] = val_c
-            correct["test"][:, d - 1] = last_exit_correct("test", skip)
-            choice[d - 1] = "ranked:" + ",".join(str(b) for b in sorted(keep))
-    return correct, choice
-
-
-def analyse(model: nn.Module, heads: ExitHeads, tokenizer: Any, splits: dict[str, pd.DataFrame], seed: int, *,
-            base_model: nn.Module | None = None, targets: Sequence[float] = (0.5,), static_search: str = "best_val",
-            batch_size: int = 64, max_length: int = 128, device: str | torch.device = "auto",
-            ) -> dict[str, Any]:
-    """Accuracy side of one (model, seed): all exits on val/test in one pass each, every policy swept,
-    budget mode at each target (a fraction of the blocks), static truncation at the matched test depth.
-
-    Returns tidy tables ``exits`` (accuracy per exit and split), ``sweep`` (val/test curves per policy
-    and setting), ``budget`` (per target and policy: chosen setting, val/test depth and accuracy, static
-    and full accuracy, McNemar vs static), plus ``correct`` (test correctness per example for the
-    budget rows, for tests across seeds), ``predictor`` (the complexity predictor, fitted on validation),
-    ``pred_blocks`` (its out-of-fold validation and its test predictions), ``probs`` (every exit's
-    probabilities per split) and ``static_choice`` (which static variant each depth uses).
-    """
-    from . import stats
-
-    for s in ("train", "val", "test"):
-        _check_frame(splits.get(s), f"splits[{s!r}]")
-    if static_search not in ("first_k", "best_val"):
-        raise DynamicError(f"static_search={static_search!r}; choose 'first_k' or 'best_val'.")
-    if not targets or any(not 0 < t <= 1 for t in targets):
-        raise DynamicError(f"targets={targets!r} must be fractions of the blocks in (0, 1], e.g. (0.5,).")
-    n_blocks = heads.n_blocks
-    kw = {"batch_size": batch_size, "max_length": max_length, "device": device}
-    probs = {s: exit_probs(predict_exits(model, heads, tokenizer, splits[s]["text"].tolist(), **kw))
-             for s in ("val", "test")}
-    y = {s: splits[s]["label"].to_numpy() for s in ("val", "test")}
-    exits = pd.DataFrame([{"split": s, "depth": d + 1, "accuracy": float((probs[s][:, d].argmax(-1) == y[s]).mean())}
-                          for s in ("val", "test") for d in range(n_blocks)])
-    if base_model is not None:
-        from . import train
-
-        base_correct = train.predict(base_model, tokenizer, splits["test"]["text"].tolist(), batch_size, max_length,
-                                     device).argmax(-1) == y["test"]
-    else:
-        base_correct = probs["test"][:, -1].argmax(-1) == y["test"]
-
-    feats = ComplexityFeatures().fit(splits["train"]["text"].tolist(), splits["train"]["label"].to_numpy())
-    predictor = ComplexityPredictor(feats, n_blocks, seed)
-    val_texts, test_texts = splits["val"]["text"].tolist(), splits["test"]["text"].tolist()
-    needed = blocks_needed(probs["val"], y["val"])
-    pred_blocks = {"val": predictor.out_of_fold(val_texts, needed)}
-    predictor.fit(val_texts, needed)
-    pred_blocks["test"] = predictor.predict(test_texts)
-    offsets = settings_grid("complexity", probs["val"])
-    static_correct, static_choice = _static_table(model, heads, tokenizer, splits, probs, static_search, **kw)
-
-    def complexity_depths(offset: float, split: str) -> np.ndarray:
-        return predictor.plan(pred_blocks[split], offset)
-
-    sweeps = []
-    for s in ("val", "test"):
-        for name in (p for p in ONLINE_POLICIES if p != "complexity"):
-            sweeps.append(curve(probs[s], y[s], name, settings_grid(name, probs["val"])).assign(split=s))
-        sweeps.append(curve(probs[s], y[s], "complexity", offsets,
-                            lambda o, s=s: complexity_depths(o, s)).assign(split=s))
-        static_rows = []
-        for d in range(1, n_blocks + 1):
-            static_rows.append({"policy": "static", "setting": float(d), "avg_depth": float(d),
-                                "accuracy": float(static_correct[s][:, d - 1].mean())})
-        sweeps.append(pd.DataFrame(static_rows).assign(split=s))
-        od = oracle_depths(probs[s], y[s])
-        sweeps.append(pd.DataFrame([{"policy": "oracle", "setting": 0.0, "avg_depth": float(od.mean()),
-                                     "accuracy": float(outcome(probs[s], y[s], od)[1].mean()), "split": s}]))
-    sweep = pd.concat(sweeps, ignore_index=True)
-
-    def static_at(avg: float, split: str) -> np.ndarray:
-        depths = static_depths(len(y[split]), avg, n_blocks, seed)
-        return static_correct[split][np.arange(len(depths)), depths - 1]
-
-    budget, correct = [], []
-    rows_val = sweep[sweep["split"] == "val"]
-    last_exit_acc = float((probs["test"][:, -1].argmax(-1) == y["test"]).mean())
-    for frac in targets:
-        target = frac * n_blocks
-        for name in ONLINE_POLICIES:
-            row = calibrate(rows_val[rows_val["policy"] == name], target)
-            depths = complexity_depths(row["setting"], "test") if name == "complexity" \
-                else simulate(make_policy(name, row["setting"]), probs["test"])
-            _, dyn_c = outcome(probs["test"], y["test"], depths)
-            test_depth = float(depths.mean())
-            st_c = static_at(max(1.0, test_depth), "test")
-            mc = stats.mcnemar(dyn_c, st_c, name=f"{name} vs static")
-            budget.append({"target_frac": frac, "target_depth": target, "policy": name, "setting": row["setting"],
-                           "met_on_val": bool(row["met"]), "val_depth": row["avg_depth"], "val_acc": row["accuracy"],
-                           "test_depth": test_depth, "test_acc": float(dyn_c.mean()),
-                           "static_acc": float(st_c.mean()), "full_acc": float(base_correct.mean()),
-                           "last_exit_acc": last_exit_acc,
-                           "speedup": n_blocks / test_depth, "mcnemar_stat": mc.statistic, "mcnemar_p": mc.p_value,
-                           "mcnemar_b": mc.extras["b"], "mcnemar_c": mc.extras["c"]})
-            correct.append(pd.DataFrame({"target_frac": frac, "policy": name, "example": np.arange(len(dyn_c)),
-                                         "dynamic": dyn_c, "static": st_c, "full": base_correct}))
-    return {"exits": exits, "sweep": sweep, "budget": pd.DataFrame(budget), "correct": pd.concat(correct),
-            "predictor": predictor, "pred_blocks": pred_blocks, "probs": probs, "static_choice": static_choice}
-
-
-def latency_study(model: nn.Module, heads: ExitHeads, tokenizer: Any, analysis: dict[str, Any],
-                  texts: Sequence[str], val_texts: Sequence[str], seed: int, *, target_frac: float = 0.5,
-                  latency_frac: float = 0.5, batch_sizes: Sequence[int] = (1, 32), repeats: int = 3,
-                  max_length: int = 128, device: str | torch.device = "auto") -> dict[str, pd.DataFrame]:
-    """Cost side of one (model, seed), with real early exit on ``texts`` (a test subset):
-
-    - ``profile``: batch-1 latency per depth (``depth_profile`` on ``val_texts``);
-    - ``latency``: ms per example for the full model (plain forward), for each online policy at its
-      depth-budget setting in ``analysis`` (``target_frac``), for static truncation at the policies' mean
-      test depth, and for the block-by-block loop without exits; at every batch size, batched ones with
-      and without shrinking;
-    - ``latency_budget``: latency budget mode: the setting whose *predicted* validation latency (profile +
-      measured complexity overhead) meets ``latency_frac`` × the full model's batch-1 latency, then its
-      measured test latency;
-    - ``overhead``: per-input ms of the complexity features + predictor.
-    """
-    if not 0 < latency_frac <= 1.5:
-        raise DynamicError(f"latency_frac={latency_frac} must be a fraction of the full model's latency in (0, 1.5].")
-    n_blocks = heads.n_blocks
-    texts, val_texts = list(texts), list(val_texts)
-    predictor: ComplexityPredictor = analysis["predictor"]
-    kw = {"max_length": max_length, "device": device}
-    budget = analysis["budget"]
-    chosen = budget[np.isclose(budget["target_frac"], target_frac)].set_index("policy")["setting"]
-    if chosen.empty:
-        raise DynamicError(f"analysis has no budget rows for target_frac={target_frac}; pass it in "
-                           "analyse(targets=...).")
-    test_depths = budget[np.isclose(budget["target_frac"], target_frac)]["test_depth"].mean()
-    profile = depth_profile(model, heads, tokenizer, val_texts, **kw)
-    overhead = complexity_overhead(predictor, texts, repeats)
-
-    def planner(name: str, setting: float) -> Planner:
-        if name == "complexity":
-            return lambda idx, t: make_policy(name, setting, predictor=predictor, texts=t)
-        if name == "static":
-            static = make_policy(name, setting, n=len(texts), n_blocks=n_blocks, seed=seed)
-            return lambda idx, t: static.subset(idx)
-        policy = make_policy(name, setting)
-        return lambda idx, t: policy
-
-    rows = []
-    for bs in batch_sizes:
-        full = time_full(model, tokenizer, texts, bs, repeats, **kw)
-        rows.append({"policy": "full (HF forward)", "setting": float("nan"), "batch_size": bs, "shrink": True,
-                     "ms_per_example": full, "avg_depth": float(n_blocks)})
-        configs = [(name, float(chosen[name])) for name in ONLINE_POLICIES]
-        configs += [("static", float(max(1.0, test_depths))), ("no exit (block by block)", float("nan"))]
-        for shrink in ((True, False) if bs > 1 else (True,)):
-            for name, setting in configs:
-                plan = (lambda idx, t: PlannedPolicy(n_blocks, "none")) if name.startswith("no exit") \
-                    else planner(name, setting)
-                res = time_policy(model, heads, tokenizer, texts, plan, bs, repeats, shrink, **kw)
-                rows.append({"policy": name, "setting": setting, "batch_size": bs, "shrink": shrink,
-                             "ms_per_example": res["ms_per_example"], "avg_depth": res["avg_depth"]})
-    latency = pd.DataFrame(rows)
-    b1 = latency[(latency["batch_size"] == 1) & (latency["policy"] == "full (HF forward)")]["ms_per_example"]
-    full_b1 = float(b1.iloc[0]) if len(b1) else time_full(model, tokenizer, texts, 1, repeats, **kw)
-    target_ms = latency_frac * full_b1
-    sweep = analysis["sweep"]
-    val = sweep[sweep["split"] == "val"]
-    probs_val = analysis["probs"]["val"]
-    lat_rows = []
-    for name in ONLINE_POLICIES:
-        col = "planned_ms" if name == "complexity" else "probed_ms"
-        prof = profile[col].to_numpy()
-        settings = val[val["policy"] == name]["setting"].tolist()
-        if name == "complexity":
-            depth_of = lambda o: predictor.plan(analysis["pred_blocks"]["val"], o)  # noqa: E731
-            extra = float(np.median(overhead))
-        else:
-            depth_of = lambda s, name=name: simulate(make_policy(name, s), probs_val)  # noqa: E731
-            extra = 0.0
-        vc = val[val["policy"] == name].copy()
-        vc["pred_latency_ms"] = [float(prof[depth_of(s) - 1].mean()) + extra for s in settings]
-        row = calibrate(vc, target_ms, cost="pred_latency_ms")
-        setting = float(row["setting"])
-        res = time_policy(model, heads, tokenizer, texts, planner(name, setting), 1, repeats, True, **kw)
-        test = analysis["sweep"]
-        test = test[(test["split"] == "test") & (test["policy"] == name) & np.isclose(test["setting"], setting)]
-        lat_rows.append({"policy": name, "target_ms": target_ms, "full_ms": full_b1, "setting": setting,
-                         "met_on_val": bool(row["met"]), "val_pred_ms": row["pred_latency_ms"],
-                         "val_acc": row["accuracy"], "test_ms": res["ms_per_example"],
-                         "test_depth": float(test["avg_depth"].iloc[0]), "test_acc": float(test["accuracy"].iloc[0]),
-                         "speedup": full_b1 / res["ms_per_example"]})
-    return {"profile": profile, "latency": latency, "latency_budget": pd.DataFrame(lat_rows),
-            "overhead": pd.DataFrame({"example": np.arange(len(overhead)), "ms": overhead})}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1605,7 +1196,7 @@ def fair_exit_model(name: str, seed: int, task: Any, tiny: bool = False, distill
     base_key = "pretrained:" + hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:16]
     model, heads, rec = exit_model(start, tok, base_key, splits["train"], splits["val"], cfg, seed, device)
     best = min(rec["history"], key=lambda r: r["val_loss_last"])
-    rec["failed"] = bool(best["val_acc_last"] <= train.majority_share(splits["val"]["label"]) + train.FAILED_MARGIN)
+    rec["failed"] = train.failed_accuracy(best["val_acc_last"], train.majority_share(splits["val"]["label"]))
     return {"model": model, "heads": heads, "tokenizer": tok, "reference": reference, "splits": splits,
             "record": rec, "reference_record": ref_rec, "config": cfg}
 
@@ -1613,10 +1204,10 @@ def fair_exit_model(name: str, seed: int, task: Any, tiny: bool = False, distill
 class ExitRunner:
     """Real early exit with as little Python around the blocks as possible.
 
-    Measured on MiniLM at batch 1 (25-token snippets, 2 threads), the generic loop
-    (:func:`early_exit_forward`: ``layers.block_forward`` per block, which re-validates the index and
-    rebuilds the attention mask every block) costs about 13 % over the plain Hugging Face forward at full
-    depth; the lean loop here about 3 %. What it removes: the mask and block context are prepared once
+    Measured on MiniLM at batch 1 (25-token snippets, 2 threads), a generic loop
+    (``layers.block_forward`` per block, which re-validates the index and rebuilds the attention mask
+    every block) costs about 13 % over the plain Hugging Face forward at full depth; the lean loop here
+    about 3 %. What it removes: the mask and block context are prepared once
     per batch (again only when the batch shrinks); an unpadded batch (always so at batch 1) runs without
     a mask, on the fast unmasked attention path; exits are evaluated only where the policy reads them.
     The controller (softmax, the policy's ``step``) stays inside the timed region.
@@ -1693,7 +1284,9 @@ class ExitRunner:
 
 def encode_each(tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int = 1) -> list[tuple]:
     """Tokenised batches for timing: ``(indices, batch)`` per batch, length-bucketed (batch 1: one input each)."""
-    return [(i, b) for i, _, b in _tokenised_batches(tokenizer, list(texts), batch_size, max_length)]
+    texts = list(texts)
+    return [(i, _encode(tokenizer, [texts[j] for j in i], max_length))
+            for i in _batch_plan(_lengths(tokenizer, texts, max_length), batch_size)]
 
 
 @torch.no_grad()

@@ -91,12 +91,24 @@ def majority_share(labels: Any) -> float:
     return float(np.unique(values, return_counts=True)[1].max() / values.size)
 
 
+def failed_accuracy(accuracy: float, majority: float) -> bool:
+    """Whether a validation ``accuracy`` marks a failed training: at most ``majority`` (the share of the most
+    frequent label, :func:`majority_share`) + :data:`FAILED_MARGIN`.
+
+    A model that does no better than always predicting the majority class learned nothing usable, so
+    its results are counted and reported apart, never averaged in (evidence protocol, rule 3). The one
+    place the rule is written: :func:`is_failed` applies it to a training record, and the exit-trained
+    models of :mod:`analysis_kit.dynamic` to their last exit.
+    """
+    return bool(accuracy <= majority + FAILED_MARGIN)
+
+
 def is_failed(record: dict[str, Any]) -> bool:
-    """Whether a trained model is a failed training: validation accuracy ≤ majority share + FAILED_MARGIN."""
+    """Whether a trained model is a failed training (:func:`failed_accuracy` of its validation accuracy)."""
     acc, majority = record.get("val", {}).get("accuracy"), record.get("val_majority")
     if acc is None or majority is None:
         return False  # regression, or a record without the majority share: not decidable, not failed
-    return acc <= majority + FAILED_MARGIN
+    return failed_accuracy(acc, majority)
 
 
 def load_task(task: TaskSpec, seed: int) -> dict[str, pd.DataFrame]:

@@ -1,8 +1,9 @@
-"""Exit heads, exit policies, complexity features, budget mode and real early exit on tiny random BERTs.
+"""Exit heads, exit policies, complexity features, training and the exit runtime on tiny random BERTs.
 
 Policies are checked on hand-made exit probabilities whose exits can be worked out by hand; the model
-side checks that the exits computed in one pass equal the model truncated at each depth, and that real
-early exit (batch 1 and batched, shrinking or not) takes exactly the decisions the simulation takes.
+side checks that the exits computed in one pass equal the model truncated at each depth, and that the
+runtime (``ExitRunner``, timed by ``time_configs``) at full depth gives the last exit's predictions.
+Real early exit against the simulation, policy by policy, is in test_study_dynamic.py.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def policy_inputs():
             "labels": rng.integers(0, 3, n)}
 
 
-def test_registry_holds_the_seven_policies_in_the_order_analyse_reports_them():
+def test_registry_holds_the_seven_policies_online_ones_first():
     assert dy.policy_names() == ("entropy", "confidence", "patience", "calibrated", "complexity", "static", "oracle")
     assert dy.ONLINE_POLICIES == ("entropy", "confidence", "patience", "calibrated", "complexity")
     assert dy.POLICIES == (*dy.ONLINE_POLICIES, "static", "oracle")
@@ -228,16 +229,6 @@ def test_a_toy_policy_is_one_class_that_registers_runs_through_simulate_and_unre
     with pytest.raises(dy.DynamicError, match="unknown policy 'toy_after_block'"):
         dy.make_policy("toy_after_block", 2)
 
-def test_calibrate_picks_the_best_setting_within_budget():
-    c = pd.DataFrame({"policy": "entropy", "setting": [0.1, 0.2, 0.3, 0.4],
-                      "avg_depth": [3.5, 2.9, 2.0, 1.5], "accuracy": [0.90, 0.88, 0.88, 0.80]})
-    row = dy.calibrate(c, 3.0)
-    assert row["setting"] == 0.3 and bool(row["met"])  # tie at 0.88 → the cheaper one
-    row = dy.calibrate(c, 1.0)
-    assert row["setting"] == 0.4 and not bool(row["met"])
-    with pytest.raises(dy.DynamicError, match="one policy"):
-        dy.calibrate(pd.concat([c, c.assign(policy="x")]), 2.0)
-
 
 def test_bad_probability_shapes_are_named():
     with pytest.raises(dy.DynamicError, match="examples, blocks, labels"):
@@ -291,28 +282,6 @@ def test_exit_heads_refuse_decoders_and_regression(tokenizer):
     with pytest.raises(dy.DynamicError, match="decoder"):
         dy.ExitHeads.from_model(llama)
     assert issubclass(dy.DynamicError, LayerwiseError)
-
-
-@pytest.mark.parametrize("policy", [dy.EntropyPolicy(0.9), dy.ConfidencePolicy(0.55), dy.PatiencePolicy(1),
-                                    dy.PlannedPolicy(np.array([1, 3, 2, 4, 1, 2, 3, 4]), "complexity")])
-def test_real_early_exit_takes_the_simulated_decisions(tokenizer, policy):
-    model = tiny_bert(tokenizer, seed=3)
-    heads = dy.ExitHeads.from_model(model, seed=1).eval()
-    torch.manual_seed(5)
-    for lin in heads.out:  # diverse exits so that the policies exit at different depths
-        torch.nn.init.normal_(lin.weight, std=2.0)
-    texts = toy_frame(8, 3)["text"].tolist()
-    probs = dy.exit_probs(dy.predict_exits(model, heads, tokenizer, texts, device="cpu"))
-    want = dy.simulate(policy, probs)
-    preds = probs[np.arange(8), want - 1].argmax(-1)
-    batch = tokenizer(texts, padding=True, return_tensors="pt")
-    for shrink in (True, False):
-        logits, depth = dy.early_exit_forward(model, heads, batch, policy, shrink=shrink)
-        assert depth.tolist() == want.tolist() and logits.argmax(-1).tolist() == preds.tolist()
-    for i, text in enumerate(texts):  # batch 1: a planned policy gets its own depth
-        pol = dy.PlannedPolicy(policy.depths[i:i + 1], "complexity") if isinstance(policy, dy.PlannedPolicy) else policy
-        _, depth = dy.early_exit_forward(model, heads, tokenizer([text], return_tensors="pt"), pol)
-        assert depth[0] == want[i]
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -407,38 +376,41 @@ def test_complexity_predictor_learns_depth_from_length_and_plans_within_range():
     assert pred.plan(np.array([2.0]), -5).tolist() == [1]
     pol = pred.policy(["word", " ".join(["word"] * 19)], -0.5)
     assert pol.name == "complexity" and pol.depths.tolist() == [1, 4]
-    assert dy.complexity_overhead(pred, texts[:3], repeats=1).shape == (3,)
     with pytest.raises(dy.DynamicError, match="one depth in 1..4"):
         pred.fit(texts, needed + 4)
 
 
-# ------------------------------------------------------------------------------------------ end to end
+
+# ---------------------------------------------------------------------------------------------- runtime
 
 
-def test_analyse_and_latency_study_tables(tokenizer, splits):
-    model = tiny_bert(tokenizer)
-    heads = dy.ExitHeads.from_model(model, pooling="cls").eval()
-    res = dy.analyse(model, heads, tokenizer, splits, seed=0, base_model=model, targets=(0.5, 1.0), max_length=32,
-                     device="cpu")
-    assert set(res["exits"]["depth"]) == set(range(1, N_BLOCKS + 1))
-    assert set(res["sweep"]["policy"]) == set(dy.POLICIES)
-    b = res["budget"]
-    assert len(b) == 2 * len(dy.ONLINE_POLICIES)
-    met = b[b["met_on_val"]]
-    assert (met["val_depth"] <= met["target_depth"] + 1e-9).all()
-    # the untrained last exit is the model, so "full" accuracy is the last exit's
-    assert np.allclose(b["full_acc"], b["last_exit_acc"])
-    c = res["correct"]
-    both = c[(c["target_frac"] == 0.5) & (c["policy"] == "entropy")]
-    assert both["dynamic"].mean() == pytest.approx(float(b[(b["target_frac"] == 0.5) & (b["policy"] == "entropy")]
-                                                        ["test_acc"].iloc[0]))
-    lat = dy.latency_study(model, heads, tokenizer, res, splits["test"]["text"].tolist()[:8],
-                           splits["val"]["text"].tolist()[:4], 0, batch_sizes=(1, 4), repeats=1, max_length=32,
-                           device="cpu")
-    assert list(lat["profile"]["depth"]) == list(range(1, N_BLOCKS + 1))
-    assert (lat["profile"]["probed_ms"] >= lat["profile"]["planned_ms"] - 1e-9).all()
-    assert (lat["latency"]["ms_per_example"] > 0).all()
-    assert set(lat["latency_budget"]["policy"]) == set(dy.ONLINE_POLICIES)
-    assert len(lat["overhead"]) == 8
-    with pytest.raises(dy.DynamicError, match="target_frac"):
-        dy.latency_study(model, heads, tokenizer, res, ["x"], ["y"], 0, target_frac=0.25)
+def test_exit_runner_never_exiting_gives_the_last_exit_and_time_configs_times_it(tokenizer):
+    model = tiny_bert(tokenizer, seed=3)
+    heads = dy.ExitHeads.from_model(model, seed=1).eval()
+    texts = toy_frame(8, 3)["text"].tolist()
+    last = dy.predict_exits(model, heads, tokenizer, texts, max_length=32, device="cpu")[:, -1]
+    runner = dy.ExitRunner(model, heads)
+    never = {"entropy, never": lambda b, i: runner(b, dy.EntropyPolicy(-1.0)),  # reads every exit, never leaves
+             "planned, full depth": lambda b, i: runner(b, dy.PlannedPolicy(N_BLOCKS, "none")),
+             "untimed no-op": lambda b, i: None}
+    for bs in (1, 5):  # batch 1 runs unmasked; batch 5 is padded
+        batches = dy.encode_each(tokenizer, texts, 32, bs)
+        assert sorted(int(j) for idx, _ in batches for j in idx) == list(range(len(texts)))
+        for idx, batch in batches:
+            logits, depth = runner(batch, dy.EntropyPolicy(-1.0))
+            assert (depth == N_BLOCKS).all() and np.allclose(logits, last[idx], atol=1e-5)
+        table = dy.time_configs(never, batches, repeats=2, device="cpu")
+        assert len(table) == len(never) * len(batches) and (table["ms"] >= 0).all()
+        for name in ("entropy, never", "planned, full depth"):
+            rows = table[table["config"] == name]
+            assert (rows["depth_mean"] == N_BLOCKS).all() and rows["n"].sum() == len(texts)
+            preds = np.zeros(len(texts), int)
+            for j, got in zip(rows["batch"], rows["preds"], strict=True):
+                preds[batches[j][0]] = got
+            assert preds.tolist() == last.argmax(-1).tolist()
+        assert table[table["config"] == "untimed no-op"]["preds"].isna().all()
+    with pytest.raises(dy.DynamicError, match="1 repeat"):
+        dy.time_configs(never, batches, repeats=0)
+    profile = dy.depth_profile(model, heads, tokenizer, texts[:3], max_length=32, device="cpu")
+    assert profile["depth"].tolist() == list(range(1, N_BLOCKS + 1))
+    assert (profile["probed_ms"] >= profile["planned_ms"] - 1e-9).all()

@@ -150,6 +150,15 @@ def test_failed_training_is_within_one_point_of_the_majority_class():
     assert train.majority_share([1, 1, 0, 1]) == 0.75
 
 
+def test_failed_accuracy_is_at_most_one_point_above_the_majority_share():
+    assert train.failed_accuracy(0.50, 0.50)  # the majority class itself
+    assert train.failed_accuracy(0.50 + train.FAILED_MARGIN, 0.50)  # the margin is inclusive
+    assert not train.failed_accuracy(0.52, 0.50)
+    assert train.failed_accuracy(0.40, 0.50)  # worse than the majority class
+    rec = {"val": {"accuracy": 0.595}, "val_majority": 0.586}
+    assert train.is_failed(rec) == train.failed_accuracy(0.595, 0.586)
+
+
 def test_named_tasks_map_to_snippet_domains():
     assert train.task_spec("mr").domain == "movie" and train.task_spec("mr").name == "mr"
     assert train.task_spec("amazon", tiny=True).max_train == train.SMOKE_TASK.max_train

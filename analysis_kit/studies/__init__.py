@@ -12,6 +12,36 @@ from typing import Any
 
 import pandas as pd
 
+from .. import data
+from ..errors import LayerwiseError
+
+
+@dataclass(frozen=True)
+class TaskParams:
+    """The parameters every fine-tuning chapter shares (a study's ``Params`` subclasses it and adds its own).
+
+    ``tiny`` (the smoke profile: tiny random models, capped data), ``seeds`` (a seed fixes the split, the
+    initialisation and the data order; intervals are taken over seeds), ``tasks`` (``amazon``, ``mr``),
+    ``neutral_band`` (the polarity labels' neutral band), ``mr_max_train`` (mr's training split cap; 0 =
+    none), ``n_bootstrap`` (resamples of every interval) and ``device``.
+    """
+
+    tiny: bool = False
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    tasks: tuple[str, ...] = ("amazon", "mr")
+    neutral_band: float = 0.5
+    mr_max_train: int = 3500
+    n_bootstrap: int = 10_000
+    device: str = "auto"
+
+    def validate(self) -> None:
+        """Fail before any training on seeds or tasks no chapter can use."""
+        if len(set(self.seeds)) < 2:
+            raise LayerwiseError(f"seeds={list(self.seeds)}: give at least two distinct seeds (intervals are "
+                                 "taken over seeds; the protocol asks for five).")
+        for task in self.tasks:
+            data.task_domain(task)
+
 
 @dataclass
 class Result:

@@ -30,7 +30,7 @@ from .. import data, measure, references, stats, train
 from ..device import progress
 from ..errors import LayerwiseError
 from ..report import fmt_ci
-from . import Result
+from . import Result, TaskParams
 
 MODELS = ("minilm", "mpnet", "smollm2")
 REFERENCES = ("majority", "bow", "vader")
@@ -40,27 +40,18 @@ LABELS = {"minilm": "MiniLM-L6 (fine-tuned)", "mpnet": "MPNet-base (fine-tuned)"
 
 
 @dataclass(frozen=True)
-class Params:
-    """The chapter's parameters (the notebook's parameters cell holds the same names and defaults)."""
+class Params(TaskParams):
+    """The baselines chapter's parameters: the shared :class:`~analysis_kit.studies.TaskParams`, the models,
+    the cross-domain sample size and the bag-of-words C grid (the notebook's parameters cell holds the
+    same names and defaults)."""
 
-    tiny: bool = False
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    tasks: tuple[str, ...] = ("amazon", "mr")
     models: tuple[str, ...] = ("minilm",)
-    neutral_band: float = 0.5
-    mr_max_train: int = 3500
     cross_domain_n: int = 1000
     bow_c_grid: tuple[float, ...] = (0.3, 1.0, 3.0, 10.0, 30.0)
-    n_bootstrap: int = 10_000
-    device: str = "auto"
 
     def validate(self) -> None:
         """Fail before any training on settings the chapter cannot use."""
-        if len(set(self.seeds)) < 2:
-            raise LayerwiseError(f"seeds={list(self.seeds)}: give at least two distinct seeds (intervals are "
-                                 "taken over seeds; the protocol asks for five).")
-        for task in self.tasks:
-            data.task_domain(task)
+        super().validate()
         unknown = [m for m in self.models if m not in MODELS]
         if unknown or not self.models:
             raise LayerwiseError(f"models={list(self.models)}: choose one or more of {', '.join(MODELS)}.")

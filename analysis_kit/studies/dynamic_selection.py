@@ -48,7 +48,7 @@ from ..cache import cached_dir
 from ..device import pick, progress
 from ..errors import LayerwiseError
 from ..report import fmt_ci
-from . import Result
+from . import Result, TaskParams
 from .baselines import _task
 
 MODELS = ("minilm", "mpnet")
@@ -61,15 +61,12 @@ ENTROPY_GRID = tuple(float(x) for x in np.round(np.linspace(0.0, 1.0, 41), 4))
 
 
 @dataclass(frozen=True)
-class Params:
-    """The chapter's parameters (the notebook's parameters cell holds the same names and defaults)."""
+class Params(TaskParams):
+    """The dynamic-depth chapter's parameters: the shared :class:`~analysis_kit.studies.TaskParams`, then
+    the models, exit training, policies and their calibration, the verdict's thresholds and the latency
+    measurement (the notebook's parameters cell holds the same names and defaults)."""
 
-    tiny: bool = False
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    tasks: tuple[str, ...] = ("amazon", "mr")
     models: tuple[str, ...] = ("minilm",)
-    neutral_band: float = 0.5
-    mr_max_train: int = 3500
     distill: float = 0.5
     head_lr: float = 1e-3
     weighting: str = "linear"
@@ -85,14 +82,10 @@ class Params:
     latency_repeats: int = 3
     profile_n: int = 50
     torch_threads: int = 2
-    n_bootstrap: int = 10_000
-    device: str = "auto"
 
     def validate(self) -> None:
         """Fail before any training on settings the chapter cannot use."""
-        if len(set(self.seeds)) < 2:
-            raise LayerwiseError(f"seeds={list(self.seeds)}: give at least two distinct seeds (intervals are "
-                                 "taken over seeds; the protocol asks for five).")
+        super().validate()
         unknown = [m for m in self.models if m not in MODELS]
         if unknown or not self.models:
             raise LayerwiseError(f"models={list(self.models)}: choose one or more of {', '.join(MODELS)}.")
