@@ -2,7 +2,8 @@
 
 Papermill injects the parameters as notebook globals; :func:`params_from` builds the study's frozen
 ``Params`` from exactly those names (lists become tuples), so a notebook never retypes them, and
-``tests/test_study_cells.py`` checks that every name and default of the cell equals the dataclass's.
+``tests/test_study_dynamic.py::test_parameters_cell_and_params_are_one_source`` checks, for every study,
+that each name and default of the cell equals the dataclass's.
 """
 
 from __future__ import annotations
