@@ -290,29 +290,31 @@ def tradeoff(points: pd.DataFrame, anchors: pd.DataFrame, goal_kept: float | Non
     """The book's summary figure: accuracy kept (% of the full model) against measured speed-up (log scale).
 
     ``points``: ``what, kind, task, speedup, speedup_low, speedup_high, kept, kept_low, kept_high`` (intervals
-    may be missing); ``anchors``: ``anchor, speedup``, drawn as labelled vertical rules (the literature's
-    speed-ups; their accuracy kept is quoted in the findings table). ``goal_kept`` draws a horizontal rule.
+    may be missing); colour is the model or policy, shape the task. ``anchors``: ``anchor, speedup``, drawn
+    as dashed vertical rules with their labels stacked at the top left (the literature's speed-ups; their
+    accuracy kept is quoted in the findings table). ``goal_kept`` draws a horizontal rule.
     """
     _check(points, "what", "kind", "task", "speedup", "kept")
     x = alt.X("speedup:Q", scale=alt.Scale(type="log"), title="measured speed-up over the full model (×, log scale)")
     y = alt.Y("kept:Q", scale=alt.Scale(zero=False), title="accuracy kept (% of the full model)")
-    shape = alt.Shape("kind:N", title="kind")
     colour = alt.Color("what:N", title="model or policy")
     base = alt.Chart(points)
-    layers = [base.mark_point(size=90, filled=True).encode(
-        x=x, y=y, color=colour, shape=shape,
+    layers = [base.mark_point(size=90, filled=True, opacity=0.9).encode(
+        x=x, y=y, color=colour, shape=alt.Shape("task:N", title="task"),
         tooltip=["what", "kind", "task", alt.Tooltip("speedup:Q", format=".2f"), alt.Tooltip("kept:Q", format=".1f")])]
-    if points[["kept_low", "kept_high"]].notna().all(axis=None):
-        layers.append(base.mark_rule().encode(x="speedup:Q", y="kept_low:Q", y2="kept_high:Q", color=colour))
+    yi = points.dropna(subset=["kept_low", "kept_high"])
+    if len(yi):
+        layers.append(alt.Chart(yi).mark_rule(opacity=0.7).encode(x="speedup:Q", y="kept_low:Q", y2="kept_high:Q",
+                                                                   color=colour))
     xi = points.dropna(subset=["speedup_low", "speedup_high"])
     if len(xi):
-        layers.append(alt.Chart(xi).mark_rule().encode(x="speedup_low:Q", x2="speedup_high:Q", y="kept:Q",
-                                                        color=colour))
+        layers.append(alt.Chart(xi).mark_rule(opacity=0.7).encode(x="speedup_low:Q", x2="speedup_high:Q", y="kept:Q",
+                                                                   color=colour))
     if len(anchors):
-        rule = alt.Chart(anchors).mark_rule(strokeDash=[4, 4], color="#555555").encode(x="speedup:Q")
-        text = alt.Chart(anchors).mark_text(angle=270, align="right", dx=-4, dy=-4, fontSize=10,
-                                            color="#555555").encode(x="speedup:Q", y=alt.value(4), text="anchor:N")
-        layers += [rule, text]
+        a = anchors.reset_index(drop=True).assign(label_y=lambda d: 12 + 15 * d.index.to_numpy())
+        layers.append(alt.Chart(a).mark_rule(strokeDash=[4, 4], color="#555555").encode(x="speedup:Q"))
+        layers.append(alt.Chart(a).mark_text(align="left", dx=4, fontSize=10, color="#444444").encode(
+            x="speedup:Q", y=alt.Y("label_y:Q", scale=None), text="anchor:N"))
     if goal_kept is not None:
         layers.append(alt.Chart(pd.DataFrame({"kept": [goal_kept]})).mark_rule(color="#999999").encode(y="kept:Q"))
-    return alt.layer(*layers).properties(title=title, width=WIDTH, height=HEIGHT + 60)
+    return alt.layer(*layers).properties(title=title, width=WIDTH + 80, height=HEIGHT + 60)
