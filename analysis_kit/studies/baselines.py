@@ -306,13 +306,24 @@ def _presentation(result: Result, params: Params) -> None:
     result.values["key_findings"] = _key_findings(result, params)
 
 
+def _accuracies(m: dict, params: Params, task: str) -> list[str]:
+    """``"<model> 88.9 % [86.3, 91.2]"`` for every model and reference scored on ``task``, models first."""
+    return [f"{LABELS[k]} {_ci_text(m[f'accuracy/{k}/{task}'])}"
+            for k in (*params.models, "bow", "vader", "majority") if f"accuracy/{k}/{task}" in m]
+
+
+def _failed_count(result: Result) -> str:
+    """``"0 of 10"``: failed trainings out of all fine-tunes."""
+    failed = result.tables["failed_trainings"]
+    return (f"{int(failed['failed'].sum()) if len(failed) else 0} of "
+            f"{int(failed['trainings'].sum()) if len(failed) else 0}")
+
+
 def _findings(result: Result, params: Params) -> str:
     """The chapter's findings as Markdown, every number taken from the results just computed."""
-    m, lines = result.metrics, []
-    for task in params.tasks:
-        parts = [f"{LABELS[k]} {_ci_text(m[f'accuracy/{k}/{task}'])}"
-                 for k in (*params.models, "bow", "vader", "majority") if f"accuracy/{k}/{task}" in m]
-        lines.append(f"- **{task}** test accuracy (hierarchical 95% CI): " + "; ".join(parts) + ".")
+    m = result.metrics
+    lines = [f"- **{task}** test accuracy (hierarchical 95% CI): " + "; ".join(_accuracies(m, params, task)) + "."
+             for task in params.tasks]
     comps = result.tables["comparisons"]
     for row in comps[comps["a"].isin(params.models)].to_dict("records"):
         test = next(t for t in result.tests if t.name.startswith(f"{row['task']}: {LABELS[row['a']]} vs "
@@ -322,10 +333,8 @@ def _findings(result: Result, params: Params) -> str:
         lines.append(f"- {row['task']}: {LABELS[row['a']]} − {LABELS[row['b']]} = {row['diff_points']:+.1f} points "
                      f"[{row['ci_low']:+.1f}, {row['ci_high']:+.1f}]; P(seed of A beats seed of B) = "
                      f"{row['prob_improvement']:.2f}; Holm p = {test.p_holm:.3g}: {verdict}.")
-    failed = result.tables["failed_trainings"]
-    total = int(failed["failed"].sum()) if len(failed) else 0
-    lines.append(f"- Failed trainings: {total} of {int(failed['trainings'].sum()) if len(failed) else 0} "
-                 "fine-tunes (validation accuracy within one point of the majority class).")
+    lines.append(f"- Failed trainings: {_failed_count(result)} fine-tunes (validation accuracy within one point of "
+                 "the majority class).")
     below = [f"{LABELS[r['model']]} trained on {r['task']} scores {_ci_text(r)} on {r['domain']}"
              for r in result.tables["accuracy"].to_dict("records")
              if r["metric"] == "accuracy" and r["domain"] != r["task"] and r["model"] != "majority"
@@ -349,11 +358,8 @@ def _findings(result: Result, params: Params) -> str:
 
 def _key_findings(result: Result, params: Params) -> str:
     """Three to six bullets for the top of the chapter (the full list is :func:`_findings`)."""
-    m, lines = result.metrics, []
-    for task in params.tasks:
-        parts = [f"{LABELS[k]} {fmt_ci(m[f'accuracy/{k}/{task}'])}"
-                 for k in (*params.models, "bow", "vader", "majority") if f"accuracy/{k}/{task}" in m]
-        lines.append(f"- **{task}**, test accuracy: " + "; ".join(parts) + ".")
+    m = result.metrics
+    lines = [f"- **{task}**, test accuracy: " + "; ".join(_accuracies(m, params, task)) + "." for task in params.tasks]
     comps = result.tables["comparisons"]
     best = comps[comps["a"].isin(params.models) & (comps["b"] == "bow")].to_dict("records")
     parts = []
@@ -366,10 +372,8 @@ def _key_findings(result: Result, params: Params) -> str:
     if parts:
         lines.append("- The fine-tuned transformer against the strongest simple reference, bag-of-words (difference "
                      "in points, paired hierarchical interval): " + "; ".join(parts) + ".")
-    failed = result.tables["failed_trainings"]
-    total = int(failed["failed"].sum()) if len(failed) else 0
-    lines.append(f"- Failed trainings (validation accuracy within one point of the majority class): {total} of "
-                 f"{int(failed['trainings'].sum()) if len(failed) else 0} fine-tunes; any would be left out.")
+    lines.append(f"- Failed trainings (validation accuracy within one point of the majority class): "
+                 f"{_failed_count(result)} fine-tunes; any would be left out.")
     tweets = [f"tuned on {task}: {fmt_ci(m[f'accuracy/vader/{task}/on_tweets'])} on tweets vs "
               f"{fmt_ci(m[f'accuracy/vader/{task}'])} in domain"
               for task in params.tasks if f"accuracy/vader/{task}/on_tweets" in m]
