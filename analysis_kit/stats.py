@@ -295,6 +295,13 @@ def verdict(record: dict[str, Any], target: float, better: Literal["higher", "lo
     return "met" if good_low else "missed" if good_high else "not decided"
 
 
+def interval_side(low: float, high: float) -> int:
+    """Where an interval of a difference lies against zero: ``1`` all above, ``-1`` all below, ``0`` it
+    includes zero (the two compared are not distinguishable). Strict at zero, unlike :func:`verdict`'s
+    targets: an interval that touches zero does not separate the two."""
+    return 1 if low > 0 else -1 if high < 0 else 0
+
+
 @dataclasses.dataclass
 class TestResult:
     """One hypothesis test, shaped like a ``summary.json`` test record (see ``as_dict``)."""

@@ -370,3 +370,10 @@ def test_verdict_comes_from_the_interval_not_the_point(low, high, target, better
     """Issue 13.10: a point at 1.85 with an interval 1.7-1.9 is not 'met' (the old rule flipped on noise)."""
     rec = {"mean": 1.85, "ci_low": low, "ci_high": high}
     assert S.verdict(rec, target, better) == expected
+
+
+def test_interval_side_is_strict_at_zero():
+    from analysis_kit.stats import interval_side
+
+    assert interval_side(0.1, 2.0) == 1 and interval_side(-2.0, -0.1) == -1
+    assert interval_side(0.0, 2.0) == 0 and interval_side(-2.0, 0.0) == 0 and interval_side(-1.0, 1.0) == 0

@@ -275,15 +275,10 @@ def _recipes(params: Params) -> pd.DataFrame:
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
-def _ci_text(rec: dict, scale: float = 100.0, fmt: str = ".1f") -> str:
-    """``"84.1 % [82.0, 86.3]"``: a metric record as text in the book's one format (:func:`report.fmt_ci`)."""
-    return fmt_ci(rec, scale=scale, digits=int(fmt.strip(".f")))
-
-
 def _presentation(result: Result, params: Params) -> None:
     """Reader-facing tables (model × task, transfer), glue values and the findings paragraph."""
     acc = result.tables["accuracy"]
-    acc = acc.assign(label=acc["model"].map(LABELS), text=[_ci_text(r) for r in acc.to_dict("records")])
+    acc = acc.assign(label=acc["model"].map(LABELS), text=[fmt_ci(r) for r in acc.to_dict("records")])
     own = acc[(acc["domain"] == acc["task"])]
     result.tables["accuracy_table"] = own.pivot_table(index=["label", "metric"], columns="task", values="text",
                                                       aggfunc="first")
@@ -308,7 +303,7 @@ def _presentation(result: Result, params: Params) -> None:
 
 def _accuracies(m: dict, params: Params, task: str) -> list[str]:
     """``"<model> 88.9 % [86.3, 91.2]"`` for every model and reference scored on ``task``, models first."""
-    return [f"{LABELS[k]} {_ci_text(m[f'accuracy/{k}/{task}'])}"
+    return [f"{LABELS[k]} {fmt_ci(m[f'accuracy/{k}/{task}'])}"
             for k in (*params.models, "bow", "vader", "majority") if f"accuracy/{k}/{task}" in m]
 
 
@@ -328,14 +323,14 @@ def _findings(result: Result, params: Params) -> str:
     for row in comps[comps["a"].isin(params.models)].to_dict("records"):
         test = next(t for t in result.tests if t.name.startswith(f"{row['task']}: {LABELS[row['a']]} vs "
                                                                    f"{LABELS[row['b']]} (paired"))
-        verdict = ("interval above zero" if row["ci_low"] > 0 else "interval below zero" if row["ci_high"] < 0
-                   else "interval includes zero: not distinguishable")
+        verdict = {1: "interval above zero", -1: "interval below zero",
+                   0: "interval includes zero: not distinguishable"}[stats.interval_side(row["ci_low"], row["ci_high"])]
         lines.append(f"- {row['task']}: {LABELS[row['a']]} − {LABELS[row['b']]} = {row['diff_points']:+.1f} points "
                      f"[{row['ci_low']:+.1f}, {row['ci_high']:+.1f}]; P(seed of A beats seed of B) = "
                      f"{row['prob_improvement']:.2f}; Holm p = {test.p_holm:.3g}: {verdict}.")
     lines.append(f"- Failed trainings: {_failed_count(result)} fine-tunes (validation accuracy within one point of "
                  "the majority class).")
-    below = [f"{LABELS[r['model']]} trained on {r['task']} scores {_ci_text(r)} on {r['domain']}"
+    below = [f"{LABELS[r['model']]} trained on {r['task']} scores {fmt_ci(r)} on {r['domain']}"
              for r in result.tables["accuracy"].to_dict("records")
              if r["metric"] == "accuracy" and r["domain"] != r["task"] and r["model"] != "majority"
              and f"accuracy/majority/{r['task']}/on_{r['domain']}" in m
@@ -346,9 +341,9 @@ def _findings(result: Result, params: Params) -> str:
     for task in params.tasks:
         key = f"accuracy/vader/{task}/on_tweets"
         if key in m:
-            lines.append(f"- VADER with its threshold tuned on {task} scores {_ci_text(m[key])} on the tweets, "
+            lines.append(f"- VADER with its threshold tuned on {task} scores {fmt_ci(m[key])} on the tweets, "
                          "the genre its lexicon was built on, against "
-                         f"{_ci_text(m[f'accuracy/vader/{task}'])} in domain.")
+                         f"{fmt_ci(m[f'accuracy/vader/{task}'])} in domain.")
     unc = result.tables["uncertainty_vs_raters"]
     for row in unc.to_dict("records"):
         lines.append(f"- Uncertainty vs human disagreement, {LABELS[row['model']]} on {row['task']}: Spearman ρ "
@@ -366,8 +361,8 @@ def _key_findings(result: Result, params: Params) -> str:
     for r in best:
         diff = fmt_ci({"mean": r["diff_points"], "ci_low": r["ci_low"], "ci_high": r["ci_high"]}, scale=1, unit="",
                       sign=True)
-        verdict = ("interval above zero" if r["ci_low"] > 0 else "interval below zero" if r["ci_high"] < 0
-                   else "not distinguishable")
+        verdict = {1: "interval above zero", -1: "interval below zero",
+                   0: "not distinguishable"}[stats.interval_side(r["ci_low"], r["ci_high"])]
         parts.append(f"{r['task']}, {LABELS[r['a']]} {diff} ({verdict})")
     if parts:
         lines.append("- The fine-tuned transformer against the strongest simple reference, bag-of-words (difference "

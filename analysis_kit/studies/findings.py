@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from .. import runner
+from .. import runner, stats
 from ..bookcheck import MAX_BULLETS
 from ..errors import LayerwiseError
 from ..paths import results_dir
@@ -96,8 +96,9 @@ def _baselines(s: dict[str, Any], profile: str) -> tuple[str, str]:
                          f"{fmt_ci(m[f'accuracy/bow/{task}'])}, VADER {fmt_ci(m[f'accuracy/vader/{task}'])}")
     comps = _table("baselines", profile, "comparisons")
     for r in comps[(comps["a"] == "minilm") & (comps["b"] == "bow")].to_dict("records") if len(comps) else []:
-        verdicts.append(f"{r['task']}: {'better' if r['ci_low'] > 0 else 'not distinguishable' if r['ci_high'] >= 0 else 'worse'}"
-                        f" than bag-of-words by {r['diff_points']:+.1f} points [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]")
+        side = {1: "better", 0: "not distinguishable", -1: "worse"}[stats.interval_side(r["ci_low"], r["ci_high"])]
+        verdicts.append(f"{r['task']}: {side} than bag-of-words by {r['diff_points']:+.1f} points "
+                        f"[{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]")
     return "; ".join(parts), "; ".join(verdicts)
 
 
