@@ -1,4 +1,4 @@
-"""Nine ways to score how much each transformer block matters, and the measured damage to check them against.
+"""Eleven ways to score how much each transformer block matters, and the measured damage to check them against.
 
 Every method answers "how important is block i?" with one number per block, behind one interface:
 ``compute(method, model, batches, seed=...)`` returns a tidy table ``method, layer, score, seed`` plus
@@ -6,12 +6,15 @@ method-specific columns and its cost (``seconds``, ``n_forward``, ``n_backward``
 ``batches``). **Higher score = more important, for every method.**
 
 The methods, in the chapter's order (``METHODS``): ``fisher``, ``gradient``, ``ablation``,
-``block_influence``, ``angular``, ``activation``, ``mutual_info``, ``conductance``, ``shap``. Each is one
+``block_influence``, ``angular``, ``bi_shortgpt`` and ``angular_gromov`` (the two previous ones exactly as
+ShortGPT's code and Gromov et al. compute them), ``activation``, ``mutual_info``, ``conductance``, ``shap``. Each is one
 :class:`ImportanceMethod` subclass in this file, whose docstring defines it and whose class attributes declare
 the shared pass it works from, the options it accepts and its cost. ``compute`` runs any registered method
 the same way, so adding a method is one class with ``@register`` (see :class:`ImportanceMethod`).
 
-Ground truth for validation: ``damage`` (any sets of blocks dropped), ``ablation_damage`` (one set),
+Ground truth for validation: ``damage`` (any sets of blocks dropped), ``per_example_damage`` (the same per
+example, streamed batch by batch so memory does not grow with the data), ``beam_oracle`` (the least damaging
+k-set: exhaustive on small stacks, a beam search beyond), ``ablation_damage`` (one set),
 ``topk_damage`` (each method's choice of the k least important blocks, and random draws), ``oracle_subsets``
 (exhaustive best subset per k, L <= 8). All of them run the stack through ``layers`` and share work through a
 prefix tree: a set of blocks to skip is evaluated from the cached input of its first skipped block, and sets
@@ -337,6 +340,113 @@ def damage(model: nn.Module, batches: Any, drop_sets: Sequence[Iterable[int]], *
                          "d_loss": loss - tr.loss, "d_accuracy": tr.accuracy - acc, "se_d_loss": se})
 
 
+@dataclass
+class PerExampleDamage:
+    """Per-example results of skipping each of several block sets, from ``per_example_damage``.
+
+    ``sets`` (sorted tuples of dropped blocks), ``nll`` (sets, examples): summed negative log-likelihood of each
+    example with the set skipped; ``correct`` (sets, examples): correct predictions (LM: correctly predicted
+    tokens); ``full_nll``/``full_correct`` (examples,): the full model; ``units`` (examples,): predictions per
+    example (1 for a classifier, the valid next tokens of a text for an LM). The damage of set j on any subset
+    of examples is ``(nll[j] - full_nll)[idx].sum() / units[idx].sum()``: a ratio of sums, so resampling
+    examples resamples it exactly.
+    """
+
+    sets: list[tuple[int, ...]]
+    nll: np.ndarray
+    correct: np.ndarray
+    full_nll: np.ndarray
+    full_correct: np.ndarray
+    units: np.ndarray
+    seconds: float
+    block_passes: float  # block evaluations / (blocks x examples): full passes through the stack spent
+
+    def d_loss(self) -> np.ndarray:
+        """Damage of every set on all examples: loss increase (nats per prediction) over the full model."""
+        return (self.nll - self.full_nll[None, :]).sum(1) / self.units.sum()
+
+    def index(self, drop: Iterable[int]) -> int:
+        """Row of the set ``drop`` in ``sets``."""
+        return self.sets.index(tuple(sorted(int(i) for i in drop)))
+
+
+@torch.no_grad()
+def per_example_damage(model: nn.Module, batches: Any, drop_sets: Sequence[Iterable[int]]) -> PerExampleDamage:
+    """Per-example loss and correctness with each set of blocks skipped, streamed batch by batch.
+
+    The same prefix-tree walk as ``damage`` (a set is evaluated from the cached input of its first skipped
+    block; sets that share their first blocks share that work), but only one batch's block boundaries are held
+    at a time, so memory does not grow with the number of examples: the ground truth can use a whole test split.
+    """
+    model.eval()
+    n_layers = layers.num_blocks(model)
+    sets = list(dict.fromkeys(_as_drop_set(d, n_layers) for d in drop_sets))
+    if not sets:
+        raise ImportanceError("drop_sets is empty; pass e.g. [{0}, {1, 2}].")
+    task = task_of(model)
+    keeps = [tuple(i not in set(s) for i in range(n_layers)) for s in sets]
+    counter, parts = _Counter(), []
+    start = time.perf_counter()
+    for batch in prepare_batches(model, batches):
+        h0 = layers.embed(model, batch)
+        hs = [h0, *layers.run_blocks(model, batch, hidden=h0, return_all=True)]
+        counter.blocks += n_layers * h0.shape[0]
+        full = [x.cpu().numpy().astype(np.float64) for x in _example_scores(task, _head(model, hs[-1], batch), batch)]
+        one = Trace(task, [batch], [hs], *full, 0.0)
+        nll, correct = _walk_keeps(model, one, keeps, counter)
+        parts.append((nll, correct, *full))
+        del hs, one
+    nll, correct = (np.concatenate([p[i] for p in parts], axis=1) for i in (0, 1))
+    full_nll, full_correct, units = (np.concatenate([p[i] for p in parts]) for i in (2, 3, 4))
+    n = full_nll.size
+    return PerExampleDamage(sets, nll, correct, full_nll, full_correct, units, time.perf_counter() - start,
+                            counter.blocks / (n_layers * n))
+
+
+def beam_oracle(model: nn.Module, batches: Any, ks: Iterable[int], *, width: int = 4, exhaustive_max: int = 64,
+                ) -> tuple[PerExampleDamage, pd.DataFrame]:
+    """The least damaging set of k blocks to drop, for each k in ``ks``, measured on ``batches``.
+
+    Exhaustive while C(L, k) <= ``exhaustive_max`` (every set of 6 blocks; k = 1 for any L), else a beam
+    search: the ``width`` best sets of k - 1 blocks, each grown by every other block, evaluated together.
+    Returns every evaluated set's per-example damage and a table ``k, drop, d_loss, search`` of the best set
+    per k (``search``: "exhaustive" or "beam (width w)": a beam's best is an upper bound on the true best).
+    """
+    n_layers = layers.num_blocks(model)
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1 or ks[-1] >= n_layers:
+        raise ImportanceError(f"ks={ks} must lie in 1..{n_layers - 1} (the model has {n_layers} blocks).")
+    prepared = prepare_batches(model, batches)
+    found: dict[tuple[int, ...], float] = {}
+    parts: list[PerExampleDamage] = []
+
+    def evaluate(sets: list[tuple[int, ...]]) -> None:
+        new = [s for s in dict.fromkeys(sets) if s not in found]
+        if new:
+            res = per_example_damage(model, prepared, new)
+            parts.append(res)
+            found.update(zip(res.sets, res.d_loss(), strict=True))
+
+    rows, beam = [], [()]
+    for k in range(1, ks[-1] + 1):
+        if math.comb(n_layers, k) <= exhaustive_max:
+            cands, how = list(itertools.combinations(range(n_layers), k)), "exhaustive"
+        else:
+            cands = sorted({tuple(sorted({*b, j})) for b in beam for j in range(n_layers) if j not in b})
+            how = f"beam (width {width})"
+        evaluate(cands)
+        ranked = sorted(cands, key=lambda c: (found[c], c))
+        beam = ranked[:width]
+        if k in ks:
+            rows.append({"k": k, "drop": ranked[0], "d_loss": found[ranked[0]], "search": how,
+                         "n_evaluated": len(cands)})
+    merged = PerExampleDamage(
+        [s for p in parts for s in p.sets], np.concatenate([p.nll for p in parts]),
+        np.concatenate([p.correct for p in parts]), parts[0].full_nll, parts[0].full_correct, parts[0].units,
+        sum(p.seconds for p in parts), sum(p.block_passes for p in parts))
+    return merged, pd.DataFrame(rows)
+
+
 def ablation_damage(model: nn.Module, batches: Any, drop: Iterable[int], *, trace: Trace | None = None,
                     ) -> dict[str, float]:
     """Loss and accuracy with the blocks in ``drop`` skipped, and their change from the full model.
@@ -557,18 +667,28 @@ def _block_influence_rows(tr: Trace) -> pd.DataFrame:
 
 
 def angular_runs(model: nn.Module, batches: Any, *, trace: Trace | None = None, max_n: int | None = None,
-                 ) -> pd.DataFrame:
+                 token: str = "all") -> pd.DataFrame:
     """Angular distance arccos(cos)/pi between the input of block ``start`` and the output of block
-    ``start + n - 1``, per token, averaged over non-padding tokens; for n = 1 .. L//2 (or ``max_n``).
+    ``start + n - 1``, for n = 1 .. L//2 (or ``max_n``): averaged over non-padding tokens (``token="all"``), or
+    at the token the head reads (``"read"``: the last token of a decoder, as Gromov et al. do; [CLS] of an
+    encoder).
 
     Gromov et al. drop the run of n blocks with the smallest distance (``best_run``).
     """
+    if token not in ("all", "read"):
+        raise ImportanceError(f"token={token!r}; choose 'all' (every non-padding token) or 'read' (the read-out token).")
     tr = _ensure_trace(model, batches, trace)
-    top = max(1, max_n or tr.n_blocks // 2)
+    top = max(1, min(max_n or tr.n_blocks // 2, tr.n_blocks))
     rows = []
     for n in range(1, top + 1):
         for s in range(tr.n_blocks - n + 1):
-            cos, _ = _cosines(tr, s, s + n)
+            if token == "all":
+                cos, _ = _cosines(tr, s, s + n)
+            else:
+                cos = torch.cat([F.cosine_similarity(
+                    hs[s][torch.arange(hs[s].shape[0]), _read_positions(model, batch)].double(),
+                    hs[s + n][torch.arange(hs[s].shape[0]), _read_positions(model, batch)].double(), dim=-1,
+                    eps=1e-12).clamp(-1.0, 1.0) for batch, hs in zip(tr.batches, tr.hidden, strict=True)])
             rows.append({"start": s, "n": n, "distance": float((torch.arccos(cos.double()) / math.pi).mean())})
     return pd.DataFrame(rows)
 
@@ -590,6 +710,54 @@ def _angular_rows(tr: Trace) -> pd.DataFrame:
         per_ex = _per_example_mean(dist, ex, tr.n_examples)
         rows.append({"layer": i, "score": float(dist.mean()), "se": float(_se(per_ex))})
     return pd.DataFrame(rows)
+
+
+def _final_states(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """What Hugging Face's ``output_hidden_states`` returns as the last hidden state: the last block's output
+    through the final norm for decoders that have one, the raw output otherwise (BERT, MPNet: post-norm)."""
+    adapter = layers.adapter_for(model)
+    norm = getattr(adapter, "final_norm", None)
+    return norm(model)(h) if norm is not None else h
+
+
+@torch.no_grad()
+def _shortgpt_rows(model: nn.Module, tr: Trace) -> pd.DataFrame:
+    """ShortGPT's Block Influence as its code computes it: 1 - cosine between consecutive entries of the
+    model's ``hidden_states`` over non-padding tokens, whose last entry is the final-normed output."""
+    rows = _block_influence_rows(tr).to_dict("records")
+    last = tr.n_blocks - 1
+    xs, ys = [], []
+    for batch, hs in zip(tr.batches, tr.hidden, strict=True):
+        keep = batch["attention_mask"].bool()
+        xs.append(hs[last][keep].double())
+        ys.append(_final_states(model, hs[last + 1])[keep].double())
+    cos = F.cosine_similarity(torch.cat(xs), torch.cat(ys), dim=-1, eps=1e-12).clamp(-1.0, 1.0)
+    rows[last].update(score=float(1.0 - cos.mean()), se=float(cos.std() / math.sqrt(max(cos.numel(), 1))))
+    return pd.DataFrame(rows)
+
+
+def _read_positions(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The token the head reads: [CLS] (position 0) for encoders, the last real token for decoders."""
+    mask = batch["attention_mask"]
+    if layers.adapter_for(model).is_encoder:
+        return torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return (positions * (mask != 0)).argmax(-1)
+
+
+def _gromov_rows(model: nn.Module, tr: Trace) -> pd.DataFrame:
+    """Gromov et al.'s angular distance for one block (n = 1): arccos(cosine)/pi between the block's input and
+    output at the token the head reads (their last token; [CLS] for an encoder), averaged over examples."""
+    dist = []
+    for batch, hs in zip(tr.batches, tr.hidden, strict=True):
+        rows = torch.arange(hs[0].shape[0], device=hs[0].device)
+        pos = _read_positions(model, batch)
+        dist.append(torch.stack([
+            torch.arccos(F.cosine_similarity(hs[i][rows, pos].double(), hs[i + 1][rows, pos].double(), dim=-1,
+                                             eps=1e-12).clamp(-1.0, 1.0)) / math.pi
+            for i in range(tr.n_blocks)], 1))
+    d = torch.cat(dist).cpu().numpy()
+    return pd.DataFrame({"layer": range(tr.n_blocks), "score": d.mean(0), "se": _se(d)})
 
 
 def _activation_rows(tr: Trace) -> pd.DataFrame:
@@ -690,67 +858,93 @@ def _baseline_embedding(model: nn.Module, batch: Mapping[str, torch.Tensor], bas
     return layers.embed(model, {"input_ids": ids, "attention_mask": batch["attention_mask"]})
 
 
+def _conductance_target(model: nn.Module, task: str, h: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                        target: torch.Tensor | None) -> torch.Tensor:
+    """The attributed output per row: the probability of class ``target`` (classifier), or the text's mean
+    token log-likelihood (LM)."""
+    logits = layers.classify(model, h, mask)
+    if task == "classifier":
+        return torch.softmax(logits.float(), -1).gather(1, target[:, None])[:, 0]
+    nll, _, units = _example_scores("lm", logits, {"labels": labels, "attention_mask": mask})
+    return -nll / units
+
+
 def _conductance_rows(model: nn.Module, tr: Trace, *, n_steps: int, internal_batch_size: int,
                       max_examples: int | None, baseline: str, counter: _Counter | None = None) -> pd.DataFrame:
-    from captum.attr import LayerConductance
+    """Layer conductance of every block in one integration pass (see :class:`Conductance`).
 
+    Along the straight path from the baseline embedding to the input (``n_steps`` intervals, endpoints
+    included), one forward and one backward per point give, for *every* block at once, the gradient of the
+    target with respect to the block's output and the block's input and update at that point: a block's
+    conductance is the path integral of gradient x d(update) (and of gradient x d(input) through the residual
+    branch). captum's ``LayerConductance`` computes the same integral one block at a time with a left Riemann
+    sum; here the gradient is averaged over each interval's two ends (the trapezoid rule), whose error falls as
+    1/n_steps^2 instead of 1/n_steps, and one pass serves all L blocks instead of L passes.
+    ``gap``: the completeness gap per block, |conductance of input + update - (F(x) - F(baseline))| / |F(x) -
+    F(baseline)|, averaged over examples (0 for the exact integral).
+    """
     if n_steps < 2:
         raise ImportanceError(f"conductance n_steps={n_steps}; use at least 2 integration steps.")
     if baseline not in ("pad", "zero"):
         raise ImportanceError(f"conductance baseline={baseline!r}; choose 'pad' (pad-token embeddings) or 'zero'.")
     tr = tr.subset(max_examples)
-    n_layers = tr.n_blocks
-    taps = nn.ModuleList(_Tap() for _ in range(n_layers))
-    task = tr.task
-
-    def forward(h0: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        h = h0
-        for i in range(n_layers):
-            out = layers.block_forward(model, i, h, mask)
-            a, u = taps[i](h, out - h)
-            h = a + u
-        logits = layers.classify(model, h, mask)
-        if task == "classifier":
-            return torch.softmax(logits.float(), -1)
-        nll, _, units = _example_scores("lm", logits, {"labels": labels, "attention_mask": mask})
-        return -nll / units
-
+    n_layers, task = tr.n_blocks, tr.task
+    alphas = torch.linspace(0.0, 1.0, n_steps + 1, dtype=torch.float64)
     upd = np.zeros((tr.n_examples, n_layers))
     inp = np.zeros_like(upd)
-    delta = np.zeros_like(upd)
+    gap = np.zeros_like(upd)
     total = np.zeros(tr.n_examples)
-    offset = 0
-    for batch, hs in zip(tr.batches, tr.hidden, strict=True):
-        h0 = hs[0].detach()
-        size = h0.shape[0]
-        mask, labels = batch["attention_mask"], batch["labels"]
-        with torch.no_grad():
-            base = _baseline_embedding(model, batch, baseline).detach()
-            fx, fb = forward(h0, mask, labels), forward(base, mask, labels)
-        if task == "classifier":
-            target = fx.argmax(-1)
-            fx, fb = fx.gather(1, target[:, None])[:, 0], fb.gather(1, target[:, None])[:, 0]
-        else:
-            target = None
-        total[offset:offset + size] = (fx - fb).double().cpu().numpy()
-        for i in range(n_layers):
-            lc = LayerConductance(forward, taps[i])
-            (c_in, c_upd), d = lc.attribute(h0, baselines=base, target=target, additional_forward_args=(mask, labels),
-                                            n_steps=n_steps, internal_batch_size=internal_batch_size,
-                                            return_convergence_delta=True)
-            inp[offset:offset + size, i] = c_in.double().flatten(1).sum(1).detach().cpu().numpy()
-            upd[offset:offset + size, i] = c_upd.double().flatten(1).sum(1).detach().cpu().numpy()
-            delta[offset:offset + size, i] = d.double().detach().cpu().numpy()
-        offset += size
-    if counter is not None:  # captum: n_steps + 1 scaled inputs per block, each a full pass through the stack
-        counter.blocks += (n_steps + 1) * n_layers * n_layers * tr.n_examples
-    scale = np.abs(total).mean()
+    chunk = max(1, int(internal_batch_size))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        row = 0
+        for batch, hs in zip(tr.batches, tr.hidden, strict=True):
+            base_all = _baseline_embedding(model, batch, baseline).detach()
+            for b in range(hs[0].shape[0]):
+                sl = slice(b, b + 1)
+                x0, base = hs[0][sl].detach(), base_all[sl]
+                mask, labels = batch["attention_mask"][sl], batch["labels"][sl]
+                with torch.no_grad():
+                    logits = layers.classify(model, hs[-1][sl], mask)
+                target = logits.argmax(-1) if task == "classifier" else None
+                grads, ins, ups, values = [], [], [], []
+                for a in alphas.split(chunk):
+                    m = a.shape[0]
+                    h = (base + a.to(x0.dtype)[:, None, None] * (x0 - base)).requires_grad_(True)
+                    mk, lb = mask.expand(m, -1), labels.expand(m, *labels.shape[1:])
+                    outs, cur = [], h
+                    for i in range(n_layers):
+                        nxt = layers.block_forward(model, i, cur, mk)
+                        nxt.retain_grad()
+                        outs.append((cur, nxt))
+                        cur = nxt
+                    f = _conductance_target(model, task, cur, mk, lb, None if target is None else target.expand(m))
+                    f.sum().backward()
+                    grads.append(torch.stack([o.grad.detach().double() for _, o in outs], 1))
+                    ins.append(torch.stack([c.detach().double() for c, _ in outs], 1))
+                    ups.append(torch.stack([(o - c).detach().double() for c, o in outs], 1))
+                    values.append(f.detach().double())
+                g, hin, u, fv = torch.cat(grads), torch.cat(ins), torch.cat(ups), torch.cat(values)
+                keep = mask[0].bool()
+                g_mid = (g[1:] + g[:-1]) / 2  # trapezoid: the gradient averaged over each interval's ends
+                c_u = (g_mid * (u[1:] - u[:-1]))[:, :, keep].sum((0, 2, 3))
+                c_i = (g_mid * (hin[1:] - hin[:-1]))[:, :, keep].sum((0, 2, 3))
+                diff = float(fv[-1] - fv[0])
+                upd[row], inp[row], total[row] = c_u.numpy(), c_i.numpy(), diff
+                gap[row] = np.abs(c_u.numpy() + c_i.numpy() - diff) / max(abs(diff), 1e-12)
+                row += 1
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    if counter is not None:  # n_steps + 1 points, each one pass through the stack (its backward is n_backward)
+        counter.blocks += (n_steps + 1) * n_layers * tr.n_examples
     return pd.DataFrame({"layer": range(n_layers), "score": np.abs(upd).mean(0), "se": _se(np.abs(upd)),
                          "signed": upd.mean(0), "via_input": inp.mean(0),
                          "update_share": upd.sum(0) / total.sum() if total.sum() != 0 else np.nan,
-                         "total": total.mean(), "delta": np.abs(delta).mean(0),
-                         "rel_delta": np.abs(delta).mean(0) / scale if scale > 0 else np.nan,
-                         "n_steps": n_steps, "n_examples": tr.n_examples,
+                         "total": total.mean(), "gap": gap.mean(0), "gap_max": gap.max(0),
+                         "n_steps": n_steps, "n_examples": tr.n_examples, "quadrature": "trapezoid",
                          "baseline": "pad-token embeddings" if baseline == "pad" else "zero embedding output"})
 
 
@@ -1046,6 +1240,34 @@ class Angular(ImportanceMethod):
 
 
 @register
+class BlockInfluenceShortGPT(ImportanceMethod):
+    """Block influence exactly as ShortGPT's code computes it (Men et al. 2024): consecutive entries of
+    ``output_hidden_states``, so for the *last* block of a decoder the output side is the final-normed state.
+    Identical to ``block_influence`` on every other block, and on every block of a post-norm encoder."""
+
+    name = "bi_shortgpt"
+    description = "1 - mean cosine(input, output), last decoder block against the final-normed output"
+    cheap = True
+
+    def score(self, passes: Passes, seed: int, **options: Any) -> pd.DataFrame:
+        return _shortgpt_rows(passes.model, passes.trace)
+
+
+@register
+class AngularGromov(ImportanceMethod):
+    """Gromov et al. 2024's angular distance for single blocks: arccos(cosine)/pi between a block's input and
+    output at the one token the model reads out (last token of a decoder, [CLS] of an encoder), not averaged
+    over every token as ``angular`` does; ``angular_runs`` gives their n-block runs."""
+
+    name = "angular_gromov"
+    description = "arccos(cosine(input, output)) / pi at the read-out token"
+    cheap = True
+
+    def score(self, passes: Passes, seed: int, **options: Any) -> pd.DataFrame:
+        return _gromov_rows(passes.model, passes.trace)
+
+
+@register
 class Activation(ImportanceMethod):
     """Relative update ||out - in|| / ||in|| per token (the share of the residual stream the block rewrites);
     also output norm and variance."""
@@ -1075,28 +1297,28 @@ class MutualInfo(ImportanceMethod):
 
 @register
 class Conductance(ImportanceMethod):
-    """captum Layer Conductance, from the embedding output, of the predicted class's probability (LM: the
-    text's mean token log-likelihood) through the block's *update* (output - input): |sum of the update's
-    conductance|, averaged over examples.
+    """Layer conductance (Dhamdhere et al. 2019, captum's ``LayerConductance``), from the embedding output, of
+    the predicted class's probability (LM: the text's mean token log-likelihood) through the block's *update*
+    (output - input): |sum of the update's conductance|, averaged over examples.
 
-    The block output is presented to captum as the pair (input, update), a cut of the network, so captum's
-    convergence delta is a real completeness check; it is reported. Baseline: the embedding output of the
-    same positions with every token replaced by the pad token. (The zero embedding output, ``baseline="zero"``,
-    is a poor reference here: LayerNorm/RMSNorm are scale-invariant, so the path from 0 has a
-    near-discontinuity at the origin and the integral does not converge.)
+    All blocks are integrated in one pass along the path, with the trapezoid rule (see ``_conductance_rows``;
+    ``tests/test_importance.py`` checks it against captum's per-block result). The block output is split into
+    (input, update), a cut of the network, so completeness is a real check: ``gap`` reports it, and should stay
+    under 5 % for the scores to mean what they say. Baseline: the embedding output of the same positions with
+    every token replaced by the pad token. (The zero embedding output, ``baseline="zero"``, is a poor reference
+    here: LayerNorm/RMSNorm are scale-invariant, so the path from 0 has a near-discontinuity at the origin.)
     """
 
     name = "conductance"
     description = "mean |conductance through the block's update| of the predicted-class probability"
-    options = {"n_steps": 16, "internal_batch_size": 32, "max_examples": None, "baseline": "pad"}
+    options = {"n_steps": 32, "internal_batch_size": 33, "max_examples": None, "baseline": "pad"}
 
     def score(self, passes: Passes, seed: int, **options: Any) -> pd.DataFrame:
         return _conductance_rows(passes.model, passes.trace, counter=passes.counter, **options)
 
     def n_backward(self, rows: pd.DataFrame, passes: Passes, options: Mapping[str, Any]) -> float:
-        """captum: one backward per scaled input (n_steps + 1) per block, over the examples it used."""
-        return (float((options["n_steps"] + 1) * passes.n_layers) * int(rows["n_examples"].iloc[0])
-                / passes.trace.n_examples)
+        """One backward per point of the path (n_steps + 1), for all blocks at once, over the examples it used."""
+        return float(options["n_steps"] + 1) * int(rows["n_examples"].iloc[0]) / passes.trace.n_examples
 
 
 @register

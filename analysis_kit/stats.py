@@ -701,6 +701,36 @@ class _MacroF1(_CellStatistic):
         return f1.sum(-1) / np.maximum(present.sum(-1), 1)
 
 
+class OfMeans:
+    """A statistic that depends on a seed's rows only through their column means: ``fn(means) -> value``.
+
+    ``fn`` maps column means of shape ``(..., k)`` to values of shape ``(...)`` (vectorised over leading
+    axes). Resampling rows with replacement then needs one count matrix per chunk of resamples: the
+    replicates' column means are ``counts @ rows / n``, so a Spearman correlation between per-block
+    damage (the means of per-example loss increases) and a method's scores, or a ratio of two sums, gets
+    thousands of resamples without a Python loop. Constant columns (e.g. a method's block scores, the same
+    for every example of a seed) pass through unchanged, which is how a per-seed input enters ``fn``.
+    """
+
+    def __init__(self, fn: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.fn = fn
+
+    def __call__(self, rows: np.ndarray) -> float:
+        rows = np.asarray(rows, dtype=float)
+        return float(np.asarray(self.fn(rows.reshape(rows.shape[0], -1).mean(0)[None, :]))[0])
+
+    def replicates(self, rows: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
+        """``m`` bootstrap replicates of the statistic on ``rows`` (examples resampled with replacement)."""
+        x = np.asarray(rows, dtype=float).reshape(rows.shape[0], -1)
+        n = x.shape[0]
+        step = max(1, _CHUNK // max(n, 1))
+        out = []
+        for i in range(0, m, step):
+            counts = rng.multinomial(n, np.full(n, 1.0 / n), size=min(step, m - i))
+            out.append(np.asarray(self.fn(counts @ x / n), dtype=float))
+        return np.concatenate(out)
+
+
 def _check_groups(groups: Any, name: str) -> list[np.ndarray]:
     """One array of rows per seed, validated: numeric, (n,) or (n, k) with k equal across seeds, no NaN."""
     if isinstance(groups, (str, bytes)) or not hasattr(groups, "__iter__"):
@@ -745,6 +775,8 @@ def _within_replicates(rows: np.ndarray, statistic: Callable[[np.ndarray], float
     if m == 0:
         return np.empty(0)
     step = max(1, _CHUNK // max(n, 1))
+    if isinstance(statistic, OfMeans):
+        return statistic.replicates(rows, m, rng)
     if isinstance(statistic, _CellStatistic):
         freq = np.bincount(statistic.encode(rows), minlength=statistic.n_cells) / n
         return np.asarray(statistic.from_counts(rng.multinomial(n, freq, size=m)), dtype=float)
@@ -969,6 +1001,29 @@ def hierarchical_bootstrap(groups: Sequence[Any], statistic: Callable[[np.ndarra
     iv = _interval(res, confidence)
     return {"mean": float(res.per_seed.mean()), "ci_low": iv.low, "ci_high": iv.high, "n": res.n_seeds,
             "n_examples": res.n_examples, "unit": unit, "method": _interval_method(res, iv, confidence, what)}
+
+
+def bootstrap_test(groups: Sequence[Any], statistic: Callable[[np.ndarray], float] = np.mean, *, name: str,
+                   null: float = 0.0, n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0,
+                   unit: str = "", what: str = "the statistic", effect_name: str = "mean over seeds"
+                   ) -> tuple[dict[str, Any], TestResult]:
+    """``hierarchical_bootstrap``'s record of a per-seed statistic and the test of ``mean = null`` read off the
+    same replicates (the p-value inverts the calibrated interval, see ``_bootstrap_p``), with its minimum
+    attainable p in ``extras["min_p"]``: one engine for the interval and the test, so the two always agree
+    (p < 1 - confidence exactly when the interval excludes ``null``)."""
+    confidence = _confidence(confidence)
+    rows = _check_groups(groups, "groups")
+    res = _resample(rows, statistic, n_resamples, seed)
+    iv = _interval(res, confidence)
+    record = {"mean": float(res.per_seed.mean()), "ci_low": iv.low, "ci_high": iv.high, "n": res.n_seeds,
+              "n_examples": res.n_examples, "unit": unit, "method": _interval_method(res, iv, confidence, what)}
+    p, min_p = _bootstrap_p(res, null)  # replicates that never vary: p = 1 (no resampling evidence either way)
+    se = (iv.high - iv.low) / (2 * float(sps.norm.ppf(1 - (1 - confidence) / 2)))
+    effect = record["mean"] - null
+    test = TestResult(name, effect / se if se > 0 else 0.0, p, effect, effect_name, res.n_seeds,
+                      extras={"min_p": min_p, "ci_low": iv.low, "ci_high": iv.high, "n_examples": res.n_examples,
+                              "null": null})
+    return record, test
 
 
 def _correct_by_seed(values: Any, name: str) -> list[np.ndarray]:

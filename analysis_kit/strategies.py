@@ -8,7 +8,7 @@ deciding for it: ``needs_data`` (calibration batches, ``Calibration.data``) and 
 these declarations, so adding a strategy is one class here (or anywhere, with ``@register``).
 
 ``top_k`` is the one "keep the k best-ranked items" rule that ``compress.keep_top_k``, ``depth.keep_top``,
-``sensitivity.drop_set`` and ``importance.choose`` share (ties: the lower index; NaN ranks last).
+``importance.choose`` and the studies share (ties: the lower index; NaN ranks last).
 
 This module imports neither torch nor ``compress`` at import time, so the CLI can list the strategies
 without loading torch; the built-in strategies call into ``compress`` when they run.

@@ -274,3 +274,22 @@ def test_a_chapter_fingerprint_ignores_other_chapters_results(nb_sandbox):
     put_summary(nb_sandbox, "dynamic_selection", PROFILE, {"metrics": {"m": 1}})
     put_summary(nb_sandbox, "baselines", PROFILE, {"metrics": {"m": 1}})
     assert runner.fingerprint("baselines", PROFILE, params) == before
+
+
+def test_importance_answer_quotes_reliability_best_method_and_the_drop_last_verdict(results):
+    rec = {"mean": 0.91, "ci_low": 0.85, "ci_high": 0.95}
+    rho = {"ablation": {"mean": 0.8, "ci_low": 0.6, "ci_high": 0.9}, "fisher": {"mean": 0.1, "ci_low": -0.3,
+                                                                                 "ci_high": 0.4},
+           "random": {"mean": 0.95, "ci_low": 0.9, "ci_high": 1.0}}  # a reference is never "the best method"
+    tests = [{"name": "minilm: ablation vs_drop_last (pooled tasks)", "family": "minilm_vs_drop_last",
+              "p_holm": 0.01, "effect_size": -0.9},
+             {"name": "minilm: fisher vs_drop_last (pooled tasks)", "family": "minilm_vs_drop_last",
+              "p_holm": 0.01, "effect_size": 0.9}]  # significantly *worse*: not a win
+    metrics = {"reliability/minilm/amazon": rec,
+               "regret/minilm/amazon/drop_last": {"mean": 0.012, "ci_low": 0.008, "ci_high": 0.016},
+               **{f"spearman/minilm/amazon/{k}": v for k, v in rho.items()}}
+    write(results, "theoretical_validation", {"params": {"models": ["minilm"], "tasks": ["amazon"]},
+                                              "metrics": metrics, "tests": tests}, {})
+    r = row(F.run(F.Params(profile=PROFILE)), "theoretical_validation")
+    assert "reliability 0.91 [0.85, 0.95]" in r[ANSWER] and "best ρ ablation 0.80 [0.60, 0.90]" in r[ANSWER]
+    assert r["verdict"] == "minilm: beats drop_last after Holm: ablation"

@@ -275,10 +275,40 @@ def test_conductance_is_complete_on_tuple_returning_blocks():
     batches = _cls_batches()[:1]
     df = imp.compute("conductance", model, batches, n_steps=64)
     assert df["baseline"].iloc[0] == "pad-token embeddings"
-    assert (df["rel_delta"] < 0.05).all()  # captum's convergence delta: the (input, update) cut is complete
+    assert (df["gap"] < 0.01).all()  # the (input, update) cut is complete: the trapezoid integral sums to F(x) - F(b)
     assert (df["signed"] + df["via_input"]).to_numpy() == pytest.approx(df["total"].to_numpy(), abs=0.02)
     small = imp.compute("conductance", model, batches, n_steps=4, internal_batch_size=4, max_examples=3)
     assert small["n_examples"].iloc[0] == 3
+
+
+def test_conductance_matches_captum_per_block():
+    """The one-pass trapezoid integral and captum's LayerConductance (one block at a time, fine Riemann grid)
+    converge to the same per-block conductance of the block's update."""
+    from captum.attr import LayerConductance
+
+    model = _bert(2, init=0.3)
+    batch = imp.prepare_batches(model, _cls_batches()[:1])[0]
+    batch = {k: v[:2] for k, v in batch.items()}
+    ours = imp.compute("conductance", model, [batch], n_steps=64)
+    tr = imp.trace(model, [batch])
+    taps = torch.nn.ModuleList(imp._Tap() for _ in range(2))
+
+    def forward(h0, mask):
+        h = h0
+        for i in range(2):
+            a, u = taps[i](h, layers.block_forward(model, i, h, mask) - h)
+            h = a + u
+        return torch.softmax(layers.classify(model, h, mask).float(), -1)
+
+    h0, mask = tr.hidden[0][0], batch["attention_mask"]
+    base = imp._baseline_embedding(model, batch, "pad")
+    target = forward(h0, mask).argmax(-1)
+    for i in range(2):
+        (_, c_upd) = LayerConductance(forward, taps[i]).attribute(
+            h0, baselines=base, target=target, additional_forward_args=(mask,), n_steps=400,
+            method="riemann_trapezoid")
+        captum = float(c_upd.flatten(1).sum(1).abs().mean())
+        assert ours["score"].iloc[i] == pytest.approx(captum, rel=0.03, abs=1e-4)
 
 
 def test_conductance_and_mutual_info_run_on_a_causal_lm():
@@ -395,3 +425,65 @@ def test_bad_inputs_fail_early_with_a_fix():
         imp.compute("fisher", model, _cls_batches(), n_steps=3)
     with pytest.raises(imp.ImportanceError, match="outside"):
         imp.ablation_damage(model, _cls_batches(), {5})
+
+
+# --------------------------------------------------------------------------------------------------
+# the literature's protocols, the streamed ground truth and the oracle search
+
+
+def test_shortgpt_block_influence_differs_from_ours_only_on_a_decoders_last_block():
+    model, batches = _llama(3), _lm_batches()
+    with torch.no_grad():  # a trained RMSNorm has per-channel weights (all ones would leave cosines unchanged)
+        model.model.norm.weight.copy_(torch.linspace(0.2, 3.0, model.config.hidden_size))
+    df = imp.compute_all(model, batches, methods=["block_influence", "bi_shortgpt"])
+    ours = df[df["method"] == "block_influence"]["score"].to_numpy()
+    theirs = df[df["method"] == "bi_shortgpt"]["score"].to_numpy()
+    assert theirs[:-1] == pytest.approx(ours[:-1], abs=1e-12)
+    assert abs(theirs[-1] - ours[-1]) > 1e-6  # the final norm enters ShortGPT's last comparison
+    bert = _bert(2, init=0.3)
+    enc = imp.compute_all(bert, _cls_batches(), methods=["block_influence", "bi_shortgpt"])
+    a, b = (enc[enc["method"] == m]["score"].to_numpy() for m in ("block_influence", "bi_shortgpt"))
+    assert a == pytest.approx(b, abs=1e-12)  # post-norm encoder: no final norm, the two coincide
+
+
+def test_gromov_angular_distance_reads_one_token():
+    model, batches = _llama(3), _lm_batches()
+    tr = imp.trace(model, batches)
+    got = imp.compute("angular_gromov", model, batches, trace=tr)["score"].to_numpy()
+    b, hs = tr.batches[0], tr.hidden[0]
+    last = b["attention_mask"].sum(1) - 1  # right padding: the last real token
+    rows = torch.arange(hs[0].shape[0])
+    want = [float((torch.arccos(F.cosine_similarity(hs[i][rows, last].double(), hs[i + 1][rows, last].double(),
+                                                    dim=-1).clamp(-1, 1)) / math.pi).mean()) for i in range(3)]
+    if len(tr.batches) == 1:
+        assert got == pytest.approx(want, abs=1e-9)
+    runs = imp.angular_runs(model, batches, trace=tr, token="read")
+    assert runs[runs["n"] == 1]["distance"].to_numpy() == pytest.approx(got, abs=1e-9)
+    with pytest.raises(imp.ImportanceError, match="token"):
+        imp.angular_runs(model, batches, trace=tr, token="first")
+
+
+def test_streamed_per_example_damage_equals_the_traced_damage():
+    model, batches = _bert(3, init=0.3), _cls_batches()
+    sets = [{0}, {2}, {0, 1}, {1, 2}]
+    ref = imp.damage(model, batches, sets)
+    got = imp.per_example_damage(model, batches, sets)
+    assert got.d_loss() == pytest.approx(ref["d_loss"].to_numpy(), abs=1e-6)
+    assert got.index({2, 1}) == 3
+    assert got.block_passes > 1  # the full pass plus the skipped sets' remaining blocks
+
+
+def test_beam_oracle_is_exhaustive_on_small_stacks_and_a_beam_beyond():
+    model, batches = _bert(4, init=0.3), _cls_batches()
+    gt, best = imp.beam_oracle(model, batches, [1, 2], exhaustive_max=64)
+    exhaustive = imp.oracle_subsets(model, batches, ks=[1, 2])
+    for k in (1, 2):
+        row = exhaustive[(exhaustive["k"] == k) & exhaustive["best"]].iloc[0]
+        got = best[best["k"] == k].iloc[0]
+        assert got["drop"] == row["drop"] and got["search"] == "exhaustive"
+        assert got["d_loss"] == pytest.approx(row["d_loss"], abs=1e-6)
+    assert len(gt.sets) == 4 + 6
+    _, beam = imp.beam_oracle(model, batches, [2], width=1, exhaustive_max=4)
+    assert beam["search"].iloc[0] == "beam (width 1)" and beam["n_evaluated"].iloc[0] == 3
+    with pytest.raises(imp.ImportanceError, match="ks"):
+        imp.beam_oracle(model, batches, [4])

@@ -310,3 +310,18 @@ def test_accuracy_interval_has_width_even_when_every_example_is_right():
     assert rec["mean"] == 1.0 and rec["ci_high"] == 1.0
     assert 0.99 < rec["ci_low"] < 1.0
     assert "Wilson" in rec["method"]
+
+
+def test_of_means_fast_path_equals_the_plain_statistic_and_bootstrap_test_agrees_with_its_interval():
+    rng = np.random.default_rng(0)
+    groups = [np.column_stack([rng.normal(0.3, 1, 200), rng.integers(1, 5, 200)]) for _ in range(5)]
+    ratio = S.OfMeans(lambda m: m[..., 0] / m[..., 1])
+    assert ratio(groups[0]) == pytest.approx(groups[0][:, 0].sum() / groups[0][:, 1].sum())
+    fast = S.hierarchical_bootstrap(groups, ratio, n_resamples=2000, seed=1)
+    slow = S.hierarchical_bootstrap(groups, lambda r: float(r[:, 0].sum() / r[:, 1].sum()), n_resamples=2000,
+                                        seed=1)
+    assert fast["mean"] == pytest.approx(slow["mean"])
+    assert fast["ci_low"] == pytest.approx(slow["ci_low"], abs=0.03)
+    rec, test = S.bootstrap_test(groups, ratio, name="ratio = 0", n_resamples=2000)
+    assert (test.p_value < 0.05) == (rec["ci_low"] > 0 or rec["ci_high"] < 0)
+    assert 0 < test.extras["min_p"] <= test.p_value

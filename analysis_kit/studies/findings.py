@@ -118,7 +118,30 @@ def _dynamic(s: dict[str, Any], profile: str) -> tuple[str, str]:
     return "; ".join(parts), "; ".join(verdicts)
 
 
-ANSWERS = {"baselines": _baselines, "dynamic_selection": _dynamic}
+def _importance(s: dict[str, Any], profile: str) -> tuple[str, str]:
+    """Per model and task: the ground truth's reliability, the method whose scores track damage best, and the
+    regret of the best method against drop_last; the verdict from the Holm-corrected tests against drop_last."""
+    m, parts, verdicts = s["metrics"], [], []
+    for model in s["params"].get("models", []):
+        for task in s["params"].get("tasks", []):
+            rel = m.get(f"reliability/{model}/{task}")
+            if not rel:
+                continue
+            rho = {k.rsplit("/", 1)[1]: v for k, v in m.items() if k.startswith(f"spearman/{model}/{task}/")
+                   and not k.endswith(("/random", "/drop_last"))}
+            best = max(rho, key=lambda k: rho[k]["mean"])
+            dl = m[f"regret/{model}/{task}/drop_last"]
+            parts.append(f"{model}/{task}: reliability {fmt_ci(rel, 1, '', 2)}; best ρ {best} "
+                         f"{fmt_ci(rho[best], 1, '', 2)}; drop_last regret {fmt_ci(dl, 1, ' nats', 3)}")
+        wins = [t["name"].split(": ", 1)[1].split(" ")[0] for t in s.get("tests", [])
+                if t.get("family") == f"{model}_vs_drop_last" and (t.get("p_holm") or 1) < 0.05
+                and t["effect_size"] < 0]
+        verdicts.append(f"{model}: " + (f"beats drop_last after Holm: {', '.join(wins)}" if wins
+                                        else "no method beats drop_last after Holm"))
+    return "; ".join(parts), "; ".join(verdicts)
+
+
+ANSWERS = {"baselines": _baselines, "theoretical_validation": _importance, "dynamic_selection": _dynamic}
 
 
 def _points(profile: str, summaries: dict[str, dict[str, Any]]) -> pd.DataFrame:
