@@ -64,6 +64,7 @@ class Params(TaskParams):
     k_drop: int = 3
     n_permutations: int = 10_000
     torch_threads: int = 2
+    n_bootstrap: int = 2_000  # each resample redraws every test example of every seed of every metric
 
     def validate(self) -> None:
         """Fail before any model loads on settings the chapter cannot use."""

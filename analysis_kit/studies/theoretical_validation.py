@@ -90,6 +90,7 @@ class Params(TaskParams):
     reliability_min: float = 0.8
     bench_repeats: int = 3
     torch_threads: int = 2
+    n_bootstrap: int = 2_000  # each resample redraws every test example of every seed of every metric
 
     def validate(self) -> None:
         """Fail before any model loads on settings the chapter cannot use."""
