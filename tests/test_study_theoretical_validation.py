@@ -43,7 +43,8 @@ def test_families_are_declared_once_and_hold_tests_that_can_reject(result):
     # the language model (one unit per task) is tested per task with the example-level bootstrap, whose
     # floor is 2 / (n_bootstrap + 1): below the Holm threshold of its family
     lm = tests[tests["family"] == "smollm2_tracks_damage"]
-    assert (lm["min_p"] < 0.05 / len(lm)).all()
+    assert lm["min_p"].to_numpy() == pytest.approx(2 / (TINY.n_bootstrap + 1))
+    assert 2 / (tv.Params().n_bootstrap + 1) < 0.05 / len(lm)  # at the chapter's resamples, it can reject
 
 
 def test_random_regret_is_the_mean_of_its_draws_and_the_oracle_has_none(result):
@@ -67,7 +68,7 @@ def test_split_half_reliability_is_high_for_signal_and_low_for_noise():
     noise = rng.normal(0, 1, (6, 2000))
     units = np.ones(2000)
     assert tv._split_half(signal, units, 50, 0).mean() > 0.95
-    assert abs(tv._split_half(noise, units, 50, 0).mean()) < 0.6
+    assert tv._split_half(noise, units, 50, 0).mean() < 0.5  # no profile: halves do not agree
 
 
 def test_spearman_statistic_on_rows_equals_scipy():

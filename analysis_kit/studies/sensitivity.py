@@ -338,8 +338,8 @@ def _transfer(result: Result, fam: stats.TestFamilies, used: list[tuple[dict, di
                          "drop": str(drop), "regret": float(tv.RATIO(np.column_stack(
                              [w @ base["dnll"].astype(float), base["units"]])))})
         for cond, ws in weights.items():
-            per_unit.setdefault(cond, []).append(
-                np.column_stack([np.mean(ws, 0) @ base["dnll"].astype(float), base["units"]]))
+            per_unit.setdefault(cond, {})[(base["task"], base["seed"])] = np.column_stack(
+                [np.mean(ws, 0) @ base["dnll"].astype(float), base["units"]])
     table = pd.DataFrame(rows)
     result.tables["transfer"] = table
     ref_groups = per_unit[params.reference()]
@@ -347,7 +347,8 @@ def _transfer(result: Result, fam: stats.TestFamilies, used: list[tuple[dict, di
     for cond, groups in per_unit.items():
         if cond == params.reference():
             continue
-        diff = [np.column_stack([g[:, 0] - r[:, 0], g[:, 1]]) for g, r in zip(groups, ref_groups, strict=True)]
+        # a domain that is one task's own is a size for that task: the condition exists for the other task only
+        diff = [np.column_stack([g[:, 0] - ref_groups[key][:, 0], g[:, 1]]) for key, g in groups.items()]
         rec = stats.hierarchical_bootstrap(diff, tv.RATIO, n_resamples=params.n_bootstrap, unit="nats",
                                            what="regret difference (calibration set - reference), mean over methods")
         result.metrics[f"transfer/{cond}"] = rec
