@@ -1,6 +1,6 @@
 """Agreement maths for layer-importance rankings: rank normalisation and Kendall's W, vectorised.
 
-The sensitivity chapter (:mod:`analysis_kit.studies.sensitivity`) asks how stable rankings of blocks are
+The sensitivity chapter (``analysis_kit.studies.sensitivity``) asks how stable rankings of blocks are
 across seeds, methods and calibration sets; it needs two pieces that are not in scipy or statsmodels in the
 shape it uses them:
 
