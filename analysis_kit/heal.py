@@ -1,29 +1,33 @@
-"""Healing a model after block removal: distillation from the full model, or LoRA, on one step budget.
+"""Healing a model after block removal: the cut model trains so its kept blocks fit their new inputs.
 
-A compressed model loses accuracy partly because the kept blocks now receive inputs they were never
-trained on. Healing trains briefly to close that gap. Two methods, compared on the *same* number of
-optimizer steps and batch size (only the learning rate is method-specific):
+Two families live here:
 
-- ``distill``: knowledge distillation from the full (teacher) model. Loss = ``kd_weight`` · T² ·
-  KL(teacher ‖ student) on temperature-softened logits (Hinton et al., 2015) + ``hidden_weight`` ·
-  relative MSE between hidden states over a map from kept blocks to teacher blocks (``teacher_map``)
-  + optionally ``ce_weight`` · the label loss. All student weights train.
-- ``lora``: low-rank adapters (peft; Hu et al., 2022) on every linear layer of the blocks, plus the
-  task head, trained on the labels (classifiers) or the next-token loss (causal LMs), then merged, so
-  the result is again a plain Hugging Face model.
-- ``none``: the compressed model as it is.
+- **Recipes at fine-tuning scale** (:func:`heal_recipe`, :data:`RECIPES`), what the compression chapter
+  compares: plain fine-tuning, distillation from the full model, LoRA, partial fine-tuning, and the baseline
+  that fine-tunes the pretrained model's first k blocks. Every recipe runs the kit's one training loop,
+  ``train.fine_tune`` (epochs over the whole training split, early stopping on validation loss), so budgets
+  are equal by construction; only the learning rate and the recipe's own options differ.
+- **A fixed step budget** (:func:`heal`, ``distill``/``lora`` with a :class:`HealConfig`), what
+  ``analysis-kit analyze --heal`` runs on a user's data when there is no validation split to stop on:
 
-Training batches come from ``compress.encode`` (a list of batch dicts); their order is reshuffled on
-every pass with the seed. Everything runs on ``device.pick``; one seed gives the same weights on CPU.
+  - ``distill``: knowledge distillation from the full (teacher) model. Loss = ``kd_weight`` · T² ·
+    KL(teacher ‖ student) on temperature-softened logits (Hinton et al., 2015) + ``hidden_weight`` ·
+    relative MSE between hidden states over a map from kept blocks to teacher blocks (``teacher_map``)
+    + optionally ``ce_weight`` · the label loss. All student weights train.
+  - ``lora``: low-rank adapters (peft; Hu et al., 2022) on every linear layer of the blocks, plus the
+    task head, trained on the labels (classifiers) or the next-token loss (causal LMs), then merged, so
+    the result is again a plain Hugging Face model.
+  - ``none``: the compressed model as it is.
+
+Everything runs on ``device.pick``; one seed gives the same weights on CPU.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -31,7 +35,6 @@ import torch
 import torch.nn.functional as F
 
 from . import layers
-from .cache import atomic_write_text, cached_dir
 from .device import pick, progress, seed_everything
 from .errors import LayerwiseError
 
@@ -272,35 +275,143 @@ def describe(cfg: HealConfig) -> dict[str, Any]:
     return asdict(cfg)
 
 
-#: Bump when healing changes in a way that changes weights (invalidates cached healed models).
-HEAL_CODE_VERSION = 1
+# ------------------------------------------------------------------------------------------------------------
+# Healing at fine-tuning scale: recipes on the kit's one training loop (``train.fine_tune``)
+
+#: The healing recipes the compression chapter compares at equal budget (same epochs, batch size, early
+#: stopping on validation loss; only the learning rate is chosen per recipe, on validation):
+#:
+#: - ``finetune``: every weight of the pruned model on the label loss (Sajjad et al.'s drop-then-fine-tune);
+#: - ``distill``: every weight, label loss + logit distillation + hidden-state matching from the full model
+#:   (DistilBERT's and Minitron's recipe; ``teacher_map`` pairs the blocks);
+#: - ``lora``: low-rank adapters on every linear layer of the blocks plus the trained head, merged afterwards;
+#: - ``partial``: only the last ``partial_blocks`` blocks and the head train (Lu et al., 2026);
+#: - ``first_k``: the baseline that skips pruning: the *pretrained* model's first k blocks and a new head,
+#:   fine-tuned like the full model was (the kept set is always the first k blocks).
+RECIPES = ("finetune", "distill", "lora", "partial", "first_k")
 
 
-def cached_heal(method: str, teacher: torch.nn.Module, keep: Sequence[int],
-                make_train: Callable[[], Sequence[dict[str, torch.Tensor]]], cfg: HealConfig, seed: int,
-                key: Mapping[str, Any], device: str | torch.device = "auto") -> tuple[torch.nn.Module, pd.DataFrame]:
-    """``heal`` of ``teacher`` cut to ``keep``, computed once and kept in the cache (model + history).
+@dataclass(frozen=True)
+class RecipeOptions:
+    """The recipe-specific knobs of :func:`heal_recipe` (the shared schedule is a ``train.TrainConfig``)."""
 
-    ``key`` must identify the teacher and the training data (e.g. the trained model's cache folder and
-    the task spec); it joins ``method``, ``keep``, ``cfg`` and ``seed`` in the cache key. ``make_train``
-    builds the training batches only when the entry is missing. ``"none"`` is not cached (no training).
+    temperature: float = 2.0
+    kd_weight: float = 1.0
+    hidden_weight: float = 1.0
+    ce_weight: float = 1.0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    partial_blocks: int = 1
+
+    def validate(self) -> None:
+        """Fail before any training on settings no recipe can use."""
+        if self.temperature <= 0 or self.lora_r < 1 or self.lora_alpha < 1 or self.partial_blocks < 1:
+            raise HealError("temperature, lora_r, lora_alpha and partial_blocks must be positive.")
+        if min(self.kd_weight, self.hidden_weight, self.ce_weight) < 0 or \
+                self.kd_weight + self.hidden_weight + self.ce_weight == 0:
+            raise HealError("distillation weights must be >= 0 and not all zero (kd_weight, hidden_weight, ce_weight).")
+        if not 0 <= self.lora_dropout < 1:
+            raise HealError(f"lora_dropout={self.lora_dropout} must lie in [0, 1).")
+
+
+def _distill_loss(teacher: torch.nn.Module, pairs: list[int], opts: RecipeOptions):
+    """``train.fine_tune``'s loss for ``distill``: ce · label loss + kd · T² KL on logits + hidden · relative MSE
+    of each student block's output against its teacher block (``teacher_map``)."""
+
+    def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        mask = batch["attention_mask"]
+        with torch.no_grad():
+            t_states = layers.run_blocks(teacher, batch, return_all=True)
+            t_logits = layers.classify(teacher, t_states[-1], mask)
+        s_states = layers.run_blocks(model, batch, return_all=True)
+        s_logits = layers.classify(model, s_states[-1], mask)
+        loss = opts.kd_weight * _kd_loss(s_logits, t_logits, opts.temperature, None)
+        loss = loss + opts.hidden_weight * _hidden_loss(s_states, t_states, pairs, mask)
+        if opts.ce_weight > 0:
+            loss = loss + opts.ce_weight * _task_loss(model, s_logits, {**batch, "labels": labels})
+        return loss
+
+    return loss_fn
+
+
+def _freeze_but_last(model: torch.nn.Module, n_last: int) -> None:
+    """Train only the last ``n_last`` blocks and what reads their output (the head outside the base model,
+    the base model's pooler or final norm); freeze the embeddings, every earlier block and whatever else the
+    blocks share (e.g. MPNet's relative position bias)."""
+    blocks = layers.get_blocks(model)
+    if n_last > len(blocks):
+        raise HealError(f"partial_blocks={n_last} but the pruned model has {len(blocks)} blocks.")
+    base = model.base_model
+    after = {id(p) for b in list(blocks)[len(blocks) - n_last:] for p in b.parameters()}
+    after |= {id(p) for name, p in base.named_parameters() if name.split(".")[0] in ("pooler", "norm", "ln_f")}
+    in_base = {id(p) for p in base.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in after or id(p) not in in_base)
+
+
+def recipe_student(recipe: str, teacher: torch.nn.Module, keep: Sequence[int],
+                   first_k: Callable[[int], torch.nn.Module] | None = None) -> torch.nn.Module:
+    """The model a recipe starts from: ``teacher`` cut to ``keep`` (a copy), or for ``first_k`` the pretrained
+    model's first ``len(keep)`` blocks with a new head (``first_k(k)`` builds it)."""
+    if recipe not in RECIPES:
+        raise HealError(f"unknown healing recipe {recipe!r}; choose from {', '.join(RECIPES)}.")
+    if recipe == "first_k":
+        if first_k is None:
+            raise HealError("recipe 'first_k' needs first_k=, a function k -> the pretrained model's first k blocks "
+                            "with a new head.")
+        return first_k(len(keep))
+    return layers.keep_blocks(teacher, sorted(keep))
+
+
+def heal_recipe(recipe: str, teacher: torch.nn.Module, keep: Sequence[int], tokenizer: Any,
+                train_df: pd.DataFrame, val_df: pd.DataFrame, cfg: Any, seed: int, *,
+                options: RecipeOptions = RecipeOptions(), first_k: Callable[[int], torch.nn.Module] | None = None,
+                device: str | torch.device = "auto") -> tuple[torch.nn.Module, pd.DataFrame, dict[str, Any]]:
+    """Heal ``teacher`` cut to ``keep`` by ``recipe`` (one of :data:`RECIPES`) with the schedule ``cfg``
+    (a ``train.TrainConfig``: epochs, learning rate, batch size, early stopping) on the whole ``train_df``.
+
+    Every recipe runs through ``train.fine_tune``, so the budgets are equal by construction (same batches,
+    same schedule, same early stopping on the validation label loss). Returns the healed plain Hugging Face
+    model (LoRA merged), the training history and ``info``: trainable and total parameters, steps, examples
+    seen and wall seconds.
     """
-    student = layers.keep_blocks(teacher, sorted(keep))
-    if method == "none":
-        return student, pd.DataFrame(columns=["step", "loss", "seconds"])
-    if method not in HEAL_METHODS:
-        raise HealError(f"unknown healing method {method!r}; choose from {', '.join(HEAL_METHODS)}.")
+    from . import train
+
+    options.validate()
     cfg.validate()
-    spec = {"kind": "healed", "key": dict(key), "keep": sorted(int(i) for i in keep), "method": method,
-            "cfg": describe(cfg), "seed": seed, "code": HEAL_CODE_VERSION}
+    keep = sorted(int(i) for i in keep)
+    student = recipe_student(recipe, teacher, keep, first_k)
+    dev = pick(device)
+    seed_everything(seed)
+    student = student.to(dev)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    loss_fn = None
+    if recipe == "distill":
+        teacher = teacher.to(dev).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        loss_fn = _distill_loss(teacher, teacher_map(keep, layers.num_blocks(teacher)), options)
+    elif recipe == "partial":
+        _freeze_but_last(student, options.partial_blocks)
+    elif recipe == "lora":
+        from peft import LoraConfig, TaskType, get_peft_model
 
-    def build(folder: Path) -> None:
-        model, hist = heal(method, student, teacher, sorted(keep), make_train(), cfg, seed, device)
-        model.cpu().save_pretrained(folder)
-        atomic_write_text(folder / "history.csv", hist.to_csv(index=False))
-
-    folder = cached_dir("healed", spec, build)
-    model = type(teacher).from_pretrained(folder).eval()
-    hist = pd.read_csv(folder / "history.csv")
-    hist.attrs["folder"] = str(folder)
-    return model, hist
+        config = LoraConfig(task_type=TaskType.SEQ_CLS, r=options.lora_r, lora_alpha=options.lora_alpha,
+                            lora_dropout=options.lora_dropout, target_modules=LORA_TARGETS[layers.family(student)])
+        student = get_peft_model(student, config)
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    start = time.time()
+    student, hist = train.fine_tune(student, tokenizer, train_df, val_df, cfg, seed, dev, loss_fn=loss_fn)
+    seconds = time.time() - start
+    if recipe == "lora":
+        student = student.merge_and_unload()
+    student.eval()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    info = {"recipe": recipe, "keep": tuple(keep), "trainable_parameters": int(trainable),
+            "parameters": int(sum(p.numel() for p in student.parameters())), "seconds": seconds,
+            "steps": int(hist["step"].max()) if len(hist) else 0,
+            "examples": int(hist["examples"].max()) if len(hist) else 0}
+    return student, hist, info

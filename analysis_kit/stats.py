@@ -1353,6 +1353,13 @@ class TestFamilies:
             rows.append(row)
         return pd.DataFrame(rows, columns=cols) if not rows else pd.DataFrame(rows)
 
+    def declared(self) -> pd.DataFrame:
+        """One row per declared family, in declaration order: ``family``, ``question`` and ``tests`` (how many
+        were filed), so a chapter can show its families before its results."""
+        counts = pd.Series([f for f, _ in self._tests], dtype=object).value_counts()
+        return pd.DataFrame([{"family": k, "question": v, "tests": int(counts.get(k, 0))}
+                             for k, v in self.families.items()])
+
     def can_reject(self, alpha: float = 0.05) -> pd.DataFrame:
         """The tests that cannot reject at ``alpha`` at their n: minimum attainable p > alpha (table rows).
 

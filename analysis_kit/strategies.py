@@ -3,7 +3,7 @@
 Every strategy is a ``Strategy`` subclass with one call, ``select(model, k, calib) -> kept blocks`` (distinct
 block indices in increasing order, ``k`` of them), and declares what it needs instead of a central if/elif
 deciding for it: ``needs_data`` (calibration batches, ``Calibration.data``) and ``needs_importance``
-(an importance table and method, ``Calibration.scores``/``method``). ``compress.select``, ``compress.candidates``,
+(an importance table and method, ``Calibration.scores``/``method``). ``compress.select``,
 ``compress.compress_folder`` and the ``analysis-kit compress --strategy`` choices all read the registry and
 these declarations, so adding a strategy is one class here (or anywhere, with ``@register``).
 

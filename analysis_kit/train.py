@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -194,12 +195,22 @@ def evaluate(model, tokenizer, df: pd.DataFrame, batch_size: int = 64, max_lengt
     return metrics_from_logits(logits, df["label"].to_numpy())
 
 
+#: ``loss_fn(model, batch, labels) -> loss`` of :func:`fine_tune` (``batch`` without its labels, on the device).
+LossFn = Callable[[Any, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+
+
 def fine_tune(model, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFrame, cfg: TrainConfig, seed: int,
-              device: str | torch.device = "auto") -> tuple[Any, pd.DataFrame]:
+              device: str | torch.device = "auto", loss_fn: LossFn | None = None) -> tuple[Any, pd.DataFrame]:
     """Train ``model`` on ``train_df``; early-stop on validation loss and restore the best weights.
 
-    Returns the model (best validation weights) and a history frame (step, epoch, train_loss, val_loss,
-    val_accuracy or val_mse, seconds).
+    The one training loop of the kit: AdamW (no decay on biases and norms) over the parameters that require
+    gradients (freeze some to train a part), linear warm-up then decay, gradient clipping, validation every
+    ``cfg.eval_every`` steps of each epoch and at its end (default: once, at the end). ``loss_fn`` replaces the label loss (e.g. distillation from
+    a teacher, :mod:`analysis_kit.heal`); validation always reads the label loss, so early stopping and the
+    best weights are chosen on the task whatever the training objective.
+
+    Returns the model (best validation weights) and a history frame (step, epoch, examples, train_loss,
+    val_loss, val_accuracy or val_mse, seconds).
     """
     cfg.validate()
     if len(train_df) == 0 or len(val_df) == 0:
@@ -210,8 +221,10 @@ def fine_tune(model, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFrame, cf
     steps_per_epoch = math.ceil(len(train_df) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     eval_every = cfg.eval_every or steps_per_epoch
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    if not decay and not no_decay:
+        raise LayerwiseError("no parameter of the model requires gradients; unfreeze the part to train.")
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     warm = max(1, int(cfg.warmup_ratio * total))
@@ -221,13 +234,13 @@ def fine_tune(model, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFrame, cf
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     state = {"best": math.inf, "weights": None, "bad": 0}
-    step, rows, run_loss = 0, [], []
+    step, seen, rows, run_loss = 0, 0, [], []
     start = time.time()
 
     def validate() -> None:
         """Evaluate, log a history row, keep the best weights and count evaluations without progress."""
         val = evaluate(model, tokenizer, val_df, max_length=cfg.max_length, device=dev)
-        row = {"step": step, "epoch": step / steps_per_epoch, "train_loss": float(np.mean(run_loss)),
+        row = {"step": step, "epoch": step / steps_per_epoch, "examples": seen, "train_loss": float(np.mean(run_loss)),
                "val_loss": val["loss"], "seconds": time.time() - start}
         row.update({f"val_{k}": val[k] for k in ("accuracy", "macro_f1", "mse") if k in val})
         rows.append(row)
@@ -241,20 +254,21 @@ def fine_tune(model, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFrame, cf
     bar = progress(total=total, desc="fine-tune")
     for epoch in range(cfg.epochs):
         loader = _batches(tokenizer, train_df, cfg.batch_size, cfg.max_length, True, seed * 1000 + epoch)
-        for batch in loader:
+        for in_epoch, batch in enumerate(loader, 1):
             model.train()
             batch = {k: v.to(dev) for k, v in batch.items()}
             labels = batch.pop("labels")
-            loss = _loss(model(**batch).logits, labels)
+            loss = _loss(model(**batch).logits, labels) if loss_fn is None else loss_fn(model, batch, labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
             step += 1
+            seen += int(labels.shape[0])
             run_loss.append(loss.item())
             bar.update(1)
-            if step % eval_every == 0:
+            if in_epoch % eval_every == 0:  # counted within the epoch, so the points sit alike in every epoch
                 validate()
             if step >= total or state["bad"] >= cfg.patience:
                 break

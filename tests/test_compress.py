@@ -150,20 +150,6 @@ def test_subset_outputs_equal_compacted_llama_lm(tokenizer):
             assert outs[keep][i] == pytest.approx(loss, abs=1e-4)
 
 
-def test_choice_readout_is_last_token_log_prob(tokenizer):
-    torch.manual_seed(1)
-    model = LlamaForCausalLM(llama_config(3)).eval()
-    t = texts(5, seed=2)
-    enc = compress.encode(tokenizer, t, batch_size=5)
-    good, bad = tokenizer.convert_tokens_to_ids(["good", "bad"])
-    out = compress.subset_outputs(model, enc, [(0, 1, 2)], compress.choice_readout([[bad], [good]]))[(0, 1, 2)]
-    for i, text in enumerate(t):
-        ids = tokenizer(text, return_tensors="pt")
-        with torch.no_grad():
-            logp = torch.log_softmax(model(**ids).logits[0, -1], -1)
-        np.testing.assert_allclose(out[i], [logp[bad].item(), logp[good].item()], atol=1e-4)
-
-
 # ------------------------------------------------------------------------------------ data-driven picks
 
 
@@ -298,28 +284,6 @@ def test_paired_tests_match_scipy():
     assert by["b"].p_value == 1.0  # identical to the reference on every seed
 
 
-def test_nearest_ratio_and_headline():
-    assert compress.nearest_ratio(2.5, [1.2, 1.5, 2.0, 3.0]) == 3.0
-    assert compress.nearest_ratio(1.8, [1.2, 1.5, 2.0, 3.0]) == 2.0
-    assert compress.nearest_ratio(1.35, [4 / 3, 1.5, 2.0]) == pytest.approx(4 / 3)
-    rows = []
-    for seed in range(3):
-        for k in (5, 4, 3, 2):
-            # strategy "x" is best on validation, "y" on test: the headline must report x's test numbers
-            rows.append({"model": "m", "n_blocks": 6, "n_kept": k, "strategy": "x", "heal": "none", "seed": seed,
-                         "val_retention": 0.9, "retention": 0.80 + 0.01 * seed})
-            rows.append({"model": "m", "n_blocks": 6, "n_kept": k, "strategy": "y", "heal": "none", "seed": seed,
-                         "val_retention": 0.5, "retention": 0.99})
-            rows.append({"model": "m", "n_blocks": 6, "n_kept": k, "strategy": "random", "heal": "none",
-                         "seed": seed, "val_retention": 1.5, "retention": 0.5})
-    table = compress.headline(pd.DataFrame(rows))
-    assert len(table) == len(compress.ORIGINAL_CLAIMS)
-    assert (table["best_strategy"] == "x").all()
-    assert table["retention"].tolist() == pytest.approx([0.81] * 3)
-    assert table["n_kept"].tolist() == [4, 3, 2]
-    assert (table["ci_low"] < 0.81).all() and (table["ci_high"] > 0.81).all()
-
-
 # ------------------------------------------------------------------------------------ folders
 
 
@@ -413,102 +377,3 @@ def test_save_folder_honours_a_group_writable_umask(tmp_path, tokenizer):
 
 
 # ------------------------------------------------------------------------------------ study helpers
-
-
-def test_greedy_path_replays_the_trace():
-    trace = pd.DataFrame({"step": [1, 2, 3], "removed": [2, 0, 4]})
-    assert compress.greedy_path(trace, 5) == {5: (0, 1, 2, 3, 4), 4: (0, 1, 3, 4), 3: (1, 3, 4), 2: (1, 3)}
-
-
-def test_candidates_cover_every_strategy_and_size(tokenizer):
-    torch.manual_seed(4)
-    model = LlamaForSequenceClassification(llama_config(5)).eval()
-    make_identity(model, 2)
-    t = texts(10, seed=6)
-    calib = compress.encode(tokenizer, t, labels=np.arange(10) % 2, batch_size=5)
-    scores = pd.DataFrame({"method": "m", "layer": range(5), "score": [5, 4, 3, 2, 1]})
-    picks, extras = compress.candidates(model, calib, [4, 2], scores=scores, n_random=3, seed=1, device="cpu")
-    assert set(picks["strategy"]) == {"importance:m", "distributed", "angular", "drop_last", "greedy", "random"}
-    by = picks.set_index(["strategy", "n_kept"])
-    assert by.loc[("importance:m", 2), "keep"] == (0, 1)
-    assert by.loc[("drop_last", 4), "keep"] == (0, 1, 2, 3)
-    assert by.loc[("distributed", 2), "keep"] == (0, 4)
-    assert (picks[picks["strategy"] == "random"].groupby("n_kept").size() == 3).all()
-    assert set(extras) == {"angular", "greedy"} and len(extras["greedy"]) == 3  # 5 → 2 blocks
-    greedy4 = by.loc[("greedy", 4), "keep"]
-    assert len(greedy4) == 4 and set(by.loc[("greedy", 2), "keep"]) < set(greedy4)  # one removal path
-    with pytest.raises(CompressError, match="greedy needs calibration"):  # read from the strategy's declaration
-        compress.candidates(model, None, [2], strategies=("greedy",))
-    with pytest.raises(CompressError, match="the importance strategy needs scores="):
-        compress.candidates(model, calib, [2], strategies=("importance",))
-
-
-def test_retention_tables_and_random_null(tokenizer):
-    model = bert(4, seed=7)
-    t = texts(20, seed=8)
-    labels = np.arange(20) % 2
-    enc = {"val": compress.encode(tokenizer, t, labels, 8), "test": compress.encode(tokenizer, t[::-1], labels[::-1], 8)}
-    picks = pd.DataFrame({"strategy": ["drop_last", "random", "random"], "n_blocks": 4, "n_kept": 2, "draw": [-1, 0, 1],
-                          "keep": [(0, 1), (1, 3), (0, 2)], "seconds": 0.0})
-    evals = compress.evaluate_keeps(model, enc, picks["keep"], device="cpu")
-    assert set(evals["keep"]) == {(0, 1), (1, 3), (0, 2), (0, 1, 2, 3)}
-    wide = compress.with_retention(picks, evals).assign(seed=0)
-    full_acc = compress.full_metrics(evals, 4).loc["test", "accuracy"]
-    np.testing.assert_allclose(wide["test_accuracy_retention"], wide["test_accuracy"] / full_acc)
-    cols = [c for c in wide.columns if c.startswith(("val_", "test_"))]
-    table, draws = compress.random_null(wide, cols)
-    rnd = table[table["strategy"] == "random"].iloc[0]
-    assert rnd["test_accuracy"] == pytest.approx(draws["test_accuracy"].mean()) and rnd["n_draws"] == 2
-    last = table[table["strategy"] == "drop_last"].iloc[0]
-    pool = draws["val_accuracy"].to_numpy()
-    assert last["beats_random"] == pytest.approx(
-        ((pool < last["val_accuracy"]).sum() + 0.5 * (pool == last["val_accuracy"]).sum()) / 2)
-
-
-def test_best_configs_picks_highest_mean_validation():
-    df = pd.DataFrame({"model": "m", "n_kept": 3, "seed": [0, 1, 0, 1, 0, 1],
-                       "strategy": ["a", "a", "b", "b", "random", "random"], "heal": "none",
-                       "val_accuracy_retention": [0.9, 0.8, 0.86, 0.86, 0.99, 0.99]})
-    best = compress.best_configs(df)
-    assert best[["strategy", "heal"]].values.tolist() == [["b", "none"]]  # random never counts as a strategy
-
-
-def test_sentiment_prompts_answers_and_lm_eval(tokenizer):
-    prompts = compress.sentiment_prompts(tokenizer, ["good phone"])
-    assert "good phone" in prompts[0] and prompts[0].endswith("(positive or negative):")
-    with pytest.raises(CompressError, match="chat template"):
-        compress.sentiment_prompts(tokenizer, ["x"], style="chat")
-    ids = compress.answer_tokens(tokenizer, ("bad", "good"))
-    assert ids == [[tokenizer.convert_tokens_to_ids("bad")], [tokenizer.convert_tokens_to_ids("good")]]
-    torch.manual_seed(5)
-    model = LlamaForCausalLM(llama_config(3)).eval()
-    t = texts(6, seed=9)
-    lm = compress.encode(tokenizer, t, batch_size=4)
-    pr = compress.encode(tokenizer, t, labels=np.arange(6) % 2, batch_size=4)
-    long = compress.evaluate_lm_keeps(model, [(0, 2)], lm, pr, ids, device="cpu")
-    assert set(long["metric"]) == {"nll", "correct"} and set(long["n_kept"]) == {2, 3}
-    nll = compress.subset_outputs(model, lm, [(0, 2)], compress.lm_nll_readout)[(0, 2)]
-    got = long[(long["metric"] == "nll") & (long["n_kept"] == 2)].sort_values("example")["value"]
-    np.testing.assert_allclose(got, nll, rtol=1e-6)
-    assert long[long["metric"] == "correct"]["value"].isin([0.0, 1.0]).all()
-    ex = pd.DataFrame({"strategy": ["random", "random", "x"], "n_kept": 2, "metric": "nll", "example": 0,
-                       "value": [1.0, 3.0, 1.5], "draw": [0, 1, -1]})
-    assert compress.lm_vs_random(ex).set_index("strategy").loc["random", "value"] == 2.0
-
-
-def test_save_best_respects_the_size_cap(tmp_path, tokenizer, monkeypatch):
-    monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path / "cache"))
-    small = compress.compact(bert(4), (0, 3))
-    out = compress.save_best({"m_keep2": (small, tokenizer, {"kept": [0, 3], "n_kept": 2})}, tmp_path / "res", 1000.0)
-    assert out["where"].tolist() == ["results"] and (tmp_path / "res" / "m_keep2" / "config.json").is_file()
-    out = compress.save_best({"m_keep2": (small, tokenizer, {"kept": [0, 3], "n_kept": 2})}, tmp_path / "res2", 0.0)
-    assert out["where"].tolist() == ["cache"] and not (tmp_path / "res2").exists()
-    path = out["path"].iloc[0]  # relative to the cache root: no machine's absolute path in a committed table
-    assert path.startswith("compressed/") and path.endswith("/model") and str(tmp_path) not in path
-    assert (compress.saved_model_path("cache", path) / "config.json").is_file()
-    assert compress.saved_model_path("cache", path).is_relative_to(tmp_path / "cache")
-    monkeypatch.setenv("LAYERWISE_RESULTS", str(tmp_path / "results"))
-    out = compress.save_best({"m_keep2": (small, tokenizer, {"kept": [0, 3], "n_kept": 2})},
-                             tmp_path / "results" / "compression" / "default" / "models", 1000.0)
-    assert out["path"].tolist() == ["compression/default/models/m_keep2"]
-    assert (compress.saved_model_path("results", out["path"].iloc[0]) / "config.json").is_file()

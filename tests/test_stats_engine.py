@@ -268,6 +268,11 @@ def test_families_holm_within_each_family():
     assert list(table.columns[:9]) == ["family", "name", "statistic", "p_value", "p_holm", "min_p", "effect_size",
                                        "effect_name", "n"]
     assert len(table) == 5
+    declared = fam.declared()
+    assert declared.to_dict("records") == [
+        {"family": "healing", "question": "does healing recover accuracy?", "tests": 3},
+        {"family": "latency", "question": "is the pruned model faster?", "tests": 2}]
+    assert S.TestFamilies({"empty": "a family with no test filed yet?"}).declared()["tests"].tolist() == [0]
 
 
 def test_holm_adjust_matches_statsmodels():

@@ -89,8 +89,7 @@ def test_toy_strategy_registers_runs_through_select_and_unregisters(tmp_path):
             strategies.register(LastBlocks)
         assert "toy_last_blocks" in strategies.names()
         assert compress.select("toy_last_blocks", model, 2) == (3, 4)
-        picks, _ = compress.candidates(model, None, [3, 1], strategies=("toy_last_blocks", "drop_last"))
-        assert picks.set_index(["strategy", "n_kept"]).loc[("toy_last_blocks", 3), "keep"] == (2, 3, 4)
+        assert strategies.lookup("toy_last_blocks").select(model, 3, strategies.Calibration()) == (2, 3, 4)
         args = cli.build_parser().parse_args(["compress", "a", "b", "--strategy", "toy_last_blocks", "--keep", "1"])
         assert args.strategy == "toy_last_blocks"  # the CLI's choices come from the registry
         with pytest.raises(CompressError, match="ignores --texts"):  # compress_folder reads the declarations

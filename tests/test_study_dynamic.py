@@ -13,7 +13,14 @@ from transformers import BertConfig, BertForSequenceClassification
 from analysis_kit import dynamic as dy
 from analysis_kit import runner, train
 from analysis_kit.errors import LayerwiseError
-from analysis_kit.studies import baselines, dynamic_selection, findings, sensitivity, theoretical_validation
+from analysis_kit.studies import (
+    baselines,
+    compression,
+    dynamic_selection,
+    findings,
+    sensitivity,
+    theoretical_validation,
+)
 from analysis_kit.studies.cells import NOTEBOOK_ONLY, params_from
 
 
@@ -230,7 +237,8 @@ def test_study_params_fail_before_training():
 @pytest.mark.parametrize(("slug", "cls"), [("dynamic_selection", dynamic_selection.Params),
                                            ("baselines", baselines.Params), ("findings", findings.Params),
                                            ("theoretical_validation", theoretical_validation.Params),
-                                           ("sensitivity", sensitivity.Params)])
+                                           ("sensitivity", sensitivity.Params),
+                                           ("compression", compression.Params)])
 def test_parameters_cell_and_params_are_one_source(slug, cls):
     cell = runner.notebook_params(slug)
     defaults = cls()

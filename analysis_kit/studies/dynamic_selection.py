@@ -407,7 +407,7 @@ def _summarise(result: Result, units: list[dict[str, Any]], params: Params) -> N
     tests = fam.results()
     result.tests.extend(tests)
     result.tables["tests"] = fam.table()
-    result.tables["families"] = pd.DataFrame([{"family": k, "question": v} for k, v in fam.families.items()])
+    result.tables["families"] = fam.declared()
     result.tables["policies"] = pd.DataFrame(pol_rows)
     result.tables["headline"] = pd.DataFrame(head_rows)
 

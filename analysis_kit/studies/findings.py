@@ -24,6 +24,7 @@ from ..errors import LayerwiseError
 from ..paths import results_dir
 from ..report import fmt_ci
 from . import Result
+from .compression import config_label
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,25 @@ def _importance(s: dict[str, Any], profile: str) -> tuple[str, str]:
     return "; ".join(parts), "; ".join(verdicts)
 
 
-ANSWERS = {"baselines": _baselines, "theoretical_validation": _importance, "dynamic_selection": _dynamic}
+def _compression(s: dict[str, Any], profile: str) -> tuple[str, str]:
+    """Per task: the headline retention at each ratio with the configuration chosen on validation; the verdict
+    on the 2x goal (mean >= 97 %, low end >= 95 %) from the interval."""
+    m, parts, verdicts = s["metrics"], [], []
+    for task in s["params"].get("tasks", []):
+        heads = [(k.rsplit("_", 1)[1], v) for k, v in m.items()
+                 if k.startswith(f"headline/minilm/{task}/retention_")]
+        if heads:
+            parts.append(f"{task}: " + ", ".join(f"{r} {fmt_ci(v)} ({config_label(v['strategy'], v['recipe'])})"
+                                                 for r, v in heads))
+        two = m.get(f"headline/minilm/{task}/retention_2x")
+        if two:
+            met = two["mean"] >= 0.97 and two["ci_low"] >= 0.95
+            verdicts.append(f"{task}: 2× goal (≥ 97 %, low end ≥ 95 %) {'met' if met else 'missed'}")
+    return "; ".join(parts), "; ".join(verdicts)
+
+
+ANSWERS = {"baselines": _baselines, "theoretical_validation": _importance, "compression": _compression,
+           "dynamic_selection": _dynamic}
 
 
 def _points(profile: str, summaries: dict[str, dict[str, Any]]) -> pd.DataFrame:
@@ -160,6 +179,10 @@ def _points(profile: str, summaries: dict[str, dict[str, Any]]) -> pd.DataFrame:
                          "kept": 100 * (base - r["loss_points"]) / base,
                          "kept_low": 100 * (base - r["loss_high"]) / base,
                          "kept_high": 100 * (base - r["loss_low"]) / base})
+    if "compression" in summaries:
+        pareto = _table("compression", profile, "pareto")
+        if len(pareto):
+            rows += pareto[pareto["kind"] == "compressed"].assign(kind="pruned and healed").to_dict("records")
     if "baselines" in summaries:
         m = summaries["baselines"]["metrics"]
         cost = _table("baselines", profile, "cost_summary")

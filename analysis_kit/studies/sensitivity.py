@@ -274,7 +274,7 @@ def run(params: Params) -> Result:
     _transfer(result, fam, used, params)
     result.tables["tests"] = fam.table()
     result.tests = fam.results()
-    result.tables["families"] = pd.DataFrame([{"family": k, "question": v} for k, v in fam.families.items()])
+    result.tables["families"] = fam.declared()
     result.values["seconds"] = time.time() - started
     result.values["key_findings"] = _key_findings(result, params)
     result.in_summary = ("agreement", "variance", "families")

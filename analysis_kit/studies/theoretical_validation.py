@@ -70,7 +70,7 @@ class Params(TaskParams):
     methods, the calibration data, the two costly methods' settings, the ground truth's search and the
     reliability threshold (the notebook's parameters cell holds the same names and defaults)."""
 
-    models: tuple[str, ...] = ("minilm",)
+    models: tuple[str, ...] = ("minilm", "smollm2")
     methods: tuple[str, ...] = importance.METHODS
     calib_n: int = 256
     batch_size: int = 32
@@ -404,9 +404,7 @@ def _summarise(result: Result, units: list[dict[str, Any]], params: Params) -> N
     result.tables["regret"] = pd.DataFrame(regret_rows)
     result.tables["tests"] = fam.table()
     result.tests = fam.results()
-    result.tables["families"] = pd.DataFrame([{"family": k, "question": v, "tests": int(
-        (result.tables["tests"]["family"] == k).sum()) if len(result.tables["tests"]) else 0}
-        for k, v in fam.families.items()])
+    result.tables["families"] = fam.declared()
 
 
 def _unit_values(group: list[dict[str, Any]], method: str, what: str, params: Params) -> np.ndarray:
