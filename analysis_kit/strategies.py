@@ -7,7 +7,7 @@ deciding for it: ``needs_data`` (calibration batches, ``Calibration.data``) and 
 ``compress.compress_folder`` and the ``analysis-kit compress --strategy`` choices all read the registry and
 these declarations, so adding a strategy is one class here (or anywhere, with ``@register``).
 
-``top_k`` is the one "keep the k best-ranked items" rule that ``compress.keep_top_k``, ``depth.keep_top``,
+``top_k`` is the one "keep the k best-ranked items" rule that ``compress.keep_top_k``,
 ``importance.choose`` and the studies share (ties: the lower index; NaN ranks last).
 
 This module imports neither torch nor ``compress`` at import time, so the CLI can list the strategies

@@ -12,7 +12,7 @@ import torch
 from conftest import word_tokenizer
 from transformers import BertConfig, BertForSequenceClassification
 
-from analysis_kit import cli, compress, depth, importance, strategies
+from analysis_kit import cli, compress, importance, strategies
 from analysis_kit.compress import CompressError
 from analysis_kit.strategies import Calibration, Strategy, StrategyError, top_k
 from analysis_kit.studies import sensitivity
@@ -62,7 +62,6 @@ def test_every_caller_of_top_k_keeps_its_convention():
     """The five copies had two directions; the shared rule keeps each caller's answer."""
     table = pd.DataFrame({"method": "m", "layer": [3, 0, 2, 1], "score": [1.0, 4.0, 4.0, 1.0]})
     assert compress.keep_top_k(table, 2) == (0, 2)  # keep the highest
-    assert depth.keep_top(table, 1) == (0,)
     assert sensitivity._drop(table.sort_values("layer")["score"].to_numpy(), 1) == (1,)  # drop the lowest
     assert importance.choose(table, 1) == {"m": (1,)}
 

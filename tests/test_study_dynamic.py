@@ -18,6 +18,7 @@ from analysis_kit.studies import (
     compression,
     dynamic_selection,
     findings,
+    multilayer_exploration,
     sensitivity,
     theoretical_validation,
 )
@@ -238,7 +239,8 @@ def test_study_params_fail_before_training():
                                            ("baselines", baselines.Params), ("findings", findings.Params),
                                            ("theoretical_validation", theoretical_validation.Params),
                                            ("sensitivity", sensitivity.Params),
-                                           ("compression", compression.Params)])
+                                           ("compression", compression.Params),
+                                           ("multilayer_exploration", multilayer_exploration.Params)])
 def test_parameters_cell_and_params_are_one_source(slug, cls):
     cell = runner.notebook_params(slug)
     defaults = cls()

@@ -60,8 +60,8 @@ QUESTIONS = (
              "2.5× compression keeping 78.3% accuracy",
              "Sajjad et al. (2023): BERT 12→6 blocks with fine-tuning keeps ≈ 97% of GLUE; "
              "BERT-of-Theseus 98.6%"),
-    Question("multilayer_exploration", "How does accuracy fall as blocks are removed, and is the curve smooth?",
-             "—", "Gromov et al. (2024): deep blocks of LLMs are largely redundant"),
+    Question("multilayer_exploration", "How many blocks does the task need, each depth fine-tuned on equal terms?",
+             "—", "Sajjad et al. (2023): dropping the top layers and fine-tuning is a strong baseline"),
     Question("qlora", "Does a 4-bit base with low-rank adapters keep the accuracy of full fine-tuning?",
              "—", "Dettmers et al. (2023): QLoRA matches 16-bit fine-tuning"),
     Question("sensitivity", "Do importance rankings hold across seeds, tasks and training sizes?", "—", "—"),
@@ -159,8 +159,22 @@ def _compression(s: dict[str, Any], profile: str) -> tuple[str, str]:
     return "; ".join(parts), "; ".join(verdicts)
 
 
+def _depth(s: dict[str, Any], profile: str) -> tuple[str, str]:
+    """Per task: accuracy of the first k pretrained blocks, fine-tuned, at each depth; the verdict per depth
+    against the deepest (equivalence margin from the chapter's power analysis)."""
+    m, parts = s["metrics"], []
+    for task in s["params"].get("tasks", []):
+        ks = sorted(int(k.rsplit("/k", 1)[1]) for k in m if k.startswith(f"depth/minilm/{task}/k"))
+        if ks:
+            parts.append(f"{task}: " + ", ".join(f"{k} blocks {fmt_ci(m[f'depth/minilm/{task}/k{k}'])}" for k in ks))
+    cmp = _table("multilayer_exploration", profile, "comparisons")
+    verdicts = [f"{int(r['depth'])} vs {int(r['deepest'])} blocks: {r['verdict']}"
+                for r in (cmp.to_dict("records") if len(cmp) else [])]
+    return "; ".join(parts), "; ".join(verdicts)
+
+
 ANSWERS = {"baselines": _baselines, "theoretical_validation": _importance, "compression": _compression,
-           "dynamic_selection": _dynamic}
+           "multilayer_exploration": _depth, "dynamic_selection": _dynamic}
 
 
 def _points(profile: str, summaries: dict[str, dict[str, Any]]) -> pd.DataFrame:
