@@ -136,8 +136,10 @@ def _unit(params: Params, name: str, task: str, seed: int, lrs: dict[int, float]
 def _margin(se_points: list[float], params: Params) -> float:
     """The equivalence margin (points) a two one-sided test at level ``alpha`` meets with probability ``power``
     when the true difference is zero: (z_{1-alpha} + z_{(1+power)/2}) x the design's SE (median over depths)."""
-    se = float(np.median([s for s in se_points if s and np.isfinite(s)])) if se_points else float("nan")
-    return (norm.ppf(1 - params.alpha) + norm.ppf((1 + params.power) / 2)) * se
+    usable = [s for s in se_points if s and np.isfinite(s)]
+    if not usable:  # every paired difference is exactly zero: no spread to plan with
+        return float("nan")
+    return (norm.ppf(1 - params.alpha) + norm.ppf((1 + params.power) / 2)) * float(np.median(usable))
 
 
 def _scratch_gate(params: Params) -> pd.DataFrame:
@@ -251,8 +253,10 @@ def _key_findings(result: Result, params: Params) -> str:
     if len(cmp):
         eq = cmp[cmp["verdict"] == "equivalent"]["depth"].tolist()
         worse = cmp[cmp["verdict"] == "worse"]["depth"].tolist()
-        bullets.append(f"**Against the deepest model** (margin ±{result.values['margin_points']:.2f} points from the "
-                       f"power analysis): equivalent at {', '.join(map(str, eq)) or 'no depth'}; worse at "
+        margin = result.values["margin_points"]
+        said = f"margin ±{margin:.2f} points from the power analysis" if np.isfinite(margin) else \
+            "no margin: every paired difference is exactly zero"
+        bullets.append(f"**Against the deepest model** ({said}): equivalent at {', '.join(map(str, eq)) or 'no depth'}; worse at "
                        f"{', '.join(map(str, worse)) or 'no depth'}; the rest undecided.")
     gate = result.tables.get("scratch_gate")
     if gate is not None and len(gate):
