@@ -14,16 +14,10 @@ blocks (BERT's pooler and classifier, a decoder's ``score`` head) is listed in `
 and later trained in full (peft ``modules_to_save``), as in the QLoRA recipe of Dettmers et al. (2023).
 
 Quantization error. ``weight_errors`` compares every dequantized 4-bit weight with its fp32 source
-(relative Frobenius error); ``block_output_errors`` compares hidden states after every block, both
-cumulatively (the whole 4-bit model vs the fp32 model) and locally (one 4-bit block fed the fp32 input).
-``matmul_check`` compares a ``Linear4bit`` forward against fp32 and against the dequantized weight: on
+(relative Frobenius error), ``per_block_error`` sums them per block. ``matmul_check`` compares a ``Linear4bit`` forward against fp32 and against the dequantized weight: on
 Gaussian weights NF4 (block size 64) has a relative error near 0.09, and a correct kernel reproduces the
 dequantized-weight product to float rounding (bitsandbytes 0.49-0.50 do not for widths that are not a
 multiple of 64 on CPU; the project pins 0.48.2).
-
-Decoders as classifiers. ``prompted`` wraps each snippet in a question and ``verbalizer_head`` sets the
-two rows of a ``*ForSequenceClassification`` head to the output embeddings of the answer words, so the
-untrained decoder is exactly the zero-shot prompted classifier and training starts from it.
 
 Training. ``prepare`` turns a classifier into a ``full`` / ``lora`` / ``qlora`` training candidate;
 ``run`` trains it with :func:`analysis_kit.train.fine_tune`, evaluates it and measures trainable
@@ -42,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -57,6 +52,10 @@ from .cache import cached_dir, cached_json
 from .device import pick, seed_everything
 from .errors import LayerwiseError
 
+#: bitsandbytes 0.48 calls torch._check_is_size, which torch 2.13 deprecates with a FutureWarning on every 4-bit
+#: call; the call still does what it should, so the warning is silenced here, for that message only.
+warnings.filterwarnings("ignore", message=r".*_check_is_size will be removed.*", category=FutureWarning)
+
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TARGETS = ("attention", "all_linear")
@@ -65,7 +64,7 @@ METHODS = ("full", "lora", "qlora")
 _ATTENTION_MARK = {"bert": ".attention.", "mpnet": ".attention.", "llama": ".self_attn.", "mistral": ".self_attn.",
                    "qwen2": ".self_attn."}
 #: Bump when ``run`` changes in a way that changes its numbers (invalidates cached runs).
-RUN_CODE_VERSION = 1
+RUN_CODE_VERSION = 2
 
 
 class QuantizeError(LayerwiseError):
@@ -330,44 +329,6 @@ def per_block_error(weights: pd.DataFrame) -> pd.DataFrame:
     return agg[["block", "numel", "rel_error"]]
 
 
-def _rel_per_example(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
-    """‖a − b‖/‖b‖ per example (row), over that example's real (unpadded) token positions."""
-    m = mask.to(a.device).unsqueeze(-1).float()
-    num = (((a - b).float() ** 2) * m).sum((1, 2)).sqrt()
-    den = ((b.float() ** 2) * m).sum((1, 2)).sqrt()
-    return (num / den).cpu().numpy()
-
-
-@torch.no_grad()
-def block_output_errors(fp_model: nn.Module, q_model: nn.Module, batch: Mapping[str, torch.Tensor]) -> pd.DataFrame:
-    """Relative error of each block's output hidden states, 4-bit vs fp32, per example of ``batch``.
-
-    One row per (block, example): ``cumulative`` — both models run end to end, so errors of earlier
-    blocks propagate; ``local`` — block ``i`` of the 4-bit model gets the fp32 model's input to block
-    ``i``, isolating that block's own error. Norms are over the example's real tokens (padding excluded).
-    """
-    fp_model.eval()
-    q_model.eval()
-    mask = batch.get("attention_mask")
-    if mask is None:
-        mask = torch.ones_like(batch["input_ids"])
-    fp_in = layers.embed(fp_model, batch)
-    fp_out = layers.run_blocks(fp_model, batch, return_all=True)
-    q_out = layers.run_blocks(q_model, batch, return_all=True)
-    if len(fp_out) != len(q_out):
-        raise QuantizeError(f"fp_model has {len(fp_out)} blocks and q_model {len(q_out)}; pass matching models.")
-    q_dev = next(q_model.parameters()).device
-    frames = []
-    for i, (f, q) in enumerate(zip(fp_out, q_out, strict=True)):
-        block_in = fp_in if i == 0 else fp_out[i - 1]
-        local = layers.block_forward(q_model, i, block_in.to(q_dev), mask.to(q_dev))
-        f, mk = f.cpu(), mask.cpu()
-        frames.append(pd.DataFrame({"block": i, "example": np.arange(f.shape[0]),
-                                    "cumulative": _rel_per_example(q.cpu(), f, mk),
-                                    "local": _rel_per_example(local.cpu(), f, mk)}))
-    return pd.concat(frames, ignore_index=True)
-
-
 # --------------------------------------------------------------------------------------------------
 # LoRA and QLoRA
 
@@ -445,52 +406,6 @@ class _TrainableState(nn.Module):
             for name, value in state.items():
                 params[name].copy_(value)
         return None
-
-
-# --------------------------------------------------------------------------------------------------
-# Prompted classification with a decoder
-
-#: The prompt of the decoder formulation; ``{text}`` is the snippet. The next token answers it.
-PROMPT = "Review: {text}\nSentiment (positive or negative):"
-#: Verbalizers, one per class index (0 = negative, 1 = positive); their first token is the class's logit.
-VERBALIZERS = (" negative", " positive")
-
-
-def prompted(df: pd.DataFrame, template: str = PROMPT) -> pd.DataFrame:
-    """A copy of ``df`` whose ``text`` is wrapped in ``template`` (which must contain ``{text}``)."""
-    if "{text}" not in template:
-        raise QuantizeError(f"template {template!r} has no {{text}} placeholder; add one where the snippet goes.")
-    return df.assign(text=[template.format(text=t) for t in df["text"]])
-
-
-def verbalizer_head(model: nn.Module, tokenizer: Any, words: tuple[str, ...] = VERBALIZERS) -> nn.Module:
-    """Turn a decoder ``*ForSequenceClassification`` into a prompted classifier, in place.
-
-    Its ``score`` head reads the final-norm hidden state of the last token; setting row ``c`` to the
-    output embedding of the first token of ``words[c]`` makes logit ``c`` exactly the language model's
-    next-token logit for that word. So the untrained model is the zero-shot prompted classifier, and
-    training (full, LoRA or QLoRA, head included) starts from it rather than from a random head.
-    """
-    score = getattr(model, "score", None)
-    if not isinstance(score, nn.Linear) or score.out_features != len(words):
-        raise QuantizeError(f"verbalizer_head needs a decoder *ForSequenceClassification with {len(words)} labels "
-                            "(a 'score' head); build it with models.build_classifier(spec, num_labels).")
-    out = model.get_output_embeddings()
-    if out is None and not getattr(model.config, "tie_word_embeddings", False):
-        raise QuantizeError("this classifier has no LM head and untied embeddings, so the verbalizer logits are "
-                            "unknown; use a decoder with tied input/output embeddings (SmolLM2 has them).")
-    table = (out.weight if out is not None else model.get_input_embeddings().weight).detach()
-    ids = []
-    for w in words:
-        tok = tokenizer(w, add_special_tokens=False)["input_ids"]
-        if not tok:
-            raise QuantizeError(f"verbalizer {w!r} tokenizes to nothing; choose a real word.")
-        ids.append(tok[0])
-    if len(set(ids)) != len(ids):
-        raise QuantizeError(f"verbalizers {words} share their first token; choose words that start differently.")
-    with torch.no_grad():
-        score.weight.copy_(table[ids].to(score.weight.dtype))
-    return model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -691,7 +606,11 @@ def run(spec: RunSpec, build_base: Callable[[], nn.Module], tokenizer: Any, spli
         cost = train_step_cost(model, cost_batch(tokenizer, spec.cost_batch_size, spec.cost_seq_len,
                                                  num_labels=int(model.config.num_labels)), lr=spec.train.lr,
                                device=device)
+        best = hist.loc[hist["val_loss"].idxmin()] if len(hist) else None
         return {"accuracy": test["accuracy"], "macro_f1": test["macro_f1"], "loss": test["loss"],
+                "val_loss": None if best is None else float(best["val_loss"]),
+                "val_accuracy": None if best is None else float(best.get("val_accuracy", float("nan"))),
+                "history": hist.to_dict(orient="records"),
                 "trainable_params": trainable_parameters(model), "total_params": total, **cost,
                 "train_seconds": seconds, "steps": int(hist["step"].max()) if len(hist) else 0,
                 "device": str(pick(device)), "correct": [bool(c) for c in test["correct"]]}
@@ -702,29 +621,3 @@ def run(spec: RunSpec, build_base: Callable[[], nn.Module], tokenizer: Any, spli
             "targets": spec.lora.targets if spec.method != "full" else "all", **record}
 
 
-def summarize_runs(runs: pd.DataFrame, by: list[str], values: Mapping[str, str]) -> pd.DataFrame:
-    """Mean and 95% CI over seeds of each column in ``values`` (name → unit) per group ``by``: a tidy table
-    with columns ``*by, metric, mean, ci_low, ci_high, n, unit, interval`` (``stats.summarize`` records, whose
-    ``method`` — how the interval was computed — is renamed ``interval`` so it cannot clash with a column
-    named ``method``). ``record(row)`` turns a row back into a ``summary.json`` metric."""
-    from . import stats
-
-    missing = (set(by) | set(values)) - set(runs.columns)
-    if missing:
-        raise QuantizeError(f"runs lack columns {sorted(missing)}; pass the records returned by quantize.run.")
-    rows = []
-    for key, g in runs.groupby(by, sort=False):
-        key = key if isinstance(key, tuple) else (key,)
-        for metric, unit in values.items():
-            rec = stats.summarize(g[metric].to_numpy(float), unit=unit, over="seeds")
-            rec["interval"] = rec.pop("method")
-            rows.append({**dict(zip(by, key, strict=True)), "metric": metric, **rec})
-    return pd.DataFrame(rows)
-
-
-def record(row: Any) -> dict[str, Any]:
-    """The ``summary.json`` metric record of one :func:`summarize_runs` row (a Series or a namedtuple)."""
-    get = row.get if hasattr(row, "get") else lambda k: getattr(row, k)
-    out = {k: get(k) for k in ("mean", "ci_low", "ci_high", "n", "unit")}
-    out["method"] = get("interval")
-    return out

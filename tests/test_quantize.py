@@ -9,7 +9,6 @@ import subprocess
 import sys
 import warnings
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -160,26 +159,6 @@ def test_weight_errors_per_module_and_block(bert):
     assert blocks.loc[0, "numel"] == 4 * HIDDEN * HIDDEN + 2 * HIDDEN * INTER
 
 
-def test_block_output_errors_local_equals_cumulative_at_block_zero(bert, llama):
-    for model in (bert, llama):
-        qm = q.quantize(model, device="cpu")
-        batch = _batch()
-        table = q.block_output_errors(model, qm, batch)
-        assert len(table) == BLOCKS * 8 and set(table["block"]) == set(range(BLOCKS))
-        b0 = table[table["block"] == 0]
-        assert np.allclose(b0["local"], b0["cumulative"], rtol=1e-5)  # same input to block 0
-        assert (table[["local", "cumulative"]] > 0).all().all()
-        assert (table[["local", "cumulative"]] < 0.5).all().all()
-    # by hand for one example: padding positions must not count
-    with torch.no_grad():
-        f = q.layers.run_blocks(model, batch, return_all=True)[-1]
-        g = q.layers.run_blocks(qm, batch, return_all=True)[-1]
-    m = batch["attention_mask"][0].bool()
-    want = float(torch.linalg.norm(g[0][m] - f[0][m]) / torch.linalg.norm(f[0][m]))
-    got = table[(table["block"] == BLOCKS - 1) & (table["example"] == 0)]["cumulative"].item()
-    assert got == pytest.approx(want, rel=1e-4)
-
-
 def test_double_quant_bytes_match_the_storage_formula():
     """Single quantization keeps one fp32 scale per 64 weights; double quantization one uint8 scale per 64
     plus one fp32 scale per 256 blocks and a 256-entry fp32 code book per layer. So it saves
@@ -326,28 +305,6 @@ def _word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]",
                                    model_input_names=["input_ids", "attention_mask"])
-
-
-def test_verbalizer_head_equals_next_token_logits(tmp_path):
-    from transformers import LlamaForCausalLM
-
-    tok = _word_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True, pad_token_id=0)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
-    lm = LlamaForCausalLM.from_pretrained(tmp_path).eval()
-    cls = q.verbalizer_head(LlamaForSequenceClassification.from_pretrained(tmp_path, num_labels=2).eval(), tok,
-                            ("negative", "positive"))
-    texts = q.prompted(pd.DataFrame({"text": ["the movie was good", "awful"]}), "Review: {text} Sentiment")["text"]
-    batch = tok(list(texts), return_tensors="pt", padding=True)
-    with torch.no_grad():
-        got = cls(**batch).logits
-        last = batch["attention_mask"].sum(1) - 1
-        want = lm(**batch).logits[torch.arange(2), last][:, tok.convert_tokens_to_ids(["negative", "positive"])]
-    assert torch.allclose(got, want, atol=1e-5)
-    with pytest.raises(QuantizeError, match="placeholder"):
-        q.prompted(pd.DataFrame({"text": ["x"]}), "no slot")
 
 
 def test_run_trains_evaluates_measures_and_caches(bert):

@@ -19,6 +19,7 @@ from analysis_kit.studies import (
     dynamic_selection,
     findings,
     multilayer_exploration,
+    qlora,
     sensitivity,
     theoretical_validation,
 )
@@ -240,7 +241,8 @@ def test_study_params_fail_before_training():
                                            ("theoretical_validation", theoretical_validation.Params),
                                            ("sensitivity", sensitivity.Params),
                                            ("compression", compression.Params),
-                                           ("multilayer_exploration", multilayer_exploration.Params)])
+                                           ("multilayer_exploration", multilayer_exploration.Params),
+                                           ("qlora", qlora.Params)])
 def test_parameters_cell_and_params_are_one_source(slug, cls):
     cell = runner.notebook_params(slug)
     defaults = cls()
