@@ -173,8 +173,28 @@ def _depth(s: dict[str, Any], profile: str) -> tuple[str, str]:
     return "; ".join(parts), "; ".join(verdicts)
 
 
+def _qlora(s: dict[str, Any], profile: str) -> tuple[str, str]:
+    """Per task: full fine-tuning, NF4 storage without adapter, and each method's best rank; the verdicts of the
+    adapters-vs-full tests after Holm."""
+    m, parts = s["metrics"], []
+    for task in s["params"].get("tasks", []):
+        if f"accuracy/minilm/{task}/full" not in m:
+            continue
+        best = []
+        for method in s["params"].get("methods", []):
+            sweep = m.get(f"rank_sweep/minilm/{task}/{method}")
+            if sweep:
+                r = int(sweep["mean"])
+                best.append(f"{method} r{r} {fmt_ci(m[f'accuracy/minilm/{task}/{method}_r{r}'])} ({sweep['verdict']})")
+        parts.append(f"{task}: full {fmt_ci(m[f'accuracy/minilm/{task}/full'])}, NF4 without adapter "
+                     f"{fmt_ci(m[f'accuracy/minilm/{task}/nf4_no_adapter'])}, " + ", ".join(best))
+    verdicts = [f"{t['name'].split(': ', 1)[-1]}: {t['effect_size']:+.1f} points, Holm p {t['p_holm']:.3g}"
+                for t in s.get("tests", []) if t.get("family") == "adapters_vs_full"]
+    return "; ".join(parts), "; ".join(verdicts)
+
+
 ANSWERS = {"baselines": _baselines, "theoretical_validation": _importance, "compression": _compression,
-           "multilayer_exploration": _depth, "dynamic_selection": _dynamic}
+           "multilayer_exploration": _depth, "qlora": _qlora, "dynamic_selection": _dynamic}
 
 
 def _points(profile: str, summaries: dict[str, dict[str, Any]]) -> pd.DataFrame:
