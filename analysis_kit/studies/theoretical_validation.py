@@ -70,7 +70,7 @@ class Params(TaskParams):
     methods, the calibration data, the two costly methods' settings, the ground truth's search and the
     reliability threshold (the notebook's parameters cell holds the same names and defaults)."""
 
-    models: tuple[str, ...] = ("minilm", "smollm2")
+    models: tuple[str, ...] = ("minilm",)
     methods: tuple[str, ...] = importance.METHODS
     calib_n: int = 256
     batch_size: int = 32
