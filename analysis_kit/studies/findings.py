@@ -64,7 +64,7 @@ QUESTIONS = (
              "—", "Sajjad et al. (2023): dropping the top layers and fine-tuning is a strong baseline"),
     Question("qlora", "Does a 4-bit base with low-rank adapters keep the accuracy of full fine-tuning?",
              "—", "Dettmers et al. (2023): QLoRA matches 16-bit fine-tuning"),
-    Question("sensitivity", "Do importance rankings hold across seeds, tasks and training sizes?", "—", "—"),
+    Question("sensitivity", "Do importance rankings hold across seeds, calibration sets and methods?", "—", "—"),
     Question("dynamic_selection", "How much faster does early exit answer one request, and at what accuracy?",
              "50–75% of resources saved by dynamic layer selection",
              "DeeBERT ≈ 40% time saved; PABEE 1.57–1.62× at ≤ 1 point (Zhou et al. 2020)"),
@@ -193,8 +193,29 @@ def _qlora(s: dict[str, Any], profile: str) -> tuple[str, str]:
     return "; ".join(parts), "; ".join(verdicts)
 
 
+def _sensitivity(s: dict[str, Any], profile: str) -> tuple[str, str]:
+    """Per task: agreement (Kendall's W) across seeds (lowest method), calibration sets (lowest) and methods,
+    each against its chance level; the verdict from the seed-agreement tests after Holm."""
+    m, parts = s["metrics"], []
+    for task in s["params"].get("tasks", []):
+        seeds = {k.rsplit("/", 1)[1]: v for k, v in m.items() if k.startswith(f"agreement/seeds/{task}/")}
+        cal = {k.rsplit("/", 1)[1]: v for k, v in m.items() if k.startswith(f"agreement/calibration/{task}/")}
+        meth = m.get(f"agreement/methods/{task}")
+        if not (seeds and cal and meth):
+            continue
+        ls, lc = min(seeds, key=lambda k: seeds[k]["mean"]), min(cal, key=lambda k: cal[k]["mean"])
+        parts.append(f"{task}: W across seeds ≥ {seeds[ls]['mean']:.2f} ({ls}), across calibration sets ≥ "
+                     f"{fmt_ci(cal[lc], 1, '', 2)} ({lc}), across methods {fmt_ci(meth, 1, '', 2)}")
+    tests = [t for t in s.get("tests", []) if t.get("family") == "seed_agreement"]
+    agree = sum((t.get("p_holm") or 1) < 0.05 for t in tests)
+    verdict = f"{agree} of {len(tests)} (method, task) rankings agree across seeds beyond chance after Holm" \
+        if tests else ""
+    return "; ".join(parts), verdict
+
+
 ANSWERS = {"baselines": _baselines, "theoretical_validation": _importance, "compression": _compression,
-           "multilayer_exploration": _depth, "qlora": _qlora, "dynamic_selection": _dynamic}
+           "multilayer_exploration": _depth, "qlora": _qlora, "sensitivity": _sensitivity,
+           "dynamic_selection": _dynamic}
 
 
 def _points(profile: str, summaries: dict[str, dict[str, Any]]) -> pd.DataFrame:
@@ -267,7 +288,8 @@ def run(params: Params) -> Result:
         else:
             answer = "not yet re-measured under the evidence protocol"
             verdict = "open"
-            status = "stale: the chapter's page shows an older run" if q.chapter in summaries else "not run"
+            status = ("stale: the chapter's page shows an older run" if q.chapter in stale else
+                      "measured; this page has no summary line for it yet" if q.chapter in fresh else "not run")
         rows.append({"question": q.question, "chapter": q.chapter, "our answer (95% interval)": answer,
                      "verdict": verdict, "original claim": q.claim, "literature anchor": q.anchor, "status": status})
     result.tables["findings"] = pd.DataFrame(rows)
