@@ -202,7 +202,7 @@ def _sensitivity(s: dict[str, Any], profile: str) -> tuple[str, str]:
 
     def vs(across: str, task: str) -> str:
         c = chance.get((across, task))
-        return f" (chance {c:.2f})" if c is not None else ""
+        return f"; chance {c:.2f}" if c is not None else ""
 
     for task in s["params"].get("tasks", []):
         seeds = {k.rsplit("/", 1)[1]: v for k, v in m.items() if k.startswith(f"agreement/seeds/{task}/")}
@@ -211,9 +211,9 @@ def _sensitivity(s: dict[str, Any], profile: str) -> tuple[str, str]:
         if not (seeds and cal and meth):
             continue
         ls, lc = min(seeds, key=lambda k: seeds[k]["mean"]), min(cal, key=lambda k: cal[k]["mean"])
-        parts.append(f"{task}: W across seeds ≥ {seeds[ls]['mean']:.2f} ({ls}){vs('seeds', task)}, across calibration "
-                     f"sets ≥ {fmt_ci(cal[lc], 1, '', 2)} ({lc}){vs('calibration sets', task)}, across methods "
-                     f"{fmt_ci(meth, 1, '', 2)}{vs('methods', task)}")
+        parts.append(f"{task}: W across seeds ≥ {seeds[ls]['mean']:.2f} ({ls}{vs('seeds', task)}), across calibration "
+                     f"sets ≥ {fmt_ci(cal[lc], 1, '', 2)} ({lc}{vs('calibration sets', task)}), across methods "
+                     f"{fmt_ci(meth, 1, '', 2)} (all methods{vs('methods', task)})")
     tests = [t for t in s.get("tests", []) if t.get("family") == "seed_agreement"]
     agree = sum((t.get("p_holm") or 1) < 0.05 for t in tests)
     verdict = f"{agree} of {len(tests)} (method, task) rankings agree across seeds beyond chance after Holm" \
