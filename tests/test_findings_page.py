@@ -180,6 +180,20 @@ def test_key_findings_keep_three_bullets_when_chapters_are_stale(results, monkey
     assert 3 <= len(bullet_lines(F.run(F.Params(profile=PROFILE)).values["key_findings"])) <= 6
 
 
+def test_key_findings_fold_into_six_bullets_when_every_chapter_is_answered(results, monkeypatch):
+    """The smoke book answers all seven questions: one bullet each would overflow the box, so the last bullet
+    carries the rest."""
+    stale(monkeypatch)
+    monkeypatch.setattr(F, "_summary", lambda slug, profile: {"metrics": {}, "params": {}, "tests": []})
+    monkeypatch.setattr(F, "ANSWERS", {q.chapter: (lambda s, p, c=q.chapter: (f"answer of {c}", "verdict"))
+                                       for q in F.QUESTIONS})
+    text = F.run(F.Params(profile=PROFILE)).values["key_findings"]
+    lines = bullet_lines(text)
+    assert len(lines) == 6 and len(lines) == len(text.splitlines())
+    assert all(f"answer of {q.chapter}" in text for q in F.QUESTIONS)
+    assert "answer of dynamic_selection" in lines[-1] and "answer of sensitivity" in lines[-1]
+
+
 def test_no_results_at_all(tmp_path, monkeypatch):
     monkeypatch.setenv("LAYERWISE_RESULTS", str(tmp_path / "empty"))
     stale(monkeypatch)

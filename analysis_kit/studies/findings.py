@@ -324,6 +324,8 @@ def run(params: Params) -> Result:
     if len(single) < len(open_q):
         lines.append("- Also open, for the same reason: " + "; ".join(f"*{q.question}* ({q.chapter})"
                                                                      for q in open_q[len(single):]) + ".")
+    if len(lines) > MAX_BULLETS:  # the box holds at most MAX_BULLETS bullets: the rest share the last one
+        lines = lines[:MAX_BULLETS - 1] + ["- " + " ".join(b.removeprefix("- ") for b in lines[MAX_BULLETS - 1:])]
     result.values["key_findings"] = "\n".join(lines)
     result.values["n_fresh"] = n_fresh
     return result
