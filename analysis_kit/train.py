@@ -205,9 +205,9 @@ def fine_tune(model, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFrame, cf
 
     The one training loop of the kit: AdamW (no decay on biases and norms) over the parameters that require
     gradients (freeze some to train a part), linear warm-up then decay, gradient clipping, validation every
-    ``cfg.eval_every`` steps of each epoch and at its end (default: once, at the end). ``loss_fn`` replaces the label loss (e.g. distillation from
-    a teacher, :mod:`analysis_kit.heal`); validation always reads the label loss, so early stopping and the
-    best weights are chosen on the task whatever the training objective.
+    ``cfg.eval_every`` steps of each epoch and at its end (default: once, at the end). ``loss_fn`` replaces
+    the label loss (e.g. distillation from a teacher, :mod:`analysis_kit.heal`); validation always reads the
+    label loss, so early stopping and the best weights are chosen on the task whatever the training objective.
 
     Returns the model (best validation weights) and a history frame (step, epoch, examples, train_loss,
     val_loss, val_accuracy or val_mse, seconds).
