@@ -287,7 +287,7 @@ def describe(cfg: HealConfig) -> dict[str, Any]:
 #: - ``lora``: low-rank adapters on every linear layer of the blocks plus the trained head, merged afterwards;
 #: - ``partial``: only the last ``partial_blocks`` blocks and the head train (Lu et al., 2026);
 #: - ``first_k``: the baseline that skips pruning: the *pretrained* model's first k blocks and a new head,
-#:   fine-tuned like the full model was (the kept set is always the first k blocks).
+#:   fine-tuned on the same schedule as the other recipes (the kept set is always the first k blocks).
 RECIPES = ("finetune", "distill", "lora", "partial", "first_k")
 
 
