@@ -45,11 +45,11 @@ import torch
 
 from .. import compress, data, heal, importance, layers, models, references, runner, stats, strategies, train
 from ..cache import atomic_write_json, cached_dir
-from ..device import progress
 from ..errors import LayerwiseError
 from ..report import fmt_ci
 from . import Result, TaskParams
 from . import theoretical_validation as tv
+from . import units as units_mod
 from .baselines import _task
 
 MODELS = ("minilm", "mpnet")
@@ -746,33 +746,12 @@ def _key_findings(result: Result, params: Params) -> str:
 
 def run(params: Params) -> Result:
     """Run the chapter: choose, heal, score, test, time."""
-    params.validate()
-    for task in params.tasks:
-        _task(params, task)
-    if params.torch_threads:
-        torch.set_num_threads(params.torch_threads)
+    units_mod.start(params)
     result, started = Result(), time.time()
-    lrs, searches = {}, []
-    for name in params.models:
-        for task in params.tasks:
-            lrs[(name, task)], table = _lr_search(params, name, task)
-            searches.append(table)
-    result.tables["lr_search"] = pd.concat(searches, ignore_index=True)
-    todo = [(m, t, s) for m in params.models for t in params.tasks for s in params.seeds]
-    units = []
-    bar = progress(total=len(todo), desc="compression units (model x task x seed)")
-    for name, task, seed in todo:
-        units.append(_unit(params, name, task, seed, lrs[(name, task)]))
-        bar.update(1)
-    bar.close()
+    lrs, result.tables["lr_search"] = units_mod.per_task(params, lambda m, t: _lr_search(params, m, t))
+    units = units_mod.run_units(params, lambda m, t, s: _unit(params, m, t, s, lrs[(m, t)]), "compression")
     result.values["unit_seconds"] = time.time() - started
-    for name in params.models:
-        for task in params.tasks:
-            these = [u for u in units if u["model"] == name and u["task"] == task]
-            result.metrics[f"failed_trainings/{name}/{task}"] = {
-                "mean": sum(u["failed"] for u in these), "ci_low": None, "ci_high": None, "n": len(these),
-                "unit": "runs", "method": "count of runs within 1 point of the majority class on validation "
-                                          "(excluded)"}
+    units_mod.failed_trainings(result, units, params)
     rows = _summarise(result, units, params)
     result.tables["budget"], result.tables["curves"] = _budget(rows, units)
     result.tables["picks"] = pd.concat([u["picks"].assign(model=u["model"], task=u["task"], seed=u["seed"])

@@ -29,15 +29,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from scipy.stats import norm
 
 from .. import compress, layers, references, stats, train
-from ..device import progress
 from ..errors import LayerwiseError
 from ..report import fmt_ci
 from . import Result, TaskParams
 from . import compression as cp
+from . import units as units_mod
 from .baselines import _task
 
 MODELS = ("minilm",)
@@ -270,32 +269,11 @@ def _key_findings(result: Result, params: Params) -> str:
 
 def run(params: Params) -> Result:
     """Run the chapter: tune, train every depth, summarise, test, time."""
-    params.validate()
-    for task in params.tasks:
-        _task(params, task)
-    if params.torch_threads:
-        torch.set_num_threads(params.torch_threads)
+    units_mod.start(params)
     result, started = Result(), time.time()
-    lrs, searches = {}, []
-    for name in params.models:
-        for task in params.tasks:
-            lrs[(name, task)], table = _lr_per_depth(params, name, task)
-            searches.append(table)
-    result.tables["lr_search"] = pd.concat(searches, ignore_index=True)
-    todo = [(m, t, s) for m in params.models for t in params.tasks for s in params.seeds]
-    units = []
-    bar = progress(total=len(todo), desc="depth units (model x task x seed)")
-    for name, task, seed in todo:
-        units.append(_unit(params, name, task, seed, lrs[(name, task)]))
-        bar.update(1)
-    bar.close()
-    for name in params.models:
-        for task in params.tasks:
-            these = [u for u in units if u["model"] == name and u["task"] == task]
-            result.metrics[f"failed_trainings/{name}/{task}"] = {
-                "mean": sum(u["failed"] for u in these), "ci_low": None, "ci_high": None, "n": len(these),
-                "unit": "runs", "method": "count of runs within 1 point of the majority class on validation "
-                                          "(excluded)"}
+    lrs, result.tables["lr_search"] = units_mod.per_task(params, lambda m, t: _lr_per_depth(params, m, t))
+    units = units_mod.run_units(params, lambda m, t, s: _unit(params, m, t, s, lrs[(m, t)]), "depth")
+    units_mod.failed_trainings(result, units, params)
     _summarise(result, units, params)
     result.tables["scratch_gate"] = _scratch_gate(params)
     _latency(result, params, units)

@@ -28,13 +28,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .. import models, quantize, stats, train
-from ..device import progress
 from ..errors import LayerwiseError
 from ..report import fmt_ci
 from . import Result, TaskParams
+from . import units as units_mod
 from .baselines import _task
 
 MODELS = ("minilm",)
@@ -261,41 +260,25 @@ def _key_findings(result: Result, params: Params) -> str:
     return "\n".join(f"- {b}" for b in bullets[:6])
 
 
+def _unit(params: Params, name: str, task: str, seed: int, lrs: dict[tuple[str, int], float]) -> dict[str, Any]:
+    """The references and every adapter of one (model, task, seed)."""
+    ref = _references(params, name, task, seed)
+    unit = {"model": name, "task": task, "seed": seed, "failed": ref["failed"],
+            "excluded": ref["failed"] and not params.tiny, "full": ref["full"], "nf4": ref["nf4"],
+            "weight_errors": ref["weight_errors"]}
+    if not unit["excluded"]:
+        unit["runs"] = {(mth, r): _adapter_run(params, name, task, seed, mth, r, lrs[(mth, r)])
+                        for mth in params.methods for r in params.ranks}
+    return unit
+
+
 def run(params: Params) -> Result:
     """Run the chapter: tune, train every adapter, quantize the references, summarise, test."""
-    params.validate()
-    for task in params.tasks:
-        _task(params, task)
-    if params.torch_threads:
-        torch.set_num_threads(params.torch_threads)
+    units_mod.start(params)
     result, started = Result(), time.time()
-    lrs, searches = {}, []
-    for name in params.models:
-        for task in params.tasks:
-            lrs[(name, task)], table = _lr_search(params, name, task)
-            searches.append(table)
-    result.tables["lr_search"] = pd.concat(searches, ignore_index=True)
-    todo = [(m, t, s) for m in params.models for t in params.tasks for s in params.seeds]
-    units = []
-    bar = progress(total=len(todo), desc="qlora units (model x task x seed)")
-    for name, task, seed in todo:
-        ref = _references(params, name, task, seed)
-        unit = {"model": name, "task": task, "seed": seed, "failed": ref["failed"],
-                "excluded": ref["failed"] and not params.tiny, "full": ref["full"], "nf4": ref["nf4"],
-                "weight_errors": ref["weight_errors"]}
-        if not unit["excluded"]:
-            unit["runs"] = {(mth, r): _adapter_run(params, name, task, seed, mth, r, lrs[(name, task)][(mth, r)])
-                            for mth in params.methods for r in params.ranks}
-        units.append(unit)
-        bar.update(1)
-    bar.close()
-    for name in params.models:
-        for task in params.tasks:
-            these = [u for u in units if u["model"] == name and u["task"] == task]
-            result.metrics[f"failed_trainings/{name}/{task}"] = {
-                "mean": sum(u["failed"] for u in these), "ci_low": None, "ci_high": None, "n": len(these),
-                "unit": "runs", "method": "count of runs within 1 point of the majority class on validation "
-                                          "(excluded)"}
+    lrs, result.tables["lr_search"] = units_mod.per_task(params, lambda m, t: _lr_search(params, m, t))
+    units = units_mod.run_units(params, lambda m, t, s: _unit(params, m, t, s, lrs[(m, t)]), "qlora")
+    units_mod.failed_trainings(result, units, params)
     _summarise(result, units, params)
     result.tables["kernel_check"] = _kernel_check(params)
     errors = pd.concat([u["weight_errors"] for u in units], ignore_index=True)

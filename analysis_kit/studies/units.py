@@ -1,0 +1,70 @@
+"""What every fine-tuning study's ``run()`` does around its own work, written once.
+
+A study of this kind checks its parameters and tasks before any model loads, sets torch's thread count,
+chooses a learning rate per (model, task) on validation, runs one *unit* per (model, task, seed) with a
+progress bar, and counts the failed trainings it left out. :func:`start`, :func:`per_task`,
+:func:`run_units` and :func:`failed_trainings` are those steps; the compression, depth and QLoRA studies
+use them (the older studies still inline them, until their chapters are next re-executed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pandas as pd
+
+from ..device import progress
+from . import Result
+
+#: How ``failed_trainings/<model>/<task>`` is defined (evidence protocol, rule 3).
+FAILED_METHOD = "count of runs within 1 point of the majority class on validation (excluded)"
+
+
+def start(params: Any) -> None:
+    """Validate ``params``, check that every task's data loads, and set torch's thread count
+    (``params.torch_threads``; 0 keeps torch's default): all before any model loads."""
+    import torch
+
+    from .baselines import _task
+
+    params.validate()
+    for task in params.tasks:
+        _task(params, task)
+    if getattr(params, "torch_threads", 0):
+        torch.set_num_threads(params.torch_threads)
+
+
+def per_task(params: Any, fn: Callable[[str, str], tuple[Any, pd.DataFrame]]) -> tuple[dict[tuple[str, str], Any],
+                                                                                        pd.DataFrame]:
+    """``fn(model, task) -> (choice, table)`` for every (model, task) of ``params`` (e.g. a learning-rate search
+    on validation): the choices by (model, task) and the tables stacked."""
+    chosen, tables = {}, []
+    for name in params.models:
+        for task in params.tasks:
+            chosen[(name, task)], table = fn(name, task)
+            tables.append(table)
+    return chosen, pd.concat(tables, ignore_index=True)
+
+
+def run_units(params: Any, fn: Callable[[str, str, int], dict[str, Any]], desc: str) -> list[dict[str, Any]]:
+    """``fn(model, task, seed)`` for every unit, in (model, task, seed) order, with a progress bar."""
+    todo = [(m, t, s) for m in params.models for t in params.tasks for s in params.seeds]
+    units = []
+    bar = progress(total=len(todo), desc=f"{desc} units (model x task x seed)")
+    for name, task, seed in todo:
+        units.append(fn(name, task, seed))
+        bar.update(1)
+    bar.close()
+    return units
+
+
+def failed_trainings(result: Result, units: Iterable[dict[str, Any]], params: Any) -> None:
+    """``failed_trainings/<model>/<task>``: how many units of each (model, task) were failed trainings."""
+    units = list(units)
+    for name in params.models:
+        for task in params.tasks:
+            these = [u for u in units if u["model"] == name and u["task"] == task]
+            result.metrics[f"failed_trainings/{name}/{task}"] = {
+                "mean": sum(bool(u["failed"]) for u in these), "ci_low": None, "ci_high": None, "n": len(these),
+                "unit": "runs", "method": FAILED_METHOD}
