@@ -74,6 +74,9 @@ def test_latency_efficiency_is_measured_for_every_size_and_batch(result):
 def test_every_healed_model_was_scored_after_reloading_with_transformers_alone(result):
     arms = result.tables["arms"]
     assert arms["reload_max_abs_diff"].notna().all() and arms["reload_max_abs_diff"].max() < 1e-4
+    assert arms["failed"].isin([True, False]).all()
+    assert all(f"failed_heals/minilm/{t}" in result.metrics for t in TINY.tasks)
+    assert "failed" in result.tables["lr_search"]
     assert result.values["max_reload_diff"] == arms["reload_max_abs_diff"].max()
 
 

@@ -51,7 +51,7 @@ class Params(TaskParams):
 
     models: tuple[str, ...] = ("minilm",)
     depths: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
-    lr_full: tuple[float, ...] = (3e-5, 1e-4)
+    lr_full: tuple[float, ...] = (1e-4, 3e-4)
     lr_search_seed: int = 0
     epochs: int = 2
     patience: int = 2
