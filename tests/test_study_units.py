@@ -34,3 +34,13 @@ def test_per_task_and_run_units_visit_every_combination_in_order():
 def test_start_fails_before_any_model_loads():
     with pytest.raises(LayerwiseError, match="at least two distinct seeds"):
         U.start(P(seeds=(1,)))
+
+
+def test_the_learning_rate_search_takes_the_lowest_loss_unless_it_failed():
+    table = pd.DataFrame({"recipe": ["a", "a", "b", "b", "c"], "lr": [1, 2, 1, 2, 1],
+                          "val_loss": [0.3, 0.2, 0.5, 0.5, 0.9], "failed": [False, True, False, False, True]})
+    best = U.choose_lowest_val_loss(table, "recipe")
+    assert dict(zip(best["recipe"], best["lr"], strict=True)) == {"a": 1, "b": 1, "c": 1}  # ties: the first
+    assert table["chosen"].tolist() == [True, False, True, False, True]  # c: every row failed, so it still wins
+    plain = table.drop(columns="failed")
+    assert U.choose_lowest_val_loss(plain, "recipe")["lr"].tolist() == [2, 1, 1]  # no failed column: lowest loss

@@ -321,8 +321,7 @@ def _lr_search(params: Params, name: str, task_name: str) -> tuple[dict[str, flo
                          "steps": arm["steps"], "seconds": arm["seconds"]})
     table = pd.DataFrame(rows)
     # a heal that ends at the majority class never wins (evidence protocol, rule 3), unless every one failed
-    best = table.assign(rank=table["failed"]).sort_values(["rank", "val_loss"]).groupby("recipe").head(1)
-    table["chosen"] = table.index.isin(best.index)
+    best = units_mod.choose_lowest_val_loss(table, "recipe")
     return dict(zip(best["recipe"], best["lr"], strict=True)), table
 
 

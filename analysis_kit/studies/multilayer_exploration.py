@@ -112,8 +112,7 @@ def _lr_per_depth(params: Params, name: str, task: str) -> tuple[dict[int, float
                          "val_accuracy": float(arm["val_correct"].mean()), "steps": arm["steps"],
                          "seconds": arm["seconds"]})
     table = pd.DataFrame(rows)
-    best = table.loc[table.groupby("depth")["val_loss"].idxmin()]
-    table["chosen"] = table.index.isin(best.index)
+    best = units_mod.choose_lowest_val_loss(table, "depth")
     return dict(zip(best["depth"], best["lr"], strict=True)), table
 
 

@@ -121,8 +121,7 @@ def _lr_search(params: Params, name: str, task: str) -> tuple[dict[tuple[str, in
                              "val_loss": r["val_loss"], "val_accuracy": r["val_accuracy"], "steps": r["steps"],
                              "train_seconds": r["train_seconds"]})
     table = pd.DataFrame(rows)
-    best = table.loc[table.groupby(["method", "rank"])["val_loss"].idxmin()]
-    table["chosen"] = table.index.isin(best.index)
+    best = units_mod.choose_lowest_val_loss(table, ["method", "rank"])
     return {(r.method, int(r.rank)): float(r.lr) for r in best.itertuples()}, table
 
 

@@ -3,7 +3,7 @@
 A study of this kind checks its parameters and tasks before any model loads, sets torch's thread count,
 chooses a learning rate per (model, task) on validation, runs one *unit* per (model, task, seed) with a
 progress bar, and counts the failed trainings it left out. :func:`start`, :func:`per_task`,
-:func:`run_units` and :func:`failed_trainings` are those steps; the compression, depth and QLoRA studies
+:func:`choose_lowest_val_loss`, :func:`run_units` and :func:`failed_trainings` are those steps; the compression, depth and QLoRA studies
 use them (the older studies still inline them, until their chapters are next re-executed).
 """
 
@@ -45,6 +45,16 @@ def per_task(params: Any, fn: Callable[[str, str], tuple[Any, pd.DataFrame]]) ->
             chosen[(name, task)], table = fn(name, task)
             tables.append(table)
     return chosen, pd.concat(tables, ignore_index=True)
+
+
+def choose_lowest_val_loss(table: pd.DataFrame, by: str | list[str]) -> pd.DataFrame:
+    """The rows that win a learning-rate search: per group ``by``, the lowest ``val_loss`` (the first on a tie),
+    where a failed training (a true ``failed`` column, when the table has one) wins only if its whole group
+    failed. Returns the winning rows; ``table`` gets a ``chosen`` column marking them."""
+    failed = table["failed"].astype(bool) if "failed" in table else False
+    best = table.assign(_failed=failed).sort_values(["_failed", "val_loss"], kind="stable").groupby(by).head(1)
+    table["chosen"] = table.index.isin(best.index)
+    return best.drop(columns="_failed")
 
 
 def run_units(params: Any, fn: Callable[[str, str, int], dict[str, Any]], desc: str) -> list[dict[str, Any]]:
