@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import io
 import json
 import math
 import os
@@ -70,7 +69,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import cache, compress, layers, measure, stats
+from . import cache, compress, data, layers, measure, stats
 from .cache import atomic_write_json, atomic_write_text, temp_dir
 from .device import progress
 from .errors import LayerwiseError
@@ -78,7 +77,7 @@ from .errors import LayerwiseError
 #: Tasks: a sequence classifier scored on its labels, or a causal LM scored on its next-token loss.
 TASKS = ("auto", "classification", "lm")
 #: Data formats (``auto`` picks by file name and content).
-FORMATS = ("auto", "csv", "tsv", "jsonl", "amazon2023", "datasets")
+FORMATS = data.FORMATS
 #: Healing after compression (``finetune`` = every weight trained on the task loss, no teacher).
 HEAL = ("none", "finetune", "distill", "lora")
 #: Importance methods computed when none are named: the measured damage and two cheap geometric scores.
@@ -99,90 +98,6 @@ class AnalyzeDataError(AnalyzeError):
 
 # --------------------------------------------------------------------------------------------------
 # Data: read a table, check it, split it (no model involved)
-
-
-def _decode(raw: bytes, path: Path) -> str:
-    """UTF-8 text (a BOM is dropped), or an error naming the line and byte that is not UTF-8."""
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise AnalyzeDataError(f"{path}: line {line} is not UTF-8 text (byte {raw[exc.start]:#04x}); re-encode the "
-                               "file as UTF-8, e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`.") from exc
-
-
-def _format_of(path: Path, fmt: str, label_column: str) -> str:
-    if fmt not in FORMATS:
-        raise AnalyzeError(f"unknown data format {fmt!r}; choose from {', '.join(FORMATS)}.")
-    if not path.exists():
-        raise AnalyzeDataError(f"--data {path} does not exist; pass a CSV, TSV or JSONL file or a `datasets` folder.")
-    if fmt != "auto":
-        return fmt
-    if path.is_dir():
-        return "datasets"
-    name = path.name.lower()
-    if name.endswith((".tsv", ".tab")):
-        return "tsv"
-    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".json")):
-        if name.endswith(".gz"):
-            return "amazon2023"
-        with open(path, "rb") as fh:  # Amazon Reviews 2023: rating/title/text objects without the label column
-            first = next((ln for ln in fh if ln.strip()), b"")
-        try:
-            rec = json.loads(first.decode("utf-8-sig"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return "jsonl"  # the JSONL reader reports the exact problem
-        if isinstance(rec, dict) and {"rating", "title", "text"} <= set(rec) and label_column not in rec:
-            return "amazon2023"
-        return "jsonl"
-    return "csv"
-
-
-def _read_table(path: Path, fmt: str) -> pd.DataFrame:
-    """The raw table of a CSV/TSV/JSONL file or a ``save_to_disk`` folder (columns as in the file)."""
-    if fmt == "amazon2023":
-        from . import data
-
-        return data.load_amazon_reviews_2023(path)
-    if fmt == "datasets":
-        try:
-            import datasets
-        except ImportError:
-            raise AnalyzeDataError(f"{path} is a folder; reading a `datasets` folder saved with save_to_disk needs the "
-                                   "`datasets` package, which is not installed: `pip install datasets`, or export "
-                                   "the data to CSV/JSONL.") from None
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except (FileNotFoundError, ValueError) as exc:
-            raise AnalyzeDataError(f"{path} is not a folder written by datasets' save_to_disk ({exc}).") from exc
-        if isinstance(ds, datasets.DatasetDict):
-            split = "train" if "train" in ds else next(iter(ds))
-            ds = ds[split]
-        return ds.to_pandas()
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise AnalyzeDataError(f"{path} is empty; put one example per row (with a header row for CSV/TSV).")
-    text = _decode(raw, path)
-    if fmt == "jsonl":
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise AnalyzeDataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                                       "JSONL holds one JSON object per line.") from exc
-            if not isinstance(rec, dict):
-                raise AnalyzeDataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}.")
-            rows.append(rec)
-        return pd.DataFrame(rows)
-    try:
-        return pd.read_csv(io.StringIO(text), sep="\t" if fmt == "tsv" else ",", keep_default_na=True)
-    except pd.errors.EmptyDataError as exc:
-        raise AnalyzeDataError(f"{path} is empty; put a header row and one example per row.") from exc
-    except pd.errors.ParserError as exc:
-        raise AnalyzeDataError(f"{path}: not a valid {fmt.upper()} file ({exc}).") from exc
 
 
 def _labels_for_head(values: pd.Series, config: Any, where: str) -> tuple[np.ndarray, dict[str, int]]:
@@ -255,8 +170,10 @@ def load_data(path: str | Path | pd.DataFrame, task: str, config: Any = None, *,
         df, path, fmt = path, "<DataFrame>", "dataframe"
     else:
         path = Path(path).expanduser()
-        fmt = _format_of(path, fmt, label_column)
-        df = _read_table(path, fmt)
+        try:
+            df, fmt = data.read_table(path, fmt, label_column)
+        except data.DataError as exc:
+            raise AnalyzeDataError(str(exc)) from exc
     if df.empty:
         raise AnalyzeDataError(f"{path} holds no rows; put one example per row.")
     need = [text_column] + ([label_column] if task == "classification" else [])

@@ -17,6 +17,7 @@ built from examples of similar length, so short sentences do not pay for long on
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import zlib
 from collections.abc import Callable, Sequence
@@ -398,6 +399,152 @@ def load_amazon_reviews_2023(path: str | Path, limit: int | None = None, *,
     df = pd.DataFrame(rows, columns=["rating", "title", "text"])
     label, keep = _review_label(df["rating"], label_mode)
     return df.assign(label=label)[keep].reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Your own data: CSV, TSV, JSONL, Amazon Reviews 2023, a `datasets` folder
+
+#: Formats of a data file (``auto`` picks by file name and content).
+FORMATS = ("auto", "csv", "tsv", "jsonl", "amazon2023", "datasets")
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    """UTF-8 text (a BOM is dropped), or an error naming the line and byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}: line {line} is not UTF-8 text (byte {raw[exc.start]:#04x}); re-encode the "
+                               "file as UTF-8, e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`.") from exc
+
+
+def format_of(path: Path, fmt: str, label_column: str) -> str:
+    if fmt not in FORMATS:
+        raise DataError(f"unknown data format {fmt!r}; choose from {', '.join(FORMATS)}.")
+    if not path.exists():
+        raise DataError(f"{path} does not exist; pass a CSV, TSV or JSONL file or a `datasets` folder (with text and label columns).")
+    if fmt != "auto":
+        return fmt
+    if path.is_dir():
+        return "datasets"
+    name = path.name.lower()
+    if name.endswith((".tsv", ".tab")):
+        return "tsv"
+    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".json")):
+        if name.endswith(".gz"):
+            return "amazon2023"
+        with open(path, "rb") as fh:  # Amazon Reviews 2023: rating/title/text objects without the label column
+            first = next((ln for ln in fh if ln.strip()), b"")
+        try:
+            rec = json.loads(first.decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "jsonl"  # the JSONL reader reports the exact problem
+        if isinstance(rec, dict) and {"rating", "title", "text"} <= set(rec) and label_column not in rec:
+            return "amazon2023"
+        return "jsonl"
+    return "csv"
+
+
+def _read_raw(path: Path, fmt: str) -> pd.DataFrame:
+    """The raw table of a CSV/TSV/JSONL file or a ``save_to_disk`` folder (columns as in the file)."""
+    if fmt == "amazon2023":
+        return load_amazon_reviews_2023(path)
+    if fmt == "datasets":
+        try:
+            import datasets
+        except ImportError:
+            raise DataError(f"{path} is a folder; reading a `datasets` folder saved with save_to_disk needs the "
+                                   "`datasets` package, which is not installed: `pip install datasets`, or export "
+                                   "the data to CSV/JSONL.") from None
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as exc:
+            raise DataError(f"{path} is not a folder written by datasets' save_to_disk ({exc}).") from exc
+        if isinstance(ds, datasets.DatasetDict):
+            split = "train" if "train" in ds else next(iter(ds))
+            ds = ds[split]
+        return ds.to_pandas()
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(f"{path} is empty; put one example per row (with a header row for CSV/TSV).")
+    text = _decode(raw, path)
+    if fmt == "jsonl":
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                                       "JSONL holds one JSON object per line.") from exc
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}.")
+            rows.append(rec)
+        return pd.DataFrame(rows)
+    try:
+        return pd.read_csv(io.StringIO(text), sep="\t" if fmt == "tsv" else ",", keep_default_na=True)
+    except pd.errors.EmptyDataError as exc:
+        raise DataError(f"{path} is empty; put a header row and one example per row.") from exc
+    except pd.errors.ParserError as exc:
+        raise DataError(f"{path}: not a valid {fmt.upper()} file ({exc}).") from exc
+
+
+def read_table(path: str | Path, fmt: str = "auto", label_column: str = "label") -> tuple[pd.DataFrame, str]:
+    """The raw table of a data file (columns as in the file) and its format (``fmt``, or the one ``auto`` found).
+
+    CSV, TSV, JSONL, Amazon Reviews 2023 JSONL (``.jsonl``/``.jsonl.gz`` of rating/title/text objects, read by
+    :func:`load_amazon_reviews_2023`: polarity labels, 3-star reviews left out) or a folder written by
+    ``datasets``' ``save_to_disk``. Raises :class:`DataError` naming the file (and line) for a missing or
+    empty file, bad encoding, malformed rows, or an unknown format.
+    """
+    path = Path(path).expanduser()
+    fmt = format_of(path, fmt, label_column)
+    return _read_raw(path, fmt), fmt
+
+
+#: A data file split 70/15/15 needs at least this many rows of every label (a stratified split puts some in
+#: each part; fewer leaves a part without the label or a test share too small to mean anything).
+MIN_ROWS_PER_LABEL = 10
+
+
+def load_labelled_file(path: str | Path, text_column: str = "text", label_column: str = "label",
+                       fmt: str = "auto") -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """A labelled text file as a task: ``(table with id, text and label columns, label names)``.
+
+    What a chapter's ``task=`` parameter reads when it names a file instead of a built-in task. Labels are
+    class ids ``0..k-1`` in the order of the sorted label names (integer labels ``0..k-1`` keep their ids).
+    Rows without text or label are dropped. Checked before any model loads: missing columns (naming the ones
+    present), fewer than two labels, fewer than :data:`MIN_ROWS_PER_LABEL` rows of a label.
+    """
+    df, _ = read_table(path, fmt, label_column)
+    missing = [c for c in (text_column, label_column) if c not in df.columns]
+    if missing:
+        raise DataError(f"{path} has no column(s) {missing}; its columns are {list(map(str, df.columns))}. Rename "
+                        "them to text and label, or name them (text_column= / label_column=).")
+    keep = df[text_column].notna() & (df[text_column].astype(str).str.strip() != "") & df[label_column].notna()
+    df = df[keep]
+    raw = df[label_column]
+    numeric = pd.to_numeric(raw, errors="coerce")
+    if numeric.notna().all() and (numeric == numeric.round()).all():
+        names = tuple(str(int(v)) for v in sorted(numeric.unique()))
+        ids = numeric.astype(int)
+        if names != tuple(str(i) for i in range(len(names))):  # e.g. 1..5 stars: ids in sorted order
+            ids = numeric.map({v: i for i, v in enumerate(sorted(numeric.unique()))})
+    else:
+        names = tuple(sorted(raw.astype(str).unique()))
+        ids = raw.astype(str).map({v: i for i, v in enumerate(names)})
+    if len(names) < 2:
+        raise DataError(f"{path}: {'no row has' if not names else 'every row has the same label ' + repr(names[0]) + ' in'}"
+                        f" column {label_column!r} (with a text); a task needs at least two labels.")
+    out = pd.DataFrame({"id": [f"row{i}" for i in df.index],
+                        "text": df[text_column].astype(str).to_numpy(), "label": ids.to_numpy(np.int64)})
+    counts = out["label"].value_counts()
+    if counts.min() < MIN_ROWS_PER_LABEL:
+        few = {names[i]: int(n) for i, n in counts.items() if n < MIN_ROWS_PER_LABEL}
+        raise DataError(f"{path}: label(s) {few} have fewer than {MIN_ROWS_PER_LABEL} rows; the 70/15/15 split "
+                        "needs more of each label. Add rows, or merge or drop the rare labels.")
+    return out, names
 
 
 # --------------------------------------------------------------------------------------------------

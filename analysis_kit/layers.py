@@ -384,6 +384,11 @@ def adapter_for(model: nn.Module) -> FamilyAdapter:
     return adapter
 
 
+def adapter_for_type(model_type: str | None) -> FamilyAdapter | None:
+    """The ``FamilyAdapter`` serving a ``config.model_type`` (read from a config.json, no model built), or None."""
+    return _REGISTRY.get(model_type) if isinstance(model_type, str) else None
+
+
 def family(model: nn.Module) -> str:
     """The model's ``config.model_type`` if it is in ``SUPPORTED``; otherwise a clear error."""
     adapter_for(model)

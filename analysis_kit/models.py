@@ -68,6 +68,8 @@ class ModelSpec:
     intermediate: int | None = None
     path: str | None = None
     tiny: bool = False
+    #: SHA-256 of an ``hf`` folder's files (``train.standard_spec`` fills it), so cache keys follow its content.
+    digest: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -82,7 +84,7 @@ class ModelSpec:
         if self.kind == "hf" and not self.path:
             raise ModelSpecError("kind='hf' needs path= pointing at a local Hugging Face model folder "
                                  "(one holding config.json), e.g. ModelSpec('hf', path='/models/my-bert').")
-        if self.kind != "hf" and self.path is not None:
+        if self.kind != "hf" and (self.path is not None or self.digest is not None):
             raise ModelSpecError(f"path= is only used with kind='hf' (got kind={self.kind!r}); drop path or "
                                  "use kind='hf'.")
         pretrained = self.kind in (*_ENCODER_ASSETS, "smollm2", "hf") and not self.tiny

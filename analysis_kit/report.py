@@ -108,6 +108,28 @@ def fmt_ci(rec: dict[str, Any], scale: float = 100.0, unit: str = " %", digits: 
     return f"{num(rec['mean'])}{unit} [{num(rec['ci_low'])}, {num(rec['ci_high'])}]"
 
 
+def ci_view(df: pd.DataFrame, value: str, *, scale: float = 1.0, unit: str = "", digits: int = 3,
+            sign: bool = False) -> pd.DataFrame:
+    """``df`` for display: column ``value`` and its ``ci_low``/``ci_high`` become one column in the book's number
+    format (:func:`fmt_ci`, e.g. ``"0.62 [0.41, 0.80]"``), so a rendered table never shows bare interval ends.
+
+    Other columns are kept; a row without an interval shows its value alone, a row without a value ``–``.
+    """
+    missing = [c for c in (value, "ci_low", "ci_high") if c not in df.columns]
+    if missing:
+        raise LayerwiseError(f"ci_view: the table has no column(s) {missing}; its columns are {list(df.columns)}.")
+
+    def one(v: Any, lo: Any, hi: Any) -> str:
+        if v is None or pd.isna(v):
+            return "–"
+        ends = {} if lo is None or hi is None or pd.isna(lo) or pd.isna(hi) else {"ci_low": lo, "ci_high": hi}
+        return fmt_ci({"mean": v, **ends}, scale, unit, digits, sign)
+
+    out = df.drop(columns=["ci_low", "ci_high"])
+    out[value] = [one(v, lo, hi) for v, lo, hi in zip(df[value], df["ci_low"], df["ci_high"], strict=True)]
+    return out
+
+
 def _clean(x: Any) -> Any:
     """JSON-safe scalars: numpy to python, NaN/inf to None."""
     if isinstance(x, (np.floating, float)):

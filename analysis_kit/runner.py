@@ -83,6 +83,8 @@ class Param:
     min_len: int | None = None
     max_len: int | None = None
     item_type: type | None = None
+    #: the help says "choices: ..., or a path": a file or folder (a ``/`` in it, or NAME=PATH) is accepted too
+    paths: bool = False
 
     @property
     def type_name(self) -> str:
@@ -153,9 +155,10 @@ def notebook_params(slug: str) -> dict[str, Param]:
         if m := _RANGE.search(helptext):
             lo = float(m.group(1)) if m.group(1) else None
             hi = float(m.group(2)) if m.group(2) else None
-        choices = None
-        if m := _CHOICES.search(helptext):
-            choices = tuple(c.strip() for c in m.group(1).split(","))
+        choices, paths = None, False
+        if m := _CHOICES.search(helptext):  # "choices: a, b, or a path" also takes your file or folder
+            names, sep, _ = m.group(1).partition(" or a path")
+            choices, paths = tuple(c.strip() for c in names.strip().rstrip(",").split(",") if c.strip()), bool(sep)
         min_len = max_len = item_type = None
         if isinstance(default, list):
             min_len, max_len = 1, None
@@ -170,7 +173,7 @@ def notebook_params(slug: str) -> dict[str, Param]:
             if item_type is None:
                 raise LayerwiseError(f"{slug}: list parameter {target.id} (line {node.lineno}) needs `items: int|float|str` "
                                      f"in its comment (its default is empty or mixed).")
-        out[target.id] = Param(target.id, default, helptext, lo, hi, choices, min_len, max_len, item_type)
+        out[target.id] = Param(target.id, default, helptext, lo, hi, choices, min_len, max_len, item_type, paths)
     return out
 
 
@@ -228,8 +231,10 @@ def _coerce(p: Param, value: Any, where: str) -> Any:
     for item in value if isinstance(value, list) else [value]:
         if isinstance(item, (int, float)) and not isinstance(item, bool):
             _check_number(p, item, value, where)
-        if p.choices and isinstance(item, str) and item not in p.choices:
-            raise ParameterError(f"{where}: {p.name}={item!r} is not one of {', '.join(p.choices)}.")
+        if p.choices and isinstance(item, str) and item not in p.choices and \
+                not (p.paths and ("/" in item or "=" in item)):
+            also = ", or a path (NAME=PATH names it)" if p.paths else ""
+            raise ParameterError(f"{where}: {p.name}={item!r} is not one of {', '.join(p.choices)}{also}.")
     if isinstance(value, list) and (len(value) < (p.min_len or 0) or (p.max_len is not None and len(value) > p.max_len)):
         need = (f"between {p.min_len} and {p.max_len}" if p.max_len is not None else f"at least {p.min_len}")
         raise ParameterError(f"{where}: {p.name} has {len(value)} element(s) but needs {need} ({p.help}). "

@@ -8,11 +8,13 @@ task spec, training config, seed), so notebooks stay independent and nothing is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -54,22 +56,33 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """Which data a model is trained on: domain, label mode, neutral band, training-set cap."""
+    """Which data a model is trained on: domain, label mode, neutral band, training-set cap.
+
+    A task read from your own file (:func:`file_task`) has ``source`` (the file's absolute path), ``source_name``
+    (its name in metric keys), ``digest`` (SHA-256 of its content: part of every cache key, so an edited file
+    retrains) and ``labels`` (the class names); ``domain``, ``label_mode`` and ``neutral_band`` are then unused.
+    """
 
     domain: str = "amazon"
     label_mode: str = "polarity"
     neutral_band: float = 0.5
     max_train: int | None = None
     max_eval: int | None = None
+    source: str | None = None
+    source_name: str | None = None
+    digest: str | None = None
+    labels: tuple[str, ...] | None = None
 
     @property
     def num_labels(self) -> int:
+        if self.labels is not None:
+            return len(self.labels)
         return {"polarity": 2, "bins5": 5, "regression": 1}[self.label_mode]
 
     @property
     def name(self) -> str:
-        """The task's name in metric keys: ``amazon`` or ``mr`` (the movie-review snippets)."""
-        return data_mod.domain_task(self.domain)
+        """The task's name in metric keys: ``amazon``, ``mr`` (the movie-review snippets) or a file's name."""
+        return self.source_name or data_mod.domain_task(self.domain)
 
 
 def task_spec(name: str = "amazon", tiny: bool = False, label_mode: str = "polarity",
@@ -77,6 +90,31 @@ def task_spec(name: str = "amazon", tiny: bool = False, label_mode: str = "polar
     """The TaskSpec of a named task (``amazon`` or ``mr``); capped at :data:`SMOKE_TASK` sizes when ``tiny``."""
     base = SMOKE_TASK if tiny else TaskSpec()
     return replace(base, domain=data_mod.task_domain(name), label_mode=label_mode, neutral_band=neutral_band)
+
+
+def _file_digest(path: Path) -> str:
+    """SHA-256 over the names and contents of a file, or of every file in a folder (a ``datasets`` folder)."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path.parent if path.is_file() else path)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def file_task(name: str, path: str | Path, tiny: bool = False) -> TaskSpec:
+    """The TaskSpec of your own labelled data file (``data.load_labelled_file``: CSV/TSV/JSONL with ``text`` and
+    ``label`` columns, Amazon Reviews 2023 JSONL, a ``datasets`` folder), named ``name`` in metric keys.
+
+    The file is read and checked here (columns, labels, rows per label), before any model loads; it is split
+    70/15/15 by seed like the built-in tasks. ``tiny`` caps it at :data:`SMOKE_TASK` sizes.
+    """
+    path = Path(path).expanduser().resolve()
+    _, labels = data_mod.load_labelled_file(path)
+    base = SMOKE_TASK if tiny else TaskSpec()
+    return replace(base, source=str(path), source_name=name, digest=_file_digest(path), labels=labels)
 
 
 #: A training run whose validation accuracy is within this many points of the majority class learned nothing
@@ -116,7 +154,13 @@ def load_task(task: TaskSpec, seed: int) -> dict[str, pd.DataFrame]:
     """Load, split (seeded, stratified) and optionally subsample the task's data."""
     if task.label_mode not in data_mod.LABEL_MODES:
         raise LayerwiseError(f"label_mode {task.label_mode!r} unknown; choose from {data_mod.LABEL_MODES}.")
-    df = data_mod.load_snippets(task.domain, task.label_mode, task.neutral_band)
+    if task.source is not None:
+        df, labels = data_mod.load_labelled_file(task.source)
+        if labels != task.labels or _file_digest(Path(task.source)) != task.digest:
+            raise LayerwiseError(f"{task.source} changed since its task was set up (labels or content differ); "
+                                 "start the run again so that every model sees the same data.")
+    else:
+        df = data_mod.load_snippets(task.domain, task.label_mode, task.neutral_band)
     splits = data_mod.split(df, seed=seed, stratify=task.label_mode != "regression")
     strat = task.label_mode != "regression"
     if task.max_train is not None and len(splits["train"]) > task.max_train:
@@ -421,16 +465,31 @@ def search_recipe(model_spec, task: TaskSpec, search: RecipeSearch, device: str 
     return best[0], table.drop(columns="is_best_epoch")
 
 
-def recipe(name: str, task: TaskSpec, tiny: bool = False, device: str | torch.device = "auto") -> TrainConfig:
-    """The fine-tuning config of standard model ``name`` on ``task``: searched on validation where a
-    search is defined (:data:`RECIPE_SEARCH`; :data:`SMOKE_SEARCH` for tiny models), else the fixed
-    :data:`STANDARD_TRAIN` entry."""
+def recipe_search(name: str, tiny: bool = False) -> RecipeSearch | None:
+    """The validation search of model ``name`` (built-in or your folder), or None for a fixed recipe.
+
+    Tiny models (smoke) use :data:`SMOKE_SEARCH`; your folder gets the grid of the built-in model of its kind
+    (an encoder MiniLM's, a decoder SmolLM2's); ``scratch`` trains with its fixed :data:`STANDARD_TRAIN` entry.
+    """
+    if name == "scratch":
+        return None
     if tiny:
-        if name == "scratch":
-            return SMOKE_TRAIN
-        return search_recipe(standard_spec(name, tiny), task, SMOKE_SEARCH, device, allow_failed=True)[0]
+        return SMOKE_SEARCH
     if name in RECIPE_SEARCH:
-        return search_recipe(standard_spec(name), task, RECIPE_SEARCH[name], device)[0]
+        return RECIPE_SEARCH[name]
+    if name in STANDARD_MODELS:
+        return None
+    return RECIPE_SEARCH["smollm2" if is_decoder(name) else "minilm"]
+
+
+def recipe(name: str, task: TaskSpec, tiny: bool = False, device: str | torch.device = "auto") -> TrainConfig:
+    """The fine-tuning config of model ``name`` (built-in or your folder) on ``task``: searched on validation
+    where a search is defined (:func:`recipe_search`), else the fixed :data:`STANDARD_TRAIN` entry."""
+    search = recipe_search(name, tiny)
+    if search is not None:
+        return search_recipe(standard_spec(name, tiny), task, search, device, allow_failed=tiny)[0]
+    if tiny:
+        return SMOKE_TRAIN
     if name not in STANDARD_TRAIN:
         raise LayerwiseError(f"unknown standard model {name!r}; choose from {sorted(STANDARD_TRAIN)}.")
     return STANDARD_TRAIN[name]
@@ -441,10 +500,59 @@ def standard_task(tiny: bool = False) -> TaskSpec:
     return SMOKE_TASK if tiny else TaskSpec()
 
 
+#: The built-in models :func:`standard_spec` names; anything else is the path of your Hugging Face folder.
+STANDARD_MODELS = ("minilm", "mpnet", "smollm2", "scratch")
+
+
+def model_folder(ref: str) -> Path | None:
+    """The Hugging Face folder a model reference names, or None for a built-in model (:data:`STANDARD_MODELS`).
+
+    A folder must hold a ``config.json`` of a family ``layers`` supports (read without loading weights), so a
+    wrong path or an unsupported architecture fails here, before any training.
+    """
+    if ref in STANDARD_MODELS:
+        return None
+    folder = Path(ref).expanduser()
+    if not (folder / "config.json").is_file():
+        raise LayerwiseError(f"model {ref!r} is neither a built-in model ({', '.join(STANDARD_MODELS)}) nor a Hugging "
+                             "Face folder (no config.json there); point it at a folder written by save_pretrained.")
+    _folder_family(str(folder.resolve()))
+    return folder.resolve()
+
+
+@lru_cache(maxsize=32)
+def _folder_family(folder: str) -> bool:
+    """Whether the folder's model is an encoder (True) or a decoder (False); refuses unsupported families."""
+    from . import layers
+
+    model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+    adapter = layers.adapter_for_type(model_type)
+    if adapter is None:
+        raise LayerwiseError(f"{folder}: model_type {model_type!r} is not supported; supported families: "
+                             f"{', '.join(layers.SUPPORTED)}.")
+    return bool(adapter.is_encoder)
+
+
+@lru_cache(maxsize=32)
+def _folder_digest(folder: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
+    """SHA-256 of a model folder's files (``stamp``: names, sizes and mtimes, so an edited folder re-hashes)."""
+    return _file_digest(Path(folder))
+
+
+def _spec_of_folder(folder: Path, tiny: bool, num_layers: int | None):
+    from .models import ModelSpec
+
+    stamp = tuple((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in sorted(folder.rglob("*")) if p.is_file())
+    return ModelSpec("hf", path=str(folder), num_layers=num_layers or (3 if tiny else None), tiny=tiny,
+                     digest=_folder_digest(str(folder), stamp))
+
+
 def standard_spec(name: str, tiny: bool = False, num_layers: int | None = None):
     """ModelSpec of a standard model: ``minilm`` (pretrained, 6 blocks), ``mpnet`` (pretrained, 12 blocks),
-    ``smollm2`` (pretrained LLaMA decoder, 30 blocks, as a sequence classifier: full fine-tuning) or
-    ``scratch`` (12-block BERT-style, random init; the depth study's model).
+    ``smollm2`` (pretrained LLaMA decoder, 30 blocks, as a sequence classifier: full fine-tuning),
+    ``scratch`` (12-block BERT-style, random init; the depth study's model), or the path of your Hugging Face
+    folder (:func:`model_folder`; its content digest is part of every cache key).
 
     ``tiny`` gives the smoke-profile stand-in of the same architecture (random init, ≤ 4 blocks, hidden ≤ 64).
     """
@@ -456,7 +564,13 @@ def standard_spec(name: str, tiny: bool = False, num_layers: int | None = None):
         if tiny:
             return ModelSpec("scratch", num_layers=num_layers or 4, hidden=32, heads=2, intermediate=64, tiny=True)
         return ModelSpec("scratch", num_layers=num_layers or 12, hidden=128, heads=4, intermediate=512)
-    raise LayerwiseError(f"unknown standard model {name!r}; choose 'minilm', 'mpnet', 'smollm2' or 'scratch'.")
+    return _spec_of_folder(model_folder(name), tiny, num_layers)
+
+
+def is_decoder(name: str) -> bool:
+    """Whether model ``name`` (built-in or your folder) is a causal decoder (SmolLM2, LLaMA, GPT-2, ...)."""
+    folder = model_folder(name)
+    return name == "smollm2" if folder is None else not _folder_family(str(folder))
 
 
 def baseline(name: str, seed: int, tiny: bool = False, task: TaskSpec | None = None, num_layers: int | None = None,

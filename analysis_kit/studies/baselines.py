@@ -19,7 +19,7 @@ the pipeline is still exercised.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -30,13 +30,13 @@ from .. import data, measure, references, stats, train
 from ..device import progress
 from ..errors import LayerwiseError
 from ..report import fmt_ci
-from . import Result, TaskParams
+from . import Labels, Result, TaskParams
 
 MODELS = ("minilm", "mpnet", "smollm2")
 REFERENCES = ("majority", "bow", "vader")
-LABELS = {"minilm": "MiniLM-L6 (fine-tuned)", "mpnet": "MPNet-base (fine-tuned)",
+LABELS = Labels({"minilm": "MiniLM-L6 (fine-tuned)", "mpnet": "MPNet-base (fine-tuned)",
           "smollm2": "SmolLM2-135M (fine-tuned)", "bow": "bag-of-words", "vader": "VADER",
-          "majority": "majority class"}
+          "majority": "majority class"})
 
 
 @dataclass(frozen=True)
@@ -51,18 +51,11 @@ class Params(TaskParams):
 
     def validate(self) -> None:
         """Fail before any training on settings the chapter cannot use."""
-        super().validate()
-        unknown = [m for m in self.models if m not in MODELS]
-        if unknown or not self.models:
-            raise LayerwiseError(f"models={list(self.models)}: choose one or more of {', '.join(MODELS)}.")
-
-
-def _task(params: Params, name: str) -> train.TaskSpec:
-    """The TaskSpec of task ``name`` under ``params`` (mr's training split capped at ``mr_max_train``)."""
-    spec = train.task_spec(name, params.tiny, neutral_band=params.neutral_band)
-    if name == "mr" and params.mr_max_train and not params.tiny:
-        spec = replace(spec, max_train=params.mr_max_train)
-    return spec
+        super().validate(MODELS)
+        multi = [t for t in self.tasks if self.task_spec(t).num_labels != 2]
+        if multi:
+            raise LayerwiseError(f"tasks {multi} have more than two labels; this chapter compares every model with "
+                                 "VADER, which scores binary polarity, so give it a file with two labels.")
 
 
 def _predictor(model, tokenizer):
@@ -100,10 +93,10 @@ def _fit_models(params: Params, task_name: str, seed: int, splits: dict[str, pd.
                      "steps": None, "examples_seen": len(splits["train"]), "parameters": None, "failed": False,
                      "val_accuracy": None, "val_majority": None, "chosen": str(ref.describe())})
         predictors[name] = (ref.predict_proba, False)
-    task = _task(params, task_name)
+    task = params.task_spec(task_name)
     for name in params.models:
-        model, tok, record = train.baseline(name, seed, params.tiny, task=task, device=params.device)
-        cfg = train.recipe(name, task, params.tiny, params.device)
+        model, tok, record = train.baseline(params.model_ref(name), seed, params.tiny, task=task, device=params.device)
+        cfg = train.recipe(params.model_ref(name), task, params.tiny, params.device)
         cost.append({"task": task_name, "seed": seed, "model": name, "train_seconds": record["train_seconds"],
                      "steps": record["steps"], "examples_seen": record["steps"] * cfg.batch_size,
                      "parameters": measure.count_parameters(model), "failed": record["failed"],
@@ -123,10 +116,11 @@ def _examples(params: Params) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]
     jobs = [(t, s) for t in params.tasks for s in params.seeds]
     bar = progress(total=len(jobs), desc="baselines: fit and score")
     for task_name in params.tasks:
-        transfer = _transfer_sets(task_name, params.neutral_band, params.cross_domain_n)
-        ratings = data.load_ratings(data.task_domain(task_name)).set_index("id")["sd"]
+        own = params.source(task_name) is not None  # your data file: no other domains, no rater spread
+        transfer = {} if own else _transfer_sets(task_name, params.neutral_band, params.cross_domain_n)
+        ratings = pd.Series(dtype=float) if own else data.load_ratings(data.task_domain(task_name)).set_index("id")["sd"]
         for seed in params.seeds:
-            task = _task(params, task_name)
+            task = params.task_spec(task_name)
             splits = train.load_task(task, seed)
             sets = {task_name: splits["test"], **transfer}
             predictors = _fit_models(params, task_name, seed, splits, cost)
@@ -263,12 +257,13 @@ def _recipes(params: Params) -> pd.DataFrame:
     """The recipe-search tables of the fine-tuned models (read from the cache: the runs were trained above)."""
     tables = []
     for task_name in params.tasks:
-        task = _task(params, task_name)
+        task = params.task_spec(task_name)
         for name in params.models:
-            search = train.SMOKE_SEARCH if params.tiny else train.RECIPE_SEARCH.get(name)
+            ref = params.model_ref(name)
+            search = train.recipe_search(ref, params.tiny)
             if search is None:
                 continue
-            _, table = train.search_recipe(train.standard_spec(name, params.tiny), task, search, params.device,
+            _, table = train.search_recipe(train.standard_spec(ref, params.tiny), task, search, params.device,
                                            allow_failed=params.tiny)
             tables.append(table.assign(task=task_name, model=name, seed=search.seed, max_steps=search.base.max_steps,
                                        batch_size=search.base.batch_size, patience=search.base.patience))

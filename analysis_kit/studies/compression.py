@@ -47,13 +47,12 @@ from .. import compress, data, heal, importance, layers, models, references, run
 from ..cache import atomic_write_json, cached_dir
 from ..errors import LayerwiseError
 from ..report import fmt_ci
-from . import Result, TaskParams
+from . import Labels, Result, ScheduleParams
 from . import theoretical_validation as tv
 from . import units as units_mod
-from .baselines import _task
 
 MODELS = ("minilm", "mpnet")
-LABELS = {"minilm": "MiniLM-L6", "mpnet": "MPNet-base"}
+LABELS = Labels({"minilm": "MiniLM-L6", "mpnet": "MPNet-base"})
 #: Published anchors for retention at 2x (accuracy of the compressed model / the full model's), for the reader.
 ANCHORS = (
     {"anchor": "Sajjad et al. 2023: BERT 12 to 6 blocks, drop top layers, fine-tuned (GLUE)", "ratio": 2.0,
@@ -85,7 +84,7 @@ def ratio_label(ratio: float) -> str:
 
 
 @dataclass(frozen=True)
-class Params(TaskParams):
+class Params(ScheduleParams):
     """The chapter's parameters: the shared :class:`~analysis_kit.studies.TaskParams`, then which blocks
     (ratios, strategies, importance methods), how they are healed (recipes, learning-rate grids, schedule)
     and how cost is timed (the notebook's parameters cell holds the same names and defaults)."""
@@ -101,12 +100,6 @@ class Params(TaskParams):
     lr_full: tuple[float, ...] = (1e-4, 3e-4)
     lr_partial: tuple[float, ...] = (3e-4, 1e-3)
     lr_lora: tuple[float, ...] = (1e-3, 3e-3)
-    lr_search_seed: int = 0
-    epochs: int = 2
-    patience: int = 2
-    evals_per_epoch: int = 2
-    batch_size: int = 32
-    max_length: int = 64
     partial_blocks: int = 1
     lora_r: int = 8
     latency_batches: tuple[int, ...] = (1, 64)
@@ -117,10 +110,8 @@ class Params(TaskParams):
 
     def validate(self) -> None:
         """Fail before any model loads on settings the chapter cannot use."""
-        super().validate()
+        super().validate(MODELS)
         checks = [
-            (not self.models or any(m not in MODELS for m in self.models), f"models={list(self.models)}: choose "
-             f"one or more of {', '.join(MODELS)}."),
             (not self.ratios or any(not r > 1 for r in self.ratios), f"ratios={list(self.ratios)}: give ratios "
              "L/L' above 1 (2.0 keeps half the blocks)."),
             (any(r not in self.ratios for r in (*self.strategy_ratios, *self.recipe_ratios)),
@@ -155,7 +146,7 @@ class Params(TaskParams):
         with this chapter's shared settings; the smoke profile's sizes when ``tiny``)."""
         from .sensitivity import _TINY
 
-        return replace(tv.Params(), tiny=self.tiny, seeds=self.seeds, tasks=self.tasks, models=("minilm",),
+        return replace(tv.Params(), tiny=self.tiny, seeds=self.seeds, tasks=self.tasks, models=("minilm",), sources=self.sources,
                        neutral_band=self.neutral_band, mr_max_train=self.mr_max_train, device=self.device,
                        torch_threads=self.torch_threads, **(_TINY if self.tiny else {}))
 
@@ -163,13 +154,6 @@ class Params(TaskParams):
         """The learning-rate grid searched for ``recipe`` on validation."""
         return {"partial": self.lr_partial, "lora": self.lr_lora}.get(recipe, self.lr_full)
 
-    def schedule(self, n_train: int, lr: float) -> train.TrainConfig:
-        """The shared schedule of every recipe: ``epochs`` over the training split, validation
-        ``evals_per_epoch`` times per epoch, early stopping after ``patience`` evaluations without progress."""
-        per_epoch = -(-n_train // self.batch_size)
-        return train.TrainConfig(epochs=self.epochs, lr=lr, batch_size=self.batch_size, patience=self.patience,
-                                 max_length=self.max_length,
-                                 eval_every=-(-per_epoch // self.evals_per_epoch))
 
 
 # ------------------------------------------------------------------------------------------------ healed arms
@@ -177,7 +161,7 @@ class Params(TaskParams):
 
 def _first_k_builder(params: Params, name: str, task: train.TaskSpec, seed: int):
     """``k -> the pretrained model's first k blocks with a new head`` (the ``first_k`` recipe's start)."""
-    return lambda k: models.build_classifier(train.standard_spec(name, params.tiny, num_layers=k),
+    return lambda k: models.build_classifier(train.standard_spec(params.model_ref(name), params.tiny, num_layers=k),
                                              task.num_labels, seed=seed)
 
 
@@ -246,8 +230,8 @@ def healed_arm(params: Params, name: str, task_name: str, seed: int, keep: tuple
 def _context(params: Params, name: str, task_name: str, seed: int) -> dict[str, Any]:
     """The teacher (the baselines chapter's fine-tuned model), its tokenizer, the splits and the data a unit
     reads."""
-    task = _task(params, task_name)
-    teacher, tok, record = train.baseline(name, seed, params.tiny, task=task, device=params.device)
+    task = params.task_spec(task_name)
+    teacher, tok, record = train.baseline(params.model_ref(name), seed, params.tiny, task=task, device=params.device)
     return {"task": task, "teacher": teacher.eval(), "tok": tok, "record": record, "failed": bool(record["failed"]),
             "teacher_folder": record["folder"], "splits": train.load_task(task, seed)}
 
@@ -551,18 +535,19 @@ def _budget(rows: pd.DataFrame, units: list[dict[str, Any]]) -> tuple[pd.DataFra
     return budget, (pd.concat(curves, ignore_index=True) if curves else pd.DataFrame())
 
 
-def _latency(result: Result, params: Params, units: list[dict[str, Any]]) -> None:
+def _latency(result: Result, params: Params, units: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Latency efficiency (speed-up / ideal L/L') per kept count and batch size, with bootstrap intervals over
-    interleaved timing repeats; the first usable unit's model stands in (cost depends on the count only)."""
+    interleaved timing repeats; the first usable unit's model stands in (cost depends on the count only).
+    Returns the first model's unit context (:func:`_context`), which :func:`_reference_speed` times too."""
     ok = [u for u in units if not u["excluded"]]
-    if not ok:
-        return
+    first = None
     for name in params.models:
         u = next((u for u in ok if u["model"] == name), None)
         if u is None:
             continue
-        teacher, tok, _ = train.baseline(name, u["seed"], params.tiny, task=_task(params, u["task"]),
-                                         device=params.device)
+        ctx = _context(params, name, u["task"], u["seed"])
+        first = first or ctx
+        teacher, tok = ctx["teacher"], ctx["tok"]
         n = layers.num_blocks(teacher)
         counts = sorted({compress.n_keep(n, ratio=r) for r in params.ratios})
         cost = compress.cost_table(teacher, tok, counts, batch_sizes=params.latency_batches,
@@ -579,16 +564,16 @@ def _latency(result: Result, params: Params, units: list[dict[str, Any]]) -> Non
                 "method": f"median latency of the full model / of the first {r.n_kept} blocks, over L/L'; 95% "
                           f"percentile bootstrap of the ratio of medians over {params.latency_repeats} interleaved "
                           f"repeats (batch {r.batch_size}, {params.latency_seq_len} tokens)"}
+    return first
 
 
-def _reference_speed(params: Params, units: list[dict[str, Any]]) -> pd.DataFrame:
+def _reference_speed(params: Params, ctx: dict[str, Any] | None) -> pd.DataFrame:
     """Batch-1 latency of bag-of-words and VADER per sentence against the full model's on the same real test
     sentences (median over ``latency_repeats`` interleaved passes), so the references sit on the trade-off
-    chart by measurement, not by assumption."""
-    u = next((u for u in units if not u["excluded"]), None)
-    if u is None:
+    chart by measurement, not by assumption. ``ctx``: the unit context :func:`_latency` loaded (None: no
+    usable unit)."""
+    if ctx is None:
         return pd.DataFrame()
-    ctx = _context(params, u["model"], u["task"], u["seed"])
     texts = ctx["splits"]["test"]["text"].tolist()[:32]
     refs = {n: references.make_reference(n).fit(ctx["splits"]["train"], ctx["splits"]["val"]) for n in ("bow", "vader")}
     runs = {"full": lambda t: train.predict(ctx["teacher"], ctx["tok"], [t], batch_size=1,
@@ -767,8 +752,8 @@ def run(params: Params) -> Result:
                                         for u in units if not u["excluded"]], ignore_index=True).assign(
         keep=lambda d: d["keep"].map(str))
     result.tables["anchors"] = pd.DataFrame(ANCHORS)
-    _latency(result, params, units)
-    result.tables["reference_speed"] = _reference_speed(params, units)
+    timed = _latency(result, params, units)
+    result.tables["reference_speed"] = _reference_speed(params, timed)
     _views(result, params, units)
     result.values["max_reload_diff"] = float(rows["reload_max_abs_diff"].max()) if len(rows) else None
     result.values["seconds"] = time.time() - started

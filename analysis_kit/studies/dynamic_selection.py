@@ -48,15 +48,15 @@ from ..cache import cached_dir
 from ..device import pick, progress
 from ..errors import LayerwiseError
 from ..report import fmt_ci
-from . import Result, TaskParams
-from .baselines import _task
+from . import Labels, Result, TaskParams
+from . import units as units_mod
 
 MODELS = ("minilm", "mpnet")
 ANCHORS = {"entropy": "DeeBERT (Xin et al. 2020): normalised-entropy threshold",
            "patience": "PABEE (Zhou et al. 2020): consecutive agreeing exits",
            "calibrated": "CALM (Schuster et al. 2022): threshold with a Learn-then-Test guarantee",
            "static": "static truncation: first d blocks and exit d (the drop-last baseline)"}
-LABELS = {"minilm": "MiniLM-L6", "mpnet": "MPNet-base"}
+LABELS = Labels({"minilm": "MiniLM-L6", "mpnet": "MPNet-base"})
 ENTROPY_GRID = tuple(float(x) for x in np.round(np.linspace(0.0, 1.0, 41), 4))
 
 
@@ -85,10 +85,7 @@ class Params(TaskParams):
 
     def validate(self) -> None:
         """Fail before any training on settings the chapter cannot use."""
-        super().validate()
-        unknown = [m for m in self.models if m not in MODELS]
-        if unknown or not self.models:
-            raise LayerwiseError(f"models={list(self.models)}: choose one or more of {', '.join(MODELS)}.")
+        super().validate(MODELS)
         bad = [p for p in self.policies if p not in ANCHORS or p == "static"]
         if bad or not self.policies:
             raise LayerwiseError(f"policies={list(self.policies)}: choose from entropy, patience, calibrated "
@@ -153,8 +150,8 @@ def _runner_config(runner: dynamic.ExitRunner, name: str, setting: float, shrink
 
 def _unit(params: Params, name: str, task_name: str, seed: int) -> dict[str, Any]:
     """One (model, task, seed): train or load, choose operating points on val, score and time on test."""
-    task = _task(params, task_name)
-    got = dynamic.fair_exit_model(name, seed, task, params.tiny, params.distill, params.head_lr, params.weighting,
+    task = params.task_spec(task_name)
+    got = dynamic.fair_exit_model(params.model_ref(name), seed, task, params.tiny, params.distill, params.head_lr, params.weighting,
                                   params.device)
     model, heads, tok, ref = got["model"], got["heads"], got["tokenizer"], got["reference"]
     cfg, splits = got["config"], got["splits"]
@@ -616,11 +613,7 @@ def _key_findings(result: Result, params: Params) -> str:
 
 def run(params: Params) -> Result:
     """Run the chapter: train or load, choose on validation, score and time on test, summarise and test."""
-    params.validate()
-    for task in params.tasks:
-        _task(params, task)
-    if params.torch_threads:
-        torch.set_num_threads(params.torch_threads)
+    units_mod.start(params)
     result = Result()
     units, started = [], time.time()
     todo = [(m, t, s) for m in params.models for t in params.tasks for s in params.seeds]

@@ -34,16 +34,15 @@ from scipy.stats import norm
 from .. import compress, layers, references, stats, train
 from ..errors import LayerwiseError
 from ..report import fmt_ci
-from . import Result, TaskParams
+from . import Result, ScheduleParams
 from . import compression as cp
 from . import units as units_mod
-from .baselines import _task
 
 MODELS = ("minilm",)
 
 
 @dataclass(frozen=True)
-class Params(TaskParams):
+class Params(ScheduleParams):
     """The chapter's parameters: the shared :class:`~analysis_kit.studies.TaskParams`, the depths, the shared
     healing schedule (the same names and defaults as the compression chapter's, so the arms are shared), the
     power analysis and the from-scratch gate (the notebook's parameters cell holds the same names and
@@ -52,12 +51,6 @@ class Params(TaskParams):
     models: tuple[str, ...] = ("minilm",)
     depths: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
     lr_full: tuple[float, ...] = (1e-4, 3e-4)
-    lr_search_seed: int = 0
-    epochs: int = 2
-    patience: int = 2
-    evals_per_epoch: int = 2
-    batch_size: int = 32
-    max_length: int = 64
     alpha: float = 0.05
     power: float = 0.8
     scratch_depth: int = 4
@@ -69,9 +62,7 @@ class Params(TaskParams):
 
     def validate(self) -> None:
         """Fail before any model loads on settings the chapter cannot use."""
-        super().validate()
-        if not self.models or any(m not in MODELS for m in self.models):
-            raise LayerwiseError(f"models={list(self.models)}: choose from {', '.join(MODELS)}.")
+        super().validate(MODELS)
         if len(self.depths) < 2 or min(self.depths) < 1 or len(set(self.depths)) != len(self.depths):
             raise LayerwiseError(f"depths={list(self.depths)}: give at least two distinct depths >= 1.")
         if not 0 < self.alpha < 0.5 or not 0.5 <= self.power < 1:
@@ -83,11 +74,9 @@ class Params(TaskParams):
     def arm_params(self) -> cp.Params:
         """The compression chapter's parameters with this chapter's schedule: its ``healed_arm`` entries (the
         ``first_k`` recipe) are the same cache entries whenever the schedules agree."""
-        return replace(cp.Params(), tiny=self.tiny, seeds=self.seeds, tasks=self.tasks, models=("minilm",),
+        return replace(cp.Params(), tiny=self.tiny, seeds=self.seeds, tasks=self.tasks, models=self.models, sources=self.sources,
                        neutral_band=self.neutral_band, mr_max_train=self.mr_max_train, device=self.device,
-                       lr_full=self.lr_full, lr_search_seed=self.lr_search_seed, epochs=self.epochs,
-                       patience=self.patience, evals_per_epoch=self.evals_per_epoch, batch_size=self.batch_size,
-                       max_length=self.max_length, recipes=("first_k", "finetune"), base_recipe="finetune",
+                       lr_full=self.lr_full, **self.schedule_fields(), recipes=("first_k", "finetune"), base_recipe="finetune",
                        torch_threads=self.torch_threads, latency_repeats=self.latency_repeats,
                        latency_batches=self.latency_batches, latency_seq_len=self.latency_seq_len)
 
@@ -103,13 +92,14 @@ def _lr_per_depth(params: Params, name: str, task: str) -> tuple[dict[int, float
     """Each depth's learning rate, chosen on validation loss on ``lr_search_seed``'s split."""
     ap = params.arm_params()
     ctx = cp._context(ap, name, task, params.lr_search_seed)
-    rows = []
+    rows, majority = [], train.majority_share(ctx["splits"]["val"]["label"])
     for k in _depths(params, layers.num_blocks(ctx["teacher"])):
         for lr in params.lr_full:
             arm = cp.healed_arm(ap, name, task, params.lr_search_seed, tuple(range(k)), "first_k", lr, ctx)
             rows.append({"model": name, "task": task, "depth": k, "lr": lr,
                          "val_loss": float(arm["history"]["val_loss"].min()),
                          "val_accuracy": float(arm["val_correct"].mean()), "steps": arm["steps"],
+                         "failed": train.failed_accuracy(float(arm["val_correct"].mean()), majority),
                          "seconds": arm["seconds"]})
     table = pd.DataFrame(rows)
     best = units_mod.choose_lowest_val_loss(table, "depth")
@@ -145,7 +135,7 @@ def _scratch_gate(params: Params) -> pd.DataFrame:
     per task (seed ``lr_search_seed``): the from-scratch curve is shown only when it wins on every task."""
     rows = []
     for task_name in params.tasks:
-        task = _task(params, task_name)
+        task = params.task_spec(task_name)
         spec = train.standard_spec("scratch", params.tiny, num_layers=params.scratch_depth)
         cfg = train.recipe("scratch", task, params.tiny, params.device)
         model, tok, record = train.get_trained(spec, task, cfg, params.lr_search_seed, params.device)
@@ -224,7 +214,7 @@ def _latency(result: Result, params: Params, units: list[dict[str, Any]]) -> Non
     u = next((u for u in units if not u["excluded"]), None)
     if u is None:
         return
-    teacher, tok, _ = train.baseline(u["model"], u["seed"], params.tiny, task=_task(params, u["task"]),
+    teacher, tok, _ = train.baseline(params.model_ref(u["model"]), u["seed"], params.tiny, task=params.task_spec(u["task"]),
                                      device=params.device)
     cost = compress.cost_table(teacher, tok, sorted(u["arms"]), batch_sizes=params.latency_batches,
                                seq_len=params.latency_seq_len, repeats=params.latency_repeats, device=params.device)
@@ -271,6 +261,7 @@ def run(params: Params) -> Result:
     units_mod.start(params)
     result, started = Result(), time.time()
     lrs, result.tables["lr_search"] = units_mod.per_task(params, lambda m, t: _lr_per_depth(params, m, t))
+    units_mod.failed_search_runs(result, result.tables["lr_search"])
     units = units_mod.run_units(params, lambda m, t, s: _unit(params, m, t, s, lrs[(m, t)]), "depth")
     units_mod.failed_trainings(result, units, params)
     _summarise(result, units, params)

@@ -32,15 +32,14 @@ import pandas as pd
 from .. import models, quantize, stats, train
 from ..errors import LayerwiseError
 from ..report import fmt_ci
-from . import Result, TaskParams
+from . import Result, ScheduleParams
 from . import units as units_mod
-from .baselines import _task
 
 MODELS = ("minilm",)
 
 
 @dataclass(frozen=True)
-class Params(TaskParams):
+class Params(ScheduleParams):
     """The chapter's parameters: the shared :class:`~analysis_kit.studies.TaskParams`, the adapters (methods,
     ranks, targets), the learning-rate grid, the schedule and the 4-bit storage (the notebook's parameters cell
     holds the same names and defaults)."""
@@ -50,12 +49,7 @@ class Params(TaskParams):
     ranks: tuple[int, ...] = (4, 16, 64)
     targets: str = "all_linear"
     lrs: tuple[float, ...] = (3e-4, 1e-3)
-    lr_search_seed: int = 0
     epochs: int = 4
-    patience: int = 2
-    evals_per_epoch: int = 2
-    batch_size: int = 32
-    max_length: int = 64
     quant_type: str = "nf4"
     double_quant: bool = True
     compute_dtype: str = "float32"
@@ -66,9 +60,7 @@ class Params(TaskParams):
 
     def validate(self) -> None:
         """Fail before any model loads on settings the chapter cannot use."""
-        super().validate()
-        if not self.models or any(m not in MODELS for m in self.models):
-            raise LayerwiseError(f"models={list(self.models)}: choose from {', '.join(MODELS)}.")
+        super().validate(MODELS)
         if not self.methods or any(m not in ("lora", "qlora") for m in self.methods):
             raise LayerwiseError(f"methods={list(self.methods)}: choose from lora, qlora.")
         if len(self.ranks) < 2 or min(self.ranks) < 1 or len(set(self.ranks)) != len(self.ranks):
@@ -89,18 +81,16 @@ class Params(TaskParams):
 
     def spec(self, method: str, rank: int, lr: float, seed: int, n_train: int) -> quantize.RunSpec:
         """One adapter run: the shared schedule (validation ``evals_per_epoch`` times per epoch) at ``lr``."""
-        per_epoch = -(-n_train // self.batch_size)
-        cfg = train.TrainConfig(epochs=self.epochs, lr=lr, batch_size=self.batch_size, patience=self.patience,
-                                max_length=self.max_length, eval_every=-(-per_epoch // self.evals_per_epoch))
-        return quantize.RunSpec(method, seed, quantize.LoraSpec(rank=rank, targets=self.targets), self.qcfg, cfg,
+        return quantize.RunSpec(method, seed, quantize.LoraSpec(rank=rank, targets=self.targets), self.qcfg,
+                                self.schedule(n_train, lr),
                                 self.cost_batch_size, self.cost_seq_len)
 
 
 def _adapter_run(params: Params, name: str, task_name: str, seed: int, method: str, rank: int,
                  lr: float) -> dict[str, Any]:
     """One cached adapter run on the pretrained model with a seeded new head."""
-    task = _task(params, task_name)
-    spec_m = train.standard_spec(name, params.tiny)
+    task = params.task_spec(task_name)
+    spec_m = train.standard_spec(params.model_ref(name), params.tiny)
     splits = train.load_task(task, seed)
     tok = models.load_tokenizer(spec_m)
     run = quantize.run(params.spec(method, rank, lr, seed, len(splits["train"])),
@@ -113,12 +103,14 @@ def _adapter_run(params: Params, name: str, task_name: str, seed: int, method: s
 def _lr_search(params: Params, name: str, task: str) -> tuple[dict[tuple[str, int], float], pd.DataFrame]:
     """Each (method, rank)'s learning rate, chosen on validation loss on ``lr_search_seed``."""
     rows = []
+    majority = train.majority_share(train.load_task(params.task_spec(task), params.lr_search_seed)["val"]["label"])
     for method in params.methods:
         for rank in params.ranks:
             for lr in params.lrs:
                 r = _adapter_run(params, name, task, params.lr_search_seed, method, rank, lr)
                 rows.append({"model": name, "task": task, "method": method, "rank": rank, "lr": lr,
                              "val_loss": r["val_loss"], "val_accuracy": r["val_accuracy"], "steps": r["steps"],
+                             "failed": train.failed_accuracy(r["val_accuracy"], majority),
                              "train_seconds": r["train_seconds"]})
     table = pd.DataFrame(rows)
     best = units_mod.choose_lowest_val_loss(table, ["method", "rank"])
@@ -127,8 +119,8 @@ def _lr_search(params: Params, name: str, task: str) -> tuple[dict[tuple[str, in
 
 def _references(params: Params, name: str, task_name: str, seed: int) -> dict[str, Any]:
     """The full fine-tuned model of the baselines chapter and the same model with NF4 blocks, no adapter."""
-    task = _task(params, task_name)
-    model, tok, record = train.baseline(name, seed, params.tiny, task=task, device=params.device)
+    task = params.task_spec(task_name)
+    model, tok, record = train.baseline(params.model_ref(name), seed, params.tiny, task=task, device=params.device)
     test = train.load_task(task, seed)["test"]
     labels = test["label"].to_numpy()
     full = train.predict(model, tok, test["text"].tolist(), max_length=params.max_length, device=params.device)
@@ -276,6 +268,7 @@ def run(params: Params) -> Result:
     units_mod.start(params)
     result, started = Result(), time.time()
     lrs, result.tables["lr_search"] = units_mod.per_task(params, lambda m, t: _lr_search(params, m, t))
+    units_mod.failed_search_runs(result, result.tables["lr_search"])
     units = units_mod.run_units(params, lambda m, t, s: _unit(params, m, t, s, lrs[(m, t)]), "qlora")
     units_mod.failed_trainings(result, units, params)
     _summarise(result, units, params)

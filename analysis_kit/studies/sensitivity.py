@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .. import data, importance, runner, stats, train
 from .. import sensitivity as sens
@@ -46,8 +45,9 @@ from ..errors import LayerwiseError
 from ..report import fmt_ci
 from . import Result, TaskParams
 from . import theoretical_validation as tv
-from .baselines import _task
+from . import units as units_mod
 
+MODELS = ("minilm",)
 SUMMARY_ONLY = ("tasks", "seeds", "n_bootstrap", "n_permutations")
 
 
@@ -57,6 +57,7 @@ class Params(TaskParams):
     under every calibration set, the sets themselves, the blocks dropped in the consequence check and the
     permutation count (the notebook's parameters cell holds the same names and defaults)."""
 
+    models: tuple[str, ...] = ("minilm",)
     methods: tuple[str, ...] = importance.CHEAP_METHODS
     cal_sizes: tuple[int, ...] = (32, 128, 512)
     cal_domains: tuple[str, ...] = ("amazon", "movie", "tweets", "nyt")
@@ -68,7 +69,10 @@ class Params(TaskParams):
 
     def validate(self) -> None:
         """Fail before any model loads on settings the chapter cannot use."""
-        super().validate()
+        super().validate(MODELS)
+        if len(self.models) != 1 or self.importance_params().is_lm(self.models[0]):
+            raise LayerwiseError(f"models={list(self.models)}: name one fine-tuned classifier (minilm, or your "
+                                 "encoder folder); the chapter tests the rankings of one model's blocks.")
         bad = [m for m in self.methods if m not in importance.CHEAP_METHODS]
         if bad or not self.methods:
             raise LayerwiseError(f"methods={list(self.methods)}: choose from the cheap methods "
@@ -92,10 +96,14 @@ class Params(TaskParams):
     def conditions(self, task: str) -> list[tuple[str, str, int]]:
         """(label, domain, size) of every calibration set besides the reference: the task's own training split
         at each size, every other domain at ``domain_n`` (the own domain at ``domain_n`` is a size)."""
-        own = data.task_domain(task)
+        own = self.own_domain(task)
         out = [(f"own@{n}", own, n) for n in self.cal_sizes if f"own@{n}" != self.reference()]
         out += [(f"{d}@{self.domain_n}", d, self.domain_n) for d in self.cal_domains if d != own]
         return out
+
+    def own_domain(self, task: str) -> str:
+        """The snippet domain of a built-in task; your data file stands for its own domain (named as the task)."""
+        return task if self.source(task) is not None else data.task_domain(task)
 
     def reference(self) -> str:
         """The reference calibration set's label: the importance chapter's own scores (``own@<calib_n>``)."""
@@ -104,7 +112,7 @@ class Params(TaskParams):
     def importance_params(self) -> tv.Params:
         """The theoretical_validation parameters whose cached units this chapter reads (its defaults, with this
         chapter's shared settings)."""
-        return replace(tv.Params(), tiny=self.tiny, seeds=self.seeds, tasks=self.tasks, models=("minilm",),
+        return replace(tv.Params(), tiny=self.tiny, seeds=self.seeds, tasks=self.tasks, models=self.models, sources=self.sources,
                        neutral_band=self.neutral_band, mr_max_train=self.mr_max_train, device=self.device,
                        torch_threads=self.torch_threads, **(_TINY if self.tiny else {}))
 
@@ -119,14 +127,14 @@ _TINY = {"calib_n": 32, "expensive_n": 4, "conductance_steps": 4, "shap_permutat
 
 def _unit(params: Params, task_name: str, seed: int) -> dict[str, Any]:
     """The cheap methods' scores under every calibration set for one (task, seed) model."""
-    task = _task(params, task_name)
-    model, tok, record = train.baseline("minilm", seed, params.tiny, task=task, device=params.device)
+    task = params.task_spec(task_name)
+    model, tok, record = train.baseline(params.model_ref(params.models[0]), seed, params.tiny, task=task, device=params.device)
     model.eval()
     splits = train.load_task(task, seed)
     ip = params.importance_params()
     rows = []
     for label, domain, n in params.conditions(task_name):
-        if domain == data.task_domain(task_name):
+        if domain == params.own_domain(task_name):
             pool = splits["train"]
         else:
             pool = data.load_snippets(domain, "polarity", params.neutral_band)
@@ -230,11 +238,7 @@ def _mixed_model(norm: pd.DataFrame) -> tuple[pd.DataFrame, list[stats.TestResul
 def run(params: Params) -> Result:
     """Run the chapter: read the importance units, add the calibration sets, measure agreement, variance and
     consequence, test."""
-    params.validate()
-    for task in params.tasks:
-        _task(params, task)
-    if params.torch_threads:
-        torch.set_num_threads(params.torch_threads)
+    units_mod.start(params)
     ip = params.importance_params()
     result = Result()
     started = time.time()
@@ -242,7 +246,7 @@ def run(params: Params) -> Result:
     bar = progress(total=2 * len(todo), desc="sensitivity units (task x seed: importance, calibration sets)")
     units = []
     for task, seed in todo:
-        base = tv._cached_unit(ip, "minilm", task, seed)
+        base = tv._cached_unit(ip, params.models[0], task, seed)
         bar.update(1)
         extra = _cached_unit(params, task, seed)
         bar.update(1)
@@ -255,7 +259,7 @@ def run(params: Params) -> Result:
         "calibration_transfer": "does calibrating on another set pick blocks whose removal hurts more than the "
                                 "reference set's choice (paired regret difference, pooled over methods)?"})
     used = [(b, e) for b, e in units if not b["excluded"]]
-    result.metrics.update({f"failed_trainings/minilm/{t}": {
+    result.metrics.update({f"failed_trainings/{params.models[0]}/{t}": {
         "mean": sum(b["failed"] for b, _ in units if b["task"] == t), "ci_low": None, "ci_high": None,
         "n": sum(1 for b, _ in units if b["task"] == t), "unit": "runs",
         "method": "count of runs within 1 point of the majority class on validation (excluded)"} for t in params.tasks})

@@ -49,11 +49,11 @@ from ..device import pick, progress
 from ..errors import LayerwiseError
 from ..models import ModelSpec
 from ..report import fmt_ci
-from . import Result, TaskParams
-from .baselines import _task
+from . import Labels, Result, TaskParams
+from . import units as units_mod
 
 MODELS = ("minilm", "smollm2")
-LABELS = {"minilm": "MiniLM-L6 (fine-tuned classifier)", "smollm2": "SmolLM2-135M (language model)"}
+LABELS = Labels({"minilm": "MiniLM-L6 (fine-tuned classifier)", "smollm2": "SmolLM2-135M (language model)"})
 #: The two references every method is compared with: the last k blocks, and k blocks drawn at random.
 REFERENCES = ("drop_last", "random")
 #: Physical minimum of each method in passes over its data: ("forward" | "forward_backward", count); None =
@@ -92,12 +92,14 @@ class Params(TaskParams):
     torch_threads: int = 2
     n_bootstrap: int = 2_000  # each resample redraws every test example of every seed of every metric
 
+    def is_lm(self, name: str) -> bool:
+        """Whether model ``name`` is studied as a language model (SmolLM2, or your decoder folder) rather than
+        as a fine-tuned classifier."""
+        return train.is_decoder(self.model_ref(name))
+
     def validate(self) -> None:
         """Fail before any model loads on settings the chapter cannot use."""
-        super().validate()
-        unknown = [m for m in self.models if m not in MODELS]
-        if unknown or not self.models:
-            raise LayerwiseError(f"models={list(self.models)}: choose one or more of {', '.join(MODELS)}.")
+        super().validate(MODELS)
         bad = [m for m in self.methods if m not in importance.available_methods()]
         if bad or not self.methods:
             raise LayerwiseError(f"methods={list(self.methods)}: choose from "
@@ -132,15 +134,18 @@ def _classifier_batches(tok: Any, df: pd.DataFrame, params: Params) -> list[dict
 
 def _load(params: Params, name: str, task_name: str, seed: int) -> dict[str, Any]:
     """The model and its calibration and evaluation batches for one unit (see the module docstring)."""
-    task = _task(params, task_name)
+    task = params.task_spec(task_name)
     splits = train.load_task(task, seed)
-    if name == "minilm":
-        model, tok, record = train.baseline("minilm", seed, params.tiny, task=task, device=params.device)
+    if not params.is_lm(name):
+        model, tok, record = train.baseline(params.model_ref(name), seed, params.tiny, task=task, device=params.device)
         calib = data.subsample(splits["train"], min(params.calib_n, len(splits["train"])), seed)
         return {"model": model, "failed": bool(record["failed"]), "ks": None,
                 "calib": _classifier_batches(tok, calib, params),
                 "test": _classifier_batches(tok, splits["test"], params)}
-    spec = ModelSpec("tiny_llama", num_layers=4, tiny=True) if params.tiny else ModelSpec("smollm2")
+    if params.source(name) is not None:  # your decoder folder, as a language model
+        spec = train.standard_spec(params.model_ref(name), params.tiny)
+    else:
+        spec = ModelSpec("tiny_llama", num_layers=4, tiny=True) if params.tiny else ModelSpec("smollm2")
     model, tok = models.load_causal_lm(spec), models.load_tokenizer(spec)
     model.to(pick(params.device))
     calib = data.subsample(splits["train"], min(params.lm_calib_texts, len(splits["train"])), seed)
@@ -182,7 +187,7 @@ def _unit(params: Params, name: str, task_name: str, seed: int) -> dict[str, Any
                            "failed": loaded["failed"], "ks": ks, "excluded": loaded["failed"] and not params.tiny}
     if out["excluded"]:  # a failed training is counted, never measured (smoke: kept, so every step runs)
         return out
-    lm = name == "smollm2"
+    lm = params.is_lm(name)
     few = params.lm_expensive_n if lm else params.expensive_n
     options = {"conductance": {"n_steps": params.lm_conductance_steps if lm else params.conductance_steps,
                                "max_examples": few},
@@ -216,7 +221,7 @@ def _unit(params: Params, name: str, task_name: str, seed: int) -> dict[str, Any
             "oracle": oracle.assign(row=oracle["drop"].map(index)), "full_loss": float(gt.full_nll.sum()
                                                                                       / gt.units.sum()),
             "full_accuracy": float(gt.full_correct.sum() / gt.units.sum()), "n_examples": int(gt.units.size),
-            "n_tokens": int(gt.units.sum()) if name != "minilm" else None, "gt_seconds": gt.seconds,
+            "n_tokens": int(gt.units.sum()) if lm else None, "gt_seconds": gt.seconds,
             "gt_block_passes": gt.block_passes}
 
 
@@ -484,7 +489,7 @@ def _minimum(unit: dict[str, Any], row: pd.Series, params: Params) -> tuple[floa
     """The physical minimum of one method's run, in seconds of this unit's measured passes, and its name."""
     method, n_layers = row["method"], unit["n_layers"]
     t_f, t_fb = unit["t_forward"], unit["t_forward_backward"]
-    lm = unit["model"] == "smollm2"
+    lm = params.is_lm(unit["model"])
     share = min(params.lm_expensive_n if lm else params.expensive_n, unit["calib_examples"]) / unit["calib_examples"]
     steps = params.lm_conductance_steps if lm else params.conductance_steps
     if method in ("fisher", "gradient"):
@@ -502,7 +507,7 @@ def _bench(result: Result, params: Params) -> None:
     """Cached single-block ablation against naive L + 1 forwards, at L = 6 (MiniLM), 12 (MPNet-base) and 30
     (SmolLM2), on calibration-sized batches of amazon sentences (weights matter not for timing: MPNet's head
     is untrained)."""
-    task = _task(params, params.tasks[0])
+    task = params.task_spec(params.tasks[0])
     df = data.subsample(train.load_task(task, params.seeds[0])["train"], 64 if not params.tiny else 16, 0)
     rows = []
     for name in ("minilm", "mpnet", "smollm2"):
@@ -620,15 +625,11 @@ def _key_findings(result: Result, params: Params) -> str:
 
 def run(params: Params) -> Result:
     """Run the chapter: score, measure the ground truth, summarise, test, time."""
-    params.validate()
-    for task in params.tasks:
-        _task(params, task)
-    if params.torch_threads:
-        torch.set_num_threads(params.torch_threads)
+    units_mod.start(params)
     result = Result()
     started = time.time()
     todo = [(m, t, s) for m in params.models for t in params.tasks
-            for s in (params.seeds if m == "minilm" else params.seeds[:1])]
+            for s in (params.seeds[:1] if params.is_lm(m) else params.seeds)]
     units = []
     bar = progress(total=len(todo), desc="importance units (model x task x seed)")
     for name, task, seed in todo:

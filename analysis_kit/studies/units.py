@@ -3,8 +3,9 @@
 A study of this kind checks its parameters and tasks before any model loads, sets torch's thread count,
 chooses a learning rate per (model, task) on validation, runs one *unit* per (model, task, seed) with a
 progress bar, and counts the failed trainings it left out. :func:`start`, :func:`per_task`,
-:func:`choose_lowest_val_loss`, :func:`run_units` and :func:`failed_trainings` are those steps; the compression, depth and QLoRA studies
-use them (the older studies still inline them, until their chapters are next re-executed).
+:func:`choose_lowest_val_loss`, :func:`run_units` and :func:`failed_trainings` are those steps: every chapter
+starts with :func:`start`; the compression, depth and QLoRA studies use the rest (theoretical_validation and
+dynamic_selection keep their own unit loops, which read per-unit caches with their own keys).
 """
 
 from __future__ import annotations
@@ -26,11 +27,9 @@ def start(params: Any) -> None:
     (``params.torch_threads``; 0 keeps torch's default): all before any model loads."""
     import torch
 
-    from .baselines import _task
-
     params.validate()
     for task in params.tasks:
-        _task(params, task)
+        params.task_spec(task)
     if getattr(params, "torch_threads", 0):
         torch.set_num_threads(params.torch_threads)
 
@@ -55,6 +54,16 @@ def choose_lowest_val_loss(table: pd.DataFrame, by: str | list[str]) -> pd.DataF
     best = table.assign(_failed=failed).sort_values(["_failed", "val_loss"], kind="stable").groupby(by).head(1)
     table["chosen"] = table.index.isin(best.index)
     return best.drop(columns="_failed")
+
+
+def failed_search_runs(result: Result, table: pd.DataFrame) -> None:
+    """``failed_search_runs/<model>/<task>``: the learning-rate-search runs (a ``failed`` column per row of
+    ``table``) that ended within 1 point of the majority class; :func:`choose_lowest_val_loss` never lets one
+    win unless its whole group failed."""
+    for (name, task), g in table.groupby(["model", "task"]):
+        result.metrics[f"failed_search_runs/{name}/{task}"] = {
+            "mean": int(g["failed"].astype(bool).sum()), "ci_low": None, "ci_high": None, "n": len(g),
+            "unit": "runs", "method": FAILED_METHOD.replace("(excluded)", "(never chosen unless all failed)")}
 
 
 def run_units(params: Any, fn: Callable[[str, str, int], dict[str, Any]], desc: str) -> list[dict[str, Any]]:
