@@ -82,8 +82,6 @@ FORMATS = data.FORMATS
 HEAL = ("none", "finetune", "distill", "lora")
 #: Importance methods computed when none are named: the measured damage and two cheap geometric scores.
 DEFAULT_METHODS = ("ablation", "block_influence", "fisher")
-#: Bump when a change here changes any cached stage (invalidates ``OUT/.analyze``).
-ANALYZE_CODE_VERSION = 1
 STAGES_DIR = ".analyze"
 MODEL_DIR = "model"
 
@@ -264,17 +262,6 @@ def _load_model(model_dir: Path, task: str) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _folder_digest(folder: Path) -> str:
-    """SHA-256 over the names and contents of every file in the model folder."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(folder)).encode())
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------------------------------
 # Stages cached in the output folder
 
@@ -450,10 +437,10 @@ class Analyzer:
     @property
     def base_key(self) -> dict[str, Any]:
         if self._base_key is None:
-            self._base_key = cache.key_of({"model": _folder_digest(self.model_dir), "data": self.data.fingerprint(),
+            self._base_key = cache.key_of({"model": cache.file_digest(self.model_dir), "data": self.data.fingerprint(),
                                            "settings": {k: v for k, v in self.settings.items()
                                                         if k not in ("device", "latency_batch", "latency_rounds")},
-                                           "code": ANALYZE_CODE_VERSION})
+                                           "code": cache.code_key(sys.modules[__name__])})
         return {"base": self._base_key}
 
     def load(self) -> Any:

@@ -8,13 +8,17 @@ run never leaves a half-written entry: the next run simply recomputes what is mi
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 import shutil
 import tempfile
+import textwrap
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,6 +46,52 @@ def key_of(spec: Any) -> str:
     """SHA-256 hex digest of a JSON-canonical form of ``spec`` (dicts are key-sorted)."""
     blob = json.dumps(_canonical(spec), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def code_digest(source: str) -> str:
+    """Hash of what a module *does*: its syntax tree without docstrings (comments are not in the tree).
+
+    Editing a comment or a docstring, or re-wrapping lines, does not invalidate hours of executed notebooks;
+    any change to code does. A module that does not parse is hashed byte for byte.
+    """
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return hashlib.sha256(source.encode()).hexdigest()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
+
+
+@lru_cache(maxsize=256)
+def code_key(*code: Any) -> str:
+    """The one rule by which cached work is invalidated: a hash of the code that produces it.
+
+    ``code`` are the functions, classes or modules that determine a cache entry; each is hashed by its syntax
+    tree without docstrings (:func:`code_digest`), so changing what the code does re-computes the entry while
+    rewording a docstring or a comment does not. Every cache key holds ``"code": code_key(...)`` of its
+    builder, never a hand-bumped version number that can be forgotten.
+    """
+    return hashlib.sha256("".join(code_digest(textwrap.dedent(inspect.getsource(c))) for c in code).encode()
+                          ).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 over the names and contents of a file, or of every file in a folder (a model folder, a
+    ``datasets`` folder): the content part of the key of anything computed from a user's files."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path.parent if path.is_file() else path)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def _umask() -> int:

@@ -58,12 +58,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import layers
-from .cache import atomic_write_json, cached_dir
+from .cache import atomic_write_json, cached_dir, code_key
 from .device import pick, progress, seed_everything
 from .errors import LayerwiseError
 
-#: Bump when exit-head training changes in a way that changes weights (invalidates cached heads).
-EXITS_CODE_VERSION = 3
 # ONLINE_POLICIES and POLICIES come from the policy registry below.
 MODES = ("joint", "frozen")
 WEIGHTINGS = ("linear", "uniform")
@@ -487,7 +485,8 @@ def exit_model(model: nn.Module, tokenizer: Any, base_key: str, train_df: pd.Dat
     _check_frame(train_df, "train_df")
     _check_frame(val_df, "val_df")
     spec = {"kind": "exit_heads", "base": base_key, "cfg": asdict(cfg), "seed": seed,
-            "data": _frame_digest(train_df, val_df), "code": EXITS_CODE_VERSION}
+            "data": _frame_digest(train_df, val_df),
+            "code": code_key(exit_model, train_exits, ExitHeads)}
 
     def build(folder: Path) -> None:
         start = time.time()

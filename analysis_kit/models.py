@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from . import layers
-from .cache import cached_dir
+from .cache import cached_dir, code_key
 from .errors import LayerwiseError
 
 KINDS = ("minilm", "mpnet", "scratch", "smollm2", "tiny_llama", "hf")
@@ -46,8 +46,6 @@ TINY_DEFAULTS = {"num_layers": 2, "hidden": 64, "heads": 4}
 TINY_MAX_HIDDEN = 64
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-#: Bump when the GGUF → safetensors conversion changes, so cached folders are rebuilt.
-CONVERT_VERSION = 1
 
 
 class ModelSpecError(LayerwiseError):
@@ -185,7 +183,8 @@ def _smollm2_key(gguf: Path, what: str) -> dict[str, Any]:
     import transformers
 
     return {"what": what, "source": gguf.name, "bytes": gguf.stat().st_size,
-            "transformers": transformers.__version__, "code": CONVERT_VERSION}
+            "transformers": transformers.__version__,
+            "code": code_key(smollm2_folder, _smollm2_tokenizer_folder, _fix_gguf_tokenizer)}
 
 
 def smollm2_folder() -> Path:

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import layers
-from .cache import cached_dir, cached_json
+from .cache import cached_dir, cached_json, code_key
 from .device import pick, seed_everything
 from .errors import LayerwiseError
 
@@ -63,8 +63,6 @@ METHODS = ("full", "lora", "qlora")
 #: Substring that marks an attention projection inside a block, per family (``config.model_type``).
 _ATTENTION_MARK = {"bert": ".attention.", "mpnet": ".attention.", "llama": ".self_attn.", "mistral": ".self_attn.",
                    "qwen2": ".self_attn."}
-#: Bump when ``run`` changes in a way that changes its numbers (invalidates cached runs).
-RUN_CODE_VERSION = 2
 
 
 class QuantizeError(LayerwiseError):
@@ -615,7 +613,7 @@ def run(spec: RunSpec, build_base: Callable[[], nn.Module], tokenizer: Any, spli
                 "train_seconds": seconds, "steps": int(hist["step"].max()) if len(hist) else 0,
                 "device": str(pick(device)), "correct": [bool(c) for c in test["correct"]]}
 
-    key = {"kind": "qlora_run", "code": RUN_CODE_VERSION, "data": dict(data_key), "run": spec.key()}
+    key = {"kind": "qlora_run", "code": code_key(run, quantize, add_lora, prepare, train_mod.fine_tune), "data": dict(data_key), "run": spec.key()}
     record = cached_json("qlora_runs", key, compute) if cache else json.loads(json.dumps(compute()))
     return {"method": spec.method, "seed": spec.seed, "rank": spec.lora.rank if spec.method != "full" else 0,
             "targets": spec.lora.targets if spec.method != "full" else "all", **record}

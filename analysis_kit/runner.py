@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from .cache import atomic_write_json
+from .cache import atomic_write_json, code_digest
 from .errors import LayerwiseError
 from .paths import REPO_ROOT, results_dir
 
@@ -334,25 +334,6 @@ def _source_fingerprint(slug: str) -> str:
         h.update(mod.encode())
         h.update(code_digest(seen[mod].read_text()).encode())
     return h.hexdigest()
-
-
-def code_digest(source: str) -> str:
-    """Hash of what a module *does*: its syntax tree without docstrings (comments are not in the tree).
-
-    Editing a comment or a docstring, or re-wrapping lines, does not invalidate hours of executed notebooks;
-    any change to code does. A module that does not parse is hashed byte for byte.
-    """
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return hashlib.sha256(source.encode()).hexdigest()
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if (isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and body
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                and isinstance(body[0].value.value, str)):
-            node.body = body[1:] or [ast.Pass()]
-    return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
 
 
 def fingerprint(slug: str, profile: str, params: dict[str, Any]) -> str:

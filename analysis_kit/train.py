@@ -8,7 +8,6 @@ task spec, training config, seed), so notebooks stay independent and nothing is 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -25,12 +24,9 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 
 from . import data as data_mod
-from .cache import atomic_write_json, cached_dir
+from .cache import atomic_write_json, cached_dir, code_key, file_digest
 from .device import pick, progress, seed_everything
 from .errors import LayerwiseError
-
-#: Bump when the training code changes in a way that changes weights (invalidates the cache).
-TRAIN_CODE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -92,18 +88,6 @@ def task_spec(name: str = "amazon", tiny: bool = False, label_mode: str = "polar
     return replace(base, domain=data_mod.task_domain(name), label_mode=label_mode, neutral_band=neutral_band)
 
 
-def _file_digest(path: Path) -> str:
-    """SHA-256 over the names and contents of a file, or of every file in a folder (a ``datasets`` folder)."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        h.update(str(f.relative_to(path.parent if path.is_file() else path)).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def file_task(name: str, path: str | Path, tiny: bool = False) -> TaskSpec:
     """The TaskSpec of your own labelled data file (``data.load_labelled_file``: CSV/TSV/JSONL with ``text`` and
     ``label`` columns, Amazon Reviews 2023 JSONL, a ``datasets`` folder), named ``name`` in metric keys.
@@ -114,7 +98,7 @@ def file_task(name: str, path: str | Path, tiny: bool = False) -> TaskSpec:
     path = Path(path).expanduser().resolve()
     _, labels = data_mod.load_labelled_file(path)
     base = SMOKE_TASK if tiny else TaskSpec()
-    return replace(base, source=str(path), source_name=name, digest=_file_digest(path), labels=labels)
+    return replace(base, source=str(path), source_name=name, digest=file_digest(path), labels=labels)
 
 
 #: A training run whose validation accuracy is within this many points of the majority class learned nothing
@@ -156,7 +140,7 @@ def load_task(task: TaskSpec, seed: int) -> dict[str, pd.DataFrame]:
         raise LayerwiseError(f"label_mode {task.label_mode!r} unknown; choose from {data_mod.LABEL_MODES}.")
     if task.source is not None:
         df, labels = data_mod.load_labelled_file(task.source)
-        if labels != task.labels or _file_digest(Path(task.source)) != task.digest:
+        if labels != task.labels or file_digest(Path(task.source)) != task.digest:
             raise LayerwiseError(f"{task.source} changed since its task was set up (labels or content differ); "
                                  "start the run again so that every model sees the same data.")
     else:
@@ -338,7 +322,8 @@ def trained_record(model_spec, task: TaskSpec, cfg: TrainConfig, seed: int, devi
     from . import models
 
     spec = {"kind": "trained_classifier", "model": asdict(model_spec), "task": asdict(task), "train": asdict(cfg),
-            "seed": seed, "code": TRAIN_CODE_VERSION}
+            "seed": seed, "code": code_key(trained_record, fine_tune, load_task, _batches, _loss, evaluate,
+                                           models.build_classifier, data_mod.make_loader, data_mod.split)}
 
     def build(folder: Path) -> None:
         tokenizer = models.load_tokenizer(model_spec)
@@ -536,7 +521,7 @@ def _folder_family(folder: str) -> bool:
 @lru_cache(maxsize=32)
 def _folder_digest(folder: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
     """SHA-256 of a model folder's files (``stamp``: names, sizes and mtimes, so an edited folder re-hashes)."""
-    return _file_digest(Path(folder))
+    return file_digest(Path(folder))
 
 
 def _spec_of_folder(folder: Path, tiny: bool, num_layers: int | None):

@@ -145,3 +145,22 @@ def test_unwritable_cache_location_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path / "ro"))
     with pytest.raises(paths.CacheLocationError, match="is not writable"):
         paths.cache_dir()
+
+
+def test_code_key_follows_code_not_docstrings(tmp_path, monkeypatch):
+    """The one invalidation rule: a cache key changes with what the code does, not with its docstring."""
+    import importlib
+    import sys
+
+    from analysis_kit.cache import code_key
+
+    def module(body: str, name: str):
+        (tmp_path / f"{name}.py").write_text(body)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        sys.modules.pop(name, None)
+        return importlib.import_module(name)
+
+    a = module('def f(x):\n    """Say what."""\n    return x + 1\n', "ck_a")
+    b = module('def f(x):\n    """Say it differently, at length."""\n    # a comment\n    return x + 1\n', "ck_b")
+    c = module('def f(x):\n    """Say what."""\n    return x + 2\n', "ck_c")
+    assert code_key(a.f) == code_key(b.f) != code_key(c.f)

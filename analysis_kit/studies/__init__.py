@@ -16,9 +16,7 @@ import pandas as pd
 
 from .. import data
 from ..errors import LayerwiseError
-
-#: The built-in models a chapter may name (each chapter accepts the ones its ``MODELS`` lists).
-NAMED_MODELS = ("minilm", "mpnet", "smollm2", "scratch")
+from ..train import STANDARD_MODELS
 
 
 def parse_source(entry: str, named: tuple[str, ...], what: str) -> tuple[str, str | None]:
@@ -50,8 +48,9 @@ class TaskParams:
     """The parameters every fine-tuning chapter shares (a study's ``Params`` subclasses it and adds its own).
 
     ``tiny`` (the smoke profile: tiny random models, capped data), ``seeds`` (a seed fixes the split, the
-    initialisation and the data order; intervals are taken over seeds), ``tasks`` (``amazon``, ``mr``),
-    ``neutral_band`` (the polarity labels' neutral band), ``mr_max_train`` (mr's training split cap; 0 =
+    initialisation and the data order; intervals are taken over seeds), ``tasks`` (``amazon``, ``mr``, or your
+    data file: a path or ``NAME=PATH``, see :func:`parse_source`; a chapter's ``models`` take your Hugging Face
+    folder the same way), ``neutral_band`` (the polarity labels' neutral band), ``mr_max_train`` (mr's training split cap; 0 =
     none), ``n_bootstrap`` (resamples of every interval) and ``device``.
     """
 
@@ -68,7 +67,7 @@ class TaskParams:
 
     def __post_init__(self) -> None:
         found = dict(self.sources)
-        for attr, named, what in (("tasks", tuple(data.TASKS), "tasks"), ("models", NAMED_MODELS, "models")):
+        for attr, named, what in (("tasks", tuple(data.TASKS), "tasks"), ("models", STANDARD_MODELS, "models")):
             entries = getattr(self, attr, None)
             if entries is None:
                 continue

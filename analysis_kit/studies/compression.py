@@ -30,10 +30,7 @@ from that folder reloaded with ``transformers`` alone, so every number below is 
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import json
-import textwrap
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -43,7 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import compress, data, heal, importance, layers, models, references, runner, stats, strategies, train
+from .. import cache, compress, data, heal, importance, layers, models, references, stats, strategies, train
 from ..cache import atomic_write_json, cached_dir
 from ..errors import LayerwiseError
 from ..report import fmt_ci
@@ -169,13 +166,11 @@ def _arm_spec(params: Params, name: str, task_name: str, seed: int, keep: tuple[
               lr: float, teacher_folder: str) -> dict[str, Any]:
     """Everything that determines one healed model: the teacher (its cache folder names its training), the
     kept blocks, the recipe, its schedule and options, the seed and the code of the healing path."""
-    code = "".join(runner.code_digest(textwrap.dedent(inspect.getsource(f)))
-                   for f in (_build_arm, heal.heal_recipe, heal.recipe_student, heal._distill_loss,
-                             heal._freeze_but_last, heal._kd_loss, heal._hidden_loss, train.fine_tune))
     return {"kind": "healed_arm", "model": name, "task": task_name, "seed": seed, "keep": list(keep),
             "recipe": recipe, "lr": lr, "teacher": Path(teacher_folder).name,
             "params": {k: v for k, v in asdict(params).items() if k not in SUMMARY_ONLY and not k.startswith("lr_")},
-            "code": hashlib.sha256(code.encode()).hexdigest()}
+            "code": cache.code_key(_build_arm, heal.heal_recipe, heal.recipe_student, heal._distill_loss,
+                                   heal._freeze_but_last, heal._kd_loss, heal._hidden_loss, train.fine_tune)}
 
 
 def _build_arm(folder: Path, params: Params, name: str, task: train.TaskSpec, seed: int, keep: tuple[int, ...],

@@ -24,11 +24,8 @@ and samples of the other snippet domains. Only models that trained are used (evi
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import pickle
 import platform
-import textwrap
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -37,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .. import data, importance, runner, stats, train
+from .. import cache, data, importance, stats, train
 from .. import sensitivity as sens
 from ..cache import cached_dir
 from ..device import pick, progress
@@ -148,10 +145,9 @@ def _unit(params: Params, task_name: str, seed: int) -> dict[str, Any]:
 
 def _cached_unit(params: Params, task: str, seed: int) -> dict[str, Any]:
     """``_unit`` stored on disk once complete (key: the parameters it reads, its code and ``importance``'s)."""
-    code = "".join(runner.code_digest(textwrap.dedent(inspect.getsource(f))) for f in (_unit, tv._classifier_batches))
     spec = {"kind": "sensitivity_unit", "task": task, "seed": seed,
             "params": {k: v for k, v in asdict(params).items() if k not in SUMMARY_ONLY},
-            "code": hashlib.sha256((code + runner.code_digest(inspect.getsource(importance))).encode()).hexdigest(),
+            "code": cache.code_key(_unit, tv._classifier_batches, importance),
             "hardware": {"machine": platform.machine(), "device": str(pick(params.device))}}
 
     def build(folder) -> None:

@@ -29,11 +29,8 @@ damage = increase of the mean next-token loss).
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import pickle
 import platform
-import textwrap
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -43,7 +40,7 @@ import pandas as pd
 import torch
 from scipy.stats import norm, rankdata
 
-from .. import data, importance, layers, models, runner, stats, train
+from .. import cache, data, importance, layers, models, stats, train
 from ..cache import cached_dir
 from ..device import pick, progress
 from ..errors import LayerwiseError
@@ -228,13 +225,11 @@ def _unit(params: Params, name: str, task_name: str, seed: int) -> dict[str, Any
 def _cached_unit(params: Params, name: str, task: str, seed: int) -> dict[str, Any]:
     """``_unit`` stored on disk once complete, so an interrupted run keeps the units it finished. The key holds
     every parameter a unit reads, the code of the unit's functions and of :mod:`analysis_kit.importance` (their
-    syntax trees without docstrings, ``runner.code_digest``: a reworded docstring re-runs nothing), and the
+    syntax trees without docstrings, ``cache.code_key``: a reworded docstring re-runs nothing), and the
     hardware and thread count (the cost columns are timings, which belong to a machine)."""
-    code = [inspect.getsource(f) for f in (_unit, _load, _choices, _classifier_batches)]
-    code = "".join(runner.code_digest(textwrap.dedent(c)) for c in [*code, inspect.getsource(importance)])
     spec = {"kind": "importance_unit", "model": name, "task": task, "seed": seed,
             "params": {k: v for k, v in asdict(params).items() if k not in SUMMARY_ONLY},
-            "code": hashlib.sha256(code.encode()).hexdigest(),
+            "code": cache.code_key(_unit, _load, _choices, _classifier_batches, importance),
             "hardware": {"machine": platform.machine(), "processor": platform.processor(), "node": platform.node(),
                          "threads": torch.get_num_threads(), "device": str(pick(params.device))}}
 
