@@ -232,7 +232,7 @@ def _coerce(p: Param, value: Any, where: str) -> Any:
         if isinstance(item, (int, float)) and not isinstance(item, bool):
             _check_number(p, item, value, where)
         if p.choices and isinstance(item, str) and item not in p.choices and \
-                not (p.paths and ("/" in item or "=" in item)):
+                not (p.paths and ("/" in item or "=" in item or Path(item).expanduser().exists())):
             also = ", or a path (NAME=PATH names it)" if p.paths else ""
             raise ParameterError(f"{where}: {p.name}={item!r} is not one of {', '.join(p.choices)}{also}.")
     if isinstance(value, list) and (len(value) < (p.min_len or 0) or (p.max_len is not None and len(value) > p.max_len)):

@@ -93,12 +93,19 @@ def file_task(name: str, path: str | Path, tiny: bool = False) -> TaskSpec:
     ``label`` columns, Amazon Reviews 2023 JSONL, a ``datasets`` folder), named ``name`` in metric keys.
 
     The file is read and checked here (columns, labels, rows per label), before any model loads; it is split
-    70/15/15 by seed like the built-in tasks. ``tiny`` caps it at :data:`SMOKE_TASK` sizes.
+    70/15/15 by seed like the built-in tasks. ``tiny`` caps it at :data:`SMOKE_TASK` sizes. A chapter asks
+    for the same task once per unit, so the result is kept for as long as the file's size and time stay.
     """
     path = Path(path).expanduser().resolve()
+    stat = path.stat() if path.exists() else None
+    return _file_task(name, str(path), tiny, (stat.st_size, stat.st_mtime_ns) if stat else None)
+
+
+@lru_cache(maxsize=64)
+def _file_task(name: str, path: str, tiny: bool, stamp: tuple[int, int] | None) -> TaskSpec:
     _, labels = data_mod.load_labelled_file(path)
     base = SMOKE_TASK if tiny else TaskSpec()
-    return replace(base, source=str(path), source_name=name, digest=file_digest(path), labels=labels)
+    return replace(base, source=path, source_name=name, digest=file_digest(Path(path)), labels=labels)
 
 
 #: A training run whose validation accuracy is within this many points of the majority class learned nothing
