@@ -216,7 +216,8 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, keep: Sequence[i
             parts["ce"] = float(ce.detach())
         return loss, parts
 
-    hist = _optimise(student, loss_fn, train, cfg, cfg.lr_distill, seed, dev, "distill")
+    label = "distill" if cfg.kd_weight or cfg.hidden_weight else "fine-tune"  # ce only: plain fine-tuning
+    hist = _optimise(student, loss_fn, train, cfg, cfg.lr_distill, seed, dev, label)
     return student, hist
 
 
