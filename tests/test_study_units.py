@@ -44,3 +44,40 @@ def test_the_learning_rate_search_takes_the_lowest_loss_unless_it_failed():
     assert table["chosen"].tolist() == [True, False, True, False, True]  # c: every row failed, so it still wins
     plain = table.drop(columns="failed")
     assert U.choose_lowest_val_loss(plain, "recipe")["lr"].tolist() == [2, 1, 1]  # no failed column: lowest loss
+
+
+def test_the_three_schedule_chapters_share_one_schedule():
+    """Compression, depth and QLoRA declare their schedule once (``ScheduleParams``); depth hands its own to the
+    compression arms it shares, so a shared cache entry means the same schedule."""
+    from analysis_kit.studies import ScheduleParams, compression, multilayer_exploration, qlora
+
+    for cls in (compression.Params, multilayer_exploration.Params, qlora.Params):
+        assert issubclass(cls, ScheduleParams)
+    depth = multilayer_exploration.Params(epochs=3, patience=1, evals_per_epoch=4, batch_size=16)
+    arms = depth.arm_params()
+    assert arms.schedule_fields() == depth.schedule_fields()
+    cfg = depth.schedule(n_train=100, lr=1e-4)
+    assert (cfg.epochs, cfg.patience, cfg.batch_size, cfg.eval_every, cfg.lr) == (3, 1, 16, 2, 1e-4)  # 7 batches / 4
+    assert qlora.Params().epochs == 4 and compression.Params().epochs == 2  # each chapter keeps its own default
+
+
+def test_failed_search_runs_are_counted_per_model_and_task():
+    from analysis_kit.studies import Result, units
+
+    table = pd.DataFrame({"model": ["m"] * 3 + ["m"], "task": ["a"] * 3 + ["b"], "failed": [True, False, True, False]})
+    result = Result()
+    units.failed_search_runs(result, table)
+    assert result.metrics["failed_search_runs/m/a"]["mean"] == 2 and result.metrics["failed_search_runs/m/a"]["n"] == 3
+    assert result.metrics["failed_search_runs/m/b"]["mean"] == 0
+
+
+def test_ci_view_shows_value_and_interval_as_one_column():
+    from analysis_kit.report import ci_view
+
+    df = pd.DataFrame({"method": ["a", "b", "c"], "rho": [0.5, -0.25, float("nan")], "ci_low": [0.25, None, 0.1],
+                       "ci_high": [0.75, None, 0.2]})
+    out = ci_view(df, "rho", digits=2, sign=True)
+    assert list(out.columns) == ["method", "rho"]
+    assert out["rho"].tolist() == ["+0.50 [+0.25, +0.75]", "−0.25", "–"]
+    with pytest.raises(LayerwiseError, match="no column"):
+        ci_view(df.drop(columns="ci_low"), "rho")
