@@ -486,7 +486,7 @@ def exit_model(model: nn.Module, tokenizer: Any, base_key: str, train_df: pd.Dat
     _check_frame(val_df, "val_df")
     spec = {"kind": "exit_heads", "base": base_key, "cfg": asdict(cfg), "seed": seed,
             "data": _frame_digest(train_df, val_df),
-            "code": code_key(exit_model, train_exits, ExitHeads)}
+            "code": code_key(*_EXIT_CODE)}
 
     def build(folder: Path) -> None:
         start = time.time()
@@ -509,6 +509,11 @@ def exit_model(model: nn.Module, tokenizer: Any, base_key: str, train_df: pd.Dat
 
 # --------------------------------------------------------------------------------------------------
 # Exit policies
+
+
+#: The code whose hash keys cached exit heads (``cache.code_key``), bound when the module loads so that a test
+#: replacing one of these names (to prove a second call reads the cache) does not change the key.
+_EXIT_CODE = (exit_model, train_exits, ExitHeads)
 
 
 def _probs(logits: np.ndarray) -> np.ndarray:
