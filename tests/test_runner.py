@@ -382,3 +382,13 @@ def test_fingerprint_changes_with_the_code_of_a_study_module_and_what_it_imports
     assert second != first  # the study module's code
     (pkg / "helper.py").write_text("def f():\n    return 2\n")
     assert runner._source_fingerprint("x") != second  # what the study imports, transitively
+
+
+@pytest.mark.parametrize("slug", runner.available())
+def test_papermill_reads_every_parameter_of_the_cell(slug):
+    """papermill must see each parameter (it warns "Passed unknown parameter" for a line it cannot parse, e.g. one
+    whose comment holds an "="), or `-p` values would be injected without the cell's defaults being overridden
+    visibly (the runner parses the cell itself, so this guards papermill's own view)."""
+    import papermill as pm
+
+    assert set(pm.inspect_notebook(str(runner.NOTEBOOKS / f"{slug}.ipynb"))) == set(runner.notebook_params(slug))
