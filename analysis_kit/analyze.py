@@ -153,7 +153,7 @@ def load_data(path: str | Path | pd.DataFrame, task: str, config: Any = None, *,
 
     Formats: CSV, TSV, JSONL (any column names: ``text_column``, ``label_column``), Amazon Reviews 2023 JSONL
     (``data.load_amazon_reviews_2023``: polarity labels, 3-star reviews left out), a folder written by
-    ``datasets``' ``save_to_disk`` (needs the ``datasets`` package), or a pandas DataFrame. Rows without text (or label) are dropped
+    ``datasets``' ``save_to_disk`` (read with pyarrow), or a pandas DataFrame. Rows without text (or label) are dropped
     and counted. Classification labels are mapped to the head's class ids through ``config.label2id``
     (names) or taken as ids ``0..num_labels-1``. The split is seeded and stratified by label.
 
@@ -526,7 +526,9 @@ class Analyzer:
         Returns one row per method and block: ``method, layer, score`` (mean over calibration batches;
         higher = more important, see ``importance.SIGN_CONVENTION``), ``ci_low, ci_high`` (95%: Student t
         over fewer than 10 batches, BCa bootstrap otherwise), ``n`` (batches) and ``interval`` (how). The
-        per-batch scores are in ``self.batch_scores``. Each (method, batch) is cached in the output folder.
+        per-batch scores are in ``self.batch_scores``. Each (method, batch) is cached in the output folder; the
+        methods still to compute on a batch run together (``importance.compute_all``), so they share one trace
+        and one gradient pass instead of a forward pass each.
         """
         from . import importance
 
@@ -534,24 +536,33 @@ class Analyzer:
         model = self.load()
         batches = self._calib_batches()
         self.log(f"importance: {', '.join(methods)} on {len(batches)} calibration batches")
-        rows = []
-        jobs = [(m, j) for m in methods for j in range(len(batches))]
-        for m, j in progress(jobs, desc="importance (method x calibration batch)"):
-            key = cache.key_of({**self.base_key, "stage": "scores", "method": m, "batch": j,
-                                "calib": [self.settings["calib_examples"], self.settings["calib_batch_size"]]})
-
-            def compute(m: str = m, j: int = j) -> list[float]:
-                try:
-                    table = importance.compute(m, model, [batches[j]], seed=self.settings["seed"])
-                except importance.ImportanceError as exc:
-                    size = batches[j]["input_ids"].shape[0]
-                    raise AnalyzeError(f"importance method {m!r} failed on calibration batch {j} ({size} examples): "
-                                       f"{exc} Larger calibration batches help: raise calib_batch_size "
-                                       "(--calib-batch-size), or drop the method.") from exc
-                return table.sort_values("layer")["score"].astype(float).tolist()
-
-            scores = self.stages.cached(f"scores/{m}/batch{j:03d}", key, compute, stage="importance")
-            rows.extend({"method": m, "batch": j, "layer": i, "score": s} for i, s in enumerate(scores))
+        found: dict[tuple[str, int], list[float]] = {}
+        for j in progress(range(len(batches)), desc="importance (calibration batches, all methods at once)"):
+            keys = {m: cache.key_of({**self.base_key, "stage": "scores", "method": m, "batch": j, "calib": [
+                self.settings["calib_examples"], self.settings["calib_batch_size"]]}) for m in methods}
+            todo = []
+            for m in methods:
+                value = self.stages.get(f"scores/{m}/batch{j:03d}", keys[m])
+                if value is None:
+                    todo.append(m)
+                else:
+                    found[m, j] = value
+            if not todo:
+                self.stages.status.setdefault("importance", "cached")
+                continue
+            self.stages.status["importance"] = "computed"
+            try:
+                table = importance.compute_all(model, [batches[j]], todo, seed=self.settings["seed"])
+            except importance.ImportanceError as exc:
+                size = batches[j]["input_ids"].shape[0]
+                raise AnalyzeError(f"importance ({', '.join(todo)}) failed on calibration batch {j} ({size} examples): "
+                                   f"{exc} Larger calibration batches help: raise calib_batch_size "
+                                   "(--calib-batch-size), or drop the method.") from exc
+            for m, part in table.groupby("method", sort=False):
+                scores = part.sort_values("layer")["score"].astype(float).tolist()
+                found[m, j] = self.stages.put(f"scores/{m}/batch{j:03d}", keys[m], scores)
+        rows = [{"method": m, "batch": j, "layer": i, "score": s}
+                for m in methods for j in range(len(batches)) for i, s in enumerate(found[m, j])]
         self.batch_scores = pd.DataFrame(rows)
         summary = []
         for (m, layer), g in self.batch_scores.groupby(["method", "layer"], sort=False):

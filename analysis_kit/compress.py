@@ -333,10 +333,9 @@ def pooled_readout(model: torch.nn.Module, hidden: torch.Tensor, batch: Mapping[
     """A bare model's text embedding: its output hidden states (decoders: after the final norm, as their
     ``last_hidden_state``) averaged over real tokens, (B, d); the pooling of sentence encoders such as
     all-MiniLM-L6-v2."""
-    fam = layers.family(model)
-    base = model.base_model
-    if fam not in ("bert", "mpnet"):
-        hidden = (base.ln_f if fam == "gpt2" else base.norm)(hidden)
+    norm = layers.adapter_for(model).final_norm(model)
+    if norm is not None:
+        hidden = norm(hidden)
     mask = batch["attention_mask"].to(hidden.device).unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 

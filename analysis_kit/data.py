@@ -445,25 +445,58 @@ def format_of(path: Path, fmt: str, label_column: str) -> str:
     return "csv"
 
 
+def _read_saved_dataset(path: Path) -> pd.DataFrame:
+    """The table in a folder written by Hugging Face ``datasets``' ``save_to_disk``.
+
+    The folder holds Arrow stream files listed in ``state.json`` (a ``DatasetDict`` one such folder per split,
+    named in ``dataset_dict.json``; its ``train`` split is read, else its first: the kit makes its own
+    held-out part). pyarrow reads them, so the ``datasets`` package and its pins (it needs another
+    ``huggingface-hub`` than transformers 4.57) are not needed. ``ClassLabel`` columns come back as their
+    label names, as ``datasets`` would show them.
+    """
+    import pyarrow as pa
+
+    def fail(why: str) -> DataError:
+        return DataError(f"{path} is a folder but {why}; pass a CSV, TSV or JSONL file, or a folder written by "
+                         "datasets' save_to_disk (Dataset or DatasetDict).")
+
+    try:
+        if (path / "dataset_dict.json").is_file():
+            splits = json.loads((path / "dataset_dict.json").read_text()).get("splits") or []
+            if not splits:
+                raise fail("its dataset_dict.json lists no splits")
+            path = path / ("train" if "train" in splits else splits[0])
+        if not (path / "state.json").is_file():
+            raise fail("has no state.json or dataset_dict.json (not written by save_to_disk)")
+        files = [path / f["filename"] for f in json.loads((path / "state.json").read_text()).get("_data_files", [])]
+        info_file = path / "dataset_info.json"
+        features = json.loads(info_file.read_text()).get("features") or {} if info_file.is_file() else {}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise fail(f"its save_to_disk metadata cannot be read ({exc})") from exc
+    if not files:
+        raise fail("its state.json lists no data files")
+    tables = []
+    for file in files:
+        try:
+            with pa.memory_map(str(file)) as source:
+                tables.append(pa.ipc.open_stream(source).read_all())
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise fail(f"{file.name} is not a readable Arrow stream ({exc})") from exc
+    df = pa.concat_tables(tables).to_pandas()
+    for column, feature in features.items():
+        if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and feature.get("names") \
+                and column in df:
+            names = pd.Series(feature["names"], dtype=object)
+            df[column] = df[column].map(lambda i, names=names: names.get(i))  # -1 (no label) becomes None
+    return df
+
+
 def _read_raw(path: Path, fmt: str) -> pd.DataFrame:
     """The raw table of a CSV/TSV/JSONL file or a ``save_to_disk`` folder (columns as in the file)."""
     if fmt == "amazon2023":
         return load_amazon_reviews_2023(path)
     if fmt == "datasets":
-        try:
-            import datasets
-        except ImportError:
-            raise DataError(f"{path} is a folder; reading a `datasets` folder saved with save_to_disk needs the "
-                                   "`datasets` package, which is not installed: `pip install datasets`, or export "
-                                   "the data to CSV/JSONL.") from None
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except (FileNotFoundError, ValueError) as exc:
-            raise DataError(f"{path} is not a folder written by datasets' save_to_disk ({exc}).") from exc
-        if isinstance(ds, datasets.DatasetDict):
-            split = "train" if "train" in ds else next(iter(ds))
-            ds = ds[split]
-        return ds.to_pandas()
+        return _read_saved_dataset(path)
     raw = path.read_bytes()
     if not raw.strip():
         raise DataError(f"{path} is empty; put one example per row (with a header row for CSV/TSV).")

@@ -114,10 +114,9 @@ def _check_frame(df: pd.DataFrame, what: str) -> None:
 
 def _check_encoder(model: nn.Module) -> int:
     """The model's number of labels; a clear error for decoders, regression heads and unknown families."""
-    fam = layers.family(model)
-    if fam not in ("bert", "mpnet"):
-        raise DynamicError(f"exit heads read the pooled states of an encoder; {fam!r} is a decoder. Use a BERT or "
-                           "MPNet sequence classifier (e.g. train.baseline('minilm', seed)).")
+    if not layers.adapter_for(model).is_encoder:
+        raise DynamicError(f"exit heads read the pooled states of an encoder; {layers.family(model)!r} is a decoder. "
+                           "Use an encoder sequence classifier (e.g. train.baseline('minilm', seed)).")
     num_labels = int(getattr(model.config, "num_labels", 0))
     if num_labels < 2:
         raise DynamicError(f"the model has num_labels={num_labels}; early exit needs class probabilities, so "
@@ -191,14 +190,15 @@ class ExitHeads(nn.Module):
         """
         num_labels = _check_encoder(model)
         cfg = model.config
-        dropout = cfg.classifier_dropout if getattr(cfg, "classifier_dropout", None) is not None \
-            else cfg.hidden_dropout_prob
+        # the head's dropout as the family names it (BERT/RoBERTa/MPNet; DistilBERT's seq_classif_dropout)
+        dropout = next((getattr(cfg, k) for k in ("classifier_dropout", "hidden_dropout_prob", "seq_classif_dropout")
+                        if getattr(cfg, k, None) is not None), 0.1)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             heads = cls(layers.num_blocks(model), cfg.hidden_size, num_labels, float(dropout), pooling)
         pooler = getattr(model.base_model, "pooler", None)
         classifier = getattr(model, "classifier", None)
-        if layers.family(model) == "bert" and pooler is not None and isinstance(classifier, nn.Linear):
+        if pooler is not None and isinstance(classifier, nn.Linear):  # BERT's pooler → classifier head
             for dense, out in zip(heads.dense, heads.out, strict=True):
                 dense.load_state_dict(pooler.dense.state_dict())
                 out.load_state_dict(classifier.state_dict())
@@ -1229,7 +1229,7 @@ class ExitRunner:
 
     def _context(self, hidden: torch.Tensor, mask: torch.Tensor, padded: bool) -> dict[str, Any]:
         ctx = self.adapter.context(self.model, hidden, mask)
-        if not padded and self.adapter.is_encoder and "mask" in ctx:
+        if not padded and self.adapter.mask_optional(self.model) and "mask" in ctx:
             ctx["mask"] = None  # nothing to mask: take the unmasked attention kernel
         return ctx
 

@@ -40,15 +40,10 @@ from .errors import LayerwiseError
 
 HEAL_METHODS = ("none", "distill", "lora")
 
-#: Linear layers of the blocks that LoRA adapts, per family (``config.model_type``).
-LORA_TARGETS = {
-    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
-    "mpnet": ["q", "k", "v", "o", "intermediate.dense", "output.dense"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-}
+
+def lora_targets(model: torch.nn.Module) -> list[str]:
+    """The block linears LoRA adapts in ``model``'s family (``layers.FamilyAdapter.lora_targets``)."""
+    return list(layers.adapter_for(model).lora_targets)
 
 
 class HealError(LayerwiseError):
@@ -228,13 +223,12 @@ def lora(student: torch.nn.Module, train: Sequence[dict[str, torch.Tensor]], cfg
     from peft import LoraConfig, TaskType, get_peft_model
 
     cfg.validate()
-    fam = layers.family(student)
     causal = _is_causal_lm(student)
     dev = pick(device)
     seed_everything(seed)
     base = copy.deepcopy(student)
     config = LoraConfig(task_type=TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS, r=cfg.lora_r,
-                        lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=LORA_TARGETS[fam])
+                        lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=lora_targets(student))
     model = get_peft_model(base, config).to(dev)
 
     def loss_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -400,7 +394,7 @@ def heal_recipe(recipe: str, teacher: torch.nn.Module, keep: Sequence[int], toke
         from peft import LoraConfig, TaskType, get_peft_model
 
         config = LoraConfig(task_type=TaskType.SEQ_CLS, r=options.lora_r, lora_alpha=options.lora_alpha,
-                            lora_dropout=options.lora_dropout, target_modules=LORA_TARGETS[layers.family(student)])
+                            lora_dropout=options.lora_dropout, target_modules=lora_targets(student))
         student = get_peft_model(student, config)
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     start = time.time()

@@ -56,14 +56,14 @@ class ImportanceError(LayerwiseError):
 
 def task_of(model: nn.Module) -> str:
     """``"classifier"`` for a ``*ForSequenceClassification`` with >= 2 labels, ``"lm"`` for a decoder causal LM."""
-    fam = layers.family(model)
+    adapter = layers.adapter_for(model)  # refuses an unsupported family first
     name = type(model).__name__
     if name.endswith("ForSequenceClassification"):
         if getattr(model.config, "num_labels", 2) < 2:
             raise ImportanceError(f"{name} is a regression model (num_labels=1); the importance methods need a "
                                   "classifier (num_labels >= 2) or a causal LM. Use label_mode='polarity' or 'bins5'.")
         return "classifier"
-    if fam not in ("bert", "mpnet") and hasattr(model, "lm_head"):
+    if not adapter.is_encoder and hasattr(model, "lm_head"):
         return "lm"
     raise ImportanceError(f"{name} has no head the importance methods know; load the model with "
                           "AutoModelForSequenceClassification (classifier) or AutoModelForCausalLM (decoder).")
@@ -159,14 +159,23 @@ def _head(model: nn.Module, hidden: torch.Tensor, batch: Mapping[str, torch.Tens
 # The cached forward pass (trace) and the damage engine
 
 
+#: Bytes of block boundaries a :class:`Trace` may hold. Above it the trace keeps only each batch's
+#: embedding output and recomputes a batch's boundaries when a method reads them (one forward pass over the
+#: data per reading method), so its memory stays flat as the calibration set grows; below it nothing changes.
+TRACE_BUDGET_BYTES = 256 * 2**20
+
+
 @dataclass
 class Trace:
-    """One forward pass over ``batches`` with every block boundary kept.
+    """One forward pass over ``batches`` with the block boundaries at hand.
 
-    ``hidden[b][i]`` is the input of block i for batch b (``hidden[b][L]`` the last block's output);
-    ``nll``/``correct``/``units`` are per-example results of the full model (see ``_example_scores``);
-    ``memo`` keeps the per-example results of every keep-mask evaluated on it, so no set of skipped blocks is
-    run twice (single-block damage is reused by the top-k check and the oracle).
+    ``hidden[b][i]`` is the input of block i for batch b (``hidden[b][L]`` the last block's output) when the
+    boundaries fit in the memory budget (``complete``); otherwise ``hidden[b]`` holds only the embedding output
+    and ``each()`` recomputes a batch's boundaries from it when read (``model`` is kept for that). Methods read
+    the boundaries through ``each()``, batch by batch, so at most one batch's boundaries are recomputed and held
+    at a time. ``nll``/``correct``/``units`` are per-example results of the full model (see
+    ``_example_scores``); ``memo`` keeps the per-example results of every keep-mask evaluated on it, so no set
+    of skipped blocks is run twice (single-block damage is reused by the top-k check and the oracle).
     """
 
     task: str
@@ -177,10 +186,31 @@ class Trace:
     units: np.ndarray
     seconds: float
     memo: dict[tuple[bool, ...], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    model: nn.Module | None = field(default=None, repr=False)
+    complete: bool = True
+    recomputed: int = 0  # examples whose boundaries were recomputed (forward passes, counted per example)
+    root: Trace | None = field(default=None, repr=False)  # the trace a ``subset`` was cut from (counts its work)
 
     @property
     def n_blocks(self) -> int:
-        return len(self.hidden[0]) - 1
+        return len(self.hidden[0]) - 1 if self.complete else layers.num_blocks(self.model)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the hidden states the trace holds (the boundaries, or only the embedding outputs)."""
+        return sum(h.numel() * h.element_size() for hs in self.hidden for h in hs)
+
+    def each(self) -> Iterator[tuple[dict[str, torch.Tensor], list[torch.Tensor]]]:
+        """``(batch, boundaries)`` for every batch in order; recomputed from the embedding output when the
+        trace is not ``complete`` (then only the current batch's boundaries are held)."""
+        for batch, hs in zip(self.batches, self.hidden, strict=True):
+            if self.complete:
+                yield batch, hs
+                continue
+            with torch.no_grad():
+                outs = layers.run_blocks(self.model, batch, hidden=hs[0], return_all=True)
+            (self.root or self).recomputed += int(batch["input_ids"].shape[0])
+            yield batch, [hs[0], *outs]
 
     @property
     def n_examples(self) -> int:
@@ -207,25 +237,37 @@ class Trace:
             hidden.append([h[:n] for h in hs])
             left -= n
         return Trace(self.task, batches, hidden, self.nll[:max_examples], self.correct[:max_examples],
-                     self.units[:max_examples], self.seconds)
+                     self.units[:max_examples], self.seconds, model=self.model, complete=self.complete,
+                     root=self.root or self)
+
+
+def _fits(model: nn.Module, batches: list[dict[str, torch.Tensor]], h0: torch.Tensor, budget: int | None) -> bool:
+    """Whether every block boundary of ``batches`` fits in ``budget`` bytes (``h0``: one batch's embedding output,
+    for the width and element size)."""
+    budget = TRACE_BUDGET_BYTES if budget is None else budget
+    tokens = sum(int(b["input_ids"].numel()) for b in batches)
+    return tokens * h0.shape[-1] * h0.element_size() * (layers.num_blocks(model) + 1) <= budget
 
 
 @torch.no_grad()
-def trace(model: nn.Module, batches: Any) -> Trace:
-    """Run the model once over ``batches`` and keep every block's input and output (see :class:`Trace`)."""
+def trace(model: nn.Module, batches: Any, budget_bytes: int | None = None) -> Trace:
+    """Run the model once over ``batches`` and keep every block's input and output, or, when they do not fit in
+    ``budget_bytes`` (default :data:`TRACE_BUDGET_BYTES`), only each batch's embedding output (see :class:`Trace`)."""
     task = task_of(model)
     prepared = prepare_batches(model, batches)
     model.eval()
     start = time.perf_counter()
-    hidden, scores = [], []
-    for batch in prepared:
+    hidden, scores, complete = [], [], True
+    for j, batch in enumerate(prepared):
         h0 = layers.embed(model, batch)
+        if j == 0:
+            complete = _fits(model, prepared, h0, budget_bytes)
         outs = layers.run_blocks(model, batch, hidden=h0, return_all=True)
-        hs = [h0, *outs]
-        hidden.append(hs)
-        scores.append(_example_scores(task, _head(model, hs[-1], batch), batch))
+        hidden.append([h0, *outs] if complete else [h0])
+        scores.append(_example_scores(task, _head(model, outs[-1] if outs else h0, batch), batch))
     nll, correct, units = (torch.cat(x).cpu().numpy().astype(np.float64) for x in zip(*scores, strict=True))
-    return Trace(task, prepared, hidden, nll, correct, units, time.perf_counter() - start)
+    return Trace(task, prepared, hidden, nll, correct, units, time.perf_counter() - start, model=model,
+                 complete=complete)
 
 
 def _ensure_trace(model: nn.Module, batches: Any, tr: Trace | None) -> Trace:
@@ -298,7 +340,7 @@ def _walk_keeps(model: nn.Module, tr: Trace, keeps: Sequence[tuple[bool, ...]], 
             walk(depth + 1, h, skipped, False, batch, hs, cols)
 
     offset = 0
-    for batch, hs in zip(tr.batches, tr.hidden, strict=True):
+    for batch, hs in tr.each():
         size = batch["input_ids"].shape[0]
         walk(0, hs[0], list(range(len(keeps))), True, batch, hs, slice(offset, offset + size))
         offset += size
@@ -532,7 +574,8 @@ class _Grads:
     trace: Trace | None = None  # the same forward pass as a Trace, when asked for (keep_trace)
 
 
-def _grad_pass(model: nn.Module, batches: list[dict[str, torch.Tensor]], keep_trace: bool = False) -> _Grads:
+def _grad_pass(model: nn.Module, batches: list[dict[str, torch.Tensor]], keep_trace: bool = False,
+               budget_bytes: int | None = None) -> _Grads:
     """Per-example gradients of the loss w.r.t. every block's parameters and output, in one batched pass.
 
     Each example's loss is its mean negative log-likelihood (LM: per valid token), so the gradient of the
@@ -540,8 +583,8 @@ def _grad_pass(model: nn.Module, batches: list[dict[str, torch.Tensor]], keep_tr
     parameterised module's input and output gradient and compute per-example squared norms of its parameter
     gradients exactly (Linear: ||sum_t g_t x_t^T||^2; norms: the elementwise rule); the ordinary parameter
     gradients are never formed. Padding positions get zero gradient and so contribute nothing. With
-    ``keep_trace`` the block boundaries of the same forward pass are kept as a :class:`Trace`, so the methods
-    that need one get it without a second forward pass.
+    ``keep_trace`` the block boundaries of the same forward pass are kept as a :class:`Trace` (within
+    ``budget_bytes``, as ``trace`` does), so the methods that need one get it without a second forward pass.
     """
     task = task_of(model)
     model.eval()
@@ -549,7 +592,7 @@ def _grad_pass(model: nn.Module, batches: list[dict[str, torch.Tensor]], keep_tr
     n_layers = len(blocks)
     modules = [_param_modules(block) for block in blocks]
     start = time.perf_counter()
-    sq_rows, out_rows, batch_idx, hidden, scores = [], [], [], [], []
+    sq_rows, out_rows, batch_idx, hidden, scores, complete = [], [], [], [], [], True
     for j, batch in enumerate(batches):
         size = batch["input_ids"].shape[0]
         keep = batch["attention_mask"].bool()
@@ -584,7 +627,9 @@ def _grad_pass(model: nn.Module, batches: list[dict[str, torch.Tensor]], keep_tr
             nll, correct, units = _example_scores(task, _head(model, outs[-1], batch), batch)
             grads = torch.autograd.grad((nll / units).sum(), [h0, *outs])
             if keep_trace:
-                hidden.append([h.detach() for h in (h0, *outs)])
+                if j == 0:
+                    complete = _fits(model, batches, h0, budget_bytes)
+                hidden.append([h.detach() for h in (h0, *outs)] if complete else [h0.detach()])
                 scores.append((nll.detach(), correct, units))
         finally:
             for handle in handles:
@@ -596,7 +641,8 @@ def _grad_pass(model: nn.Module, batches: list[dict[str, torch.Tensor]], keep_tr
     tr = None
     if keep_trace:
         nll, correct, units = (torch.cat(x).cpu().numpy().astype(np.float64) for x in zip(*scores, strict=True))
-        tr = Trace(task, batches, hidden, nll, correct, units, 0.0)  # its cost is inside this pass
+        tr = Trace(task, batches, hidden, nll, correct, units, 0.0, model=model,
+                   complete=complete)  # its cost is inside this pass
     return _Grads(np.concatenate(sq_rows), np.concatenate(out_rows).astype(np.float64), np.concatenate(batch_idx),
                   seconds, tr)
 
@@ -632,17 +678,32 @@ def _gradient_rows(grads: _Grads) -> pd.DataFrame:
 # Representation-based methods (from the trace)
 
 
-def _token_pairs(tr: Trace, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Hidden states at boundaries a and b for every non-padding token, and each token's example index."""
-    xs, ys, ex, offset = [], [], [], 0
-    for batch, hs in zip(tr.batches, tr.hidden, strict=True):
+_TokenFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _token_stats(tr: Trace, pairs: Sequence[tuple[int, int]], fn: _TokenFn | Sequence[_TokenFn],
+                 ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``fn(x, y)`` on the hidden states at boundaries a and b of every non-padding token (float32, one row per
+    token), for every ``(a, b)`` in ``pairs`` (``fn`` may be one function per pair): one tensor per pair (the
+    per-token results of all batches in order), and each token's example index. One pass over the trace, batch
+    by batch, aggregating as it streams: only per-token results are kept, never a boundary of more than one
+    batch."""
+    fns = list(fn) if isinstance(fn, Sequence) else [fn] * len(pairs)
+    outs: list[list[torch.Tensor]] = [[] for _ in pairs]
+    ex, offset = [], 0
+    for batch, hs in tr.each():
         keep = batch["attention_mask"].bool()
-        xs.append(hs[a][keep].float())
-        ys.append(hs[b][keep].float())
+        for j, (a, b) in enumerate(pairs):
+            outs[j].append(fns[j](hs[a][keep].float(), hs[b][keep].float()))
         rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
         ex.append(rows + offset)
         offset += keep.shape[0]
-    return torch.cat(xs), torch.cat(ys), torch.cat(ex)
+    return [torch.cat(o) for o in outs], torch.cat(ex)
+
+
+def _cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-row cosine in float64 (arccos near 1 amplifies rounding: sqrt(2 eps))."""
+    return F.cosine_similarity(x.double(), y.double(), dim=-1, eps=1e-12).clamp(-1.0, 1.0)
 
 
 def _per_example_mean(values: torch.Tensor, ex: torch.Tensor, n: int) -> np.ndarray:
@@ -652,15 +713,17 @@ def _per_example_mean(values: torch.Tensor, ex: torch.Tensor, n: int) -> np.ndar
     return (sums / counts).cpu().numpy()
 
 
-def _cosines(tr: Trace, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y, ex = _token_pairs(tr, a, b)  # float64: arccos near 1 amplifies rounding (sqrt(2 eps))
-    return F.cosine_similarity(x.double(), y.double(), dim=-1, eps=1e-12).clamp(-1.0, 1.0), ex
+def _block_cosines(tr: Trace) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-token cosine between each block's input and output (one tensor per block), and the example index."""
+    return _token_stats(tr, [(i, i + 1) for i in range(tr.n_blocks)], _cosine)
 
 
-def _block_influence_rows(tr: Trace) -> pd.DataFrame:
+def _block_influence_rows(tr: Trace, cosines: tuple[list[torch.Tensor], torch.Tensor] | None = None) -> pd.DataFrame:
+    """1 - cosine(input, output) per block over non-padding tokens (``cosines``: ``_block_cosines(tr)`` if
+    already computed)."""
     rows = []
-    for i in range(tr.n_blocks):
-        cos, ex = _cosines(tr, i, i + 1)
+    coss, ex = cosines or _block_cosines(tr)
+    for i, cos in enumerate(coss):
         per_ex = 1.0 - _per_example_mean(cos, ex, tr.n_examples)
         rows.append({"layer": i, "score": float(1.0 - cos.double().mean()), "se": float(_se(per_ex))})
     return pd.DataFrame(rows)
@@ -679,18 +742,18 @@ def angular_runs(model: nn.Module, batches: Any, *, trace: Trace | None = None, 
         raise ImportanceError(f"token={token!r}; choose 'all' (every non-padding token) or 'read' (the read-out token).")
     tr = _ensure_trace(model, batches, trace)
     top = max(1, min(max_n or tr.n_blocks // 2, tr.n_blocks))
-    rows = []
-    for n in range(1, top + 1):
-        for s in range(tr.n_blocks - n + 1):
-            if token == "all":
-                cos, _ = _cosines(tr, s, s + n)
-            else:
-                cos = torch.cat([F.cosine_similarity(
-                    hs[s][torch.arange(hs[s].shape[0]), _read_positions(model, batch)].double(),
-                    hs[s + n][torch.arange(hs[s].shape[0]), _read_positions(model, batch)].double(), dim=-1,
-                    eps=1e-12).clamp(-1.0, 1.0) for batch, hs in zip(tr.batches, tr.hidden, strict=True)])
-            rows.append({"start": s, "n": n, "distance": float((torch.arccos(cos.double()) / math.pi).mean())})
-    return pd.DataFrame(rows)
+    runs = [(s, n) for n in range(1, top + 1) for s in range(tr.n_blocks - n + 1)]
+    if token == "all":
+        coss, _ = _token_stats(tr, [(s, s + n) for s, n in runs], _cosine)
+    else:  # one pass over the trace: the read-out token of every example at every boundary pair
+        parts: list[list[torch.Tensor]] = [[] for _ in runs]
+        for batch, hs in tr.each():
+            rows, pos = torch.arange(hs[0].shape[0]), _read_positions(model, batch)
+            for j, (s, n) in enumerate(runs):
+                parts[j].append(_cosine(hs[s][rows, pos], hs[s + n][rows, pos]))
+        coss = [torch.cat(p) for p in parts]
+    return pd.DataFrame([{"start": s, "n": n, "distance": float((torch.arccos(cos.double()) / math.pi).mean())}
+                         for (s, n), cos in zip(runs, coss, strict=True)])
 
 
 def best_run(runs: pd.DataFrame, n: int) -> tuple[int, ...]:
@@ -704,8 +767,8 @@ def best_run(runs: pd.DataFrame, n: int) -> tuple[int, ...]:
 
 def _angular_rows(tr: Trace) -> pd.DataFrame:
     rows = []
-    for i in range(tr.n_blocks):
-        cos, ex = _cosines(tr, i, i + 1)
+    coss, ex = _block_cosines(tr)
+    for i, cos in enumerate(coss):
         dist = torch.arccos(cos.double()) / math.pi
         per_ex = _per_example_mean(dist, ex, tr.n_examples)
         rows.append({"layer": i, "score": float(dist.mean()), "se": float(_se(per_ex))})
@@ -715,23 +778,20 @@ def _angular_rows(tr: Trace) -> pd.DataFrame:
 def _final_states(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """What Hugging Face's ``output_hidden_states`` returns as the last hidden state: the last block's output
     through the final norm for decoders that have one, the raw output otherwise (BERT, MPNet: post-norm)."""
-    adapter = layers.adapter_for(model)
-    norm = getattr(adapter, "final_norm", None)
-    return norm(model)(h) if norm is not None else h
+    norm = layers.adapter_for(model).final_norm(model)
+    return norm(h) if norm is not None else h
 
 
 @torch.no_grad()
 def _shortgpt_rows(model: nn.Module, tr: Trace) -> pd.DataFrame:
     """ShortGPT's Block Influence as its code computes it: 1 - cosine between consecutive entries of the
     model's ``hidden_states`` over non-padding tokens, whose last entry is the final-normed output."""
-    rows = _block_influence_rows(tr).to_dict("records")
     last = tr.n_blocks - 1
-    xs, ys = [], []
-    for batch, hs in zip(tr.batches, tr.hidden, strict=True):
-        keep = batch["attention_mask"].bool()
-        xs.append(hs[last][keep].double())
-        ys.append(_final_states(model, hs[last + 1])[keep].double())
-    cos = F.cosine_similarity(torch.cat(xs), torch.cat(ys), dim=-1, eps=1e-12).clamp(-1.0, 1.0)
+    pairs = [(i, i + 1) for i in range(tr.n_blocks)] + [(last, last + 1)]  # one pass: ours, then the normed last
+    fns = [_cosine] * tr.n_blocks + [lambda x, y: _cosine(x, _final_states(model, y))]
+    coss, ex = _token_stats(tr, pairs, fns)
+    rows = _block_influence_rows(tr, (coss[:-1], ex)).to_dict("records")
+    cos = coss[-1]
     rows[last].update(score=float(1.0 - cos.mean()), se=float(cos.std() / math.sqrt(max(cos.numel(), 1))))
     return pd.DataFrame(rows)
 
@@ -749,7 +809,7 @@ def _gromov_rows(model: nn.Module, tr: Trace) -> pd.DataFrame:
     """Gromov et al.'s angular distance for one block (n = 1): arccos(cosine)/pi between the block's input and
     output at the token the head reads (their last token; [CLS] for an encoder), averaged over examples."""
     dist = []
-    for batch, hs in zip(tr.batches, tr.hidden, strict=True):
+    for batch, hs in tr.each():
         rows = torch.arange(hs[0].shape[0], device=hs[0].device)
         pos = _read_positions(model, batch)
         dist.append(torch.stack([
@@ -760,15 +820,22 @@ def _gromov_rows(model: nn.Module, tr: Trace) -> pd.DataFrame:
     return pd.DataFrame({"layer": range(tr.n_blocks), "score": d.mean(0), "se": _se(d)})
 
 
+def _activation_stats(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per token: relative update |y - x| / |x|, output norm, output variance, update norm (float64 columns)."""
+    update = (y - x).norm(dim=-1)
+    return torch.stack([(update / x.norm(dim=-1).clamp_min(1e-12)).double(), y.norm(dim=-1).double(),
+                        y.double().var(-1), update.double()], 1)
+
+
 def _activation_rows(tr: Trace) -> pd.DataFrame:
     rows = []
-    for i in range(tr.n_blocks):
-        x, y, ex = _token_pairs(tr, i, i + 1)
-        ratio = (y - x).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)
+    stats, ex = _token_stats(tr, [(i, i + 1) for i in range(tr.n_blocks)], _activation_stats)
+    for i, st in enumerate(stats):
+        ratio, out_norm, out_var, update_norm = (st[:, k].contiguous() for k in range(4))
         per_ex = _per_example_mean(ratio, ex, tr.n_examples)
-        rows.append({"layer": i, "score": float(ratio.double().mean()), "se": float(_se(per_ex)),
-                     "out_norm": float(y.norm(dim=-1).double().mean()), "out_var": float(y.double().var(-1).mean()),
-                     "update_norm": float((y - x).norm(dim=-1).double().mean())})
+        rows.append({"layer": i, "score": float(ratio.mean()), "se": float(_se(per_ex)),
+                     "out_norm": float(out_norm.mean()), "out_var": float(out_var.mean()),
+                     "update_norm": float(update_norm.mean())})
     return pd.DataFrame(rows)
 
 
@@ -776,13 +843,15 @@ def _activation_rows(tr: Trace) -> pd.DataFrame:
 # Mutual information (probe cross-entropy)
 
 
-def _pooled(tr: Trace, i: int) -> np.ndarray:
-    """Mean over non-padding tokens of boundary i's hidden states, one row per example."""
-    out = []
-    for batch, hs in zip(tr.batches, tr.hidden, strict=True):
+def _pooled(tr: Trace) -> list[np.ndarray]:
+    """Mean over non-padding tokens of every boundary's hidden states (one (examples, width) array per
+    boundary), in one pass over the trace."""
+    out: list[list[np.ndarray]] = [[] for _ in range(tr.n_blocks + 1)]
+    for batch, hs in tr.each():
         m = batch["attention_mask"].float()[..., None]
-        out.append(((hs[i].float() * m).sum(1) / m.sum(1).clamp_min(1)).cpu().numpy())
-    return np.concatenate(out)
+        for i, h in enumerate(hs):
+            out[i].append(((h.float() * m).sum(1) / m.sum(1).clamp_min(1)).cpu().numpy())
+    return [np.concatenate(o) for o in out]
 
 
 def _probe_ce(features: np.ndarray, labels: np.ndarray, seed: int, folds: int, components: int, c: float) -> float:
@@ -814,17 +883,16 @@ def _mutual_info_rows(model: nn.Module, tr: Trace, seed: int, *, folds: int, com
         folds = int(min(folds, counts.min()))
         p = counts / counts.sum()
         h_y = float(-(p * np.log(p)).sum())
-        ce = [_probe_ce(_pooled(tr, i), labels, seed, folds, components, c) for i in range(tr.n_blocks + 1)]
+        ce = [_probe_ce(features, labels, seed, folds, components, c) for features in _pooled(tr)]
         estimator = f"{folds}-fold CV logistic probe (C={c:g}), PCA {components}, mean-pooled"
     else:
-        ce = []
+        nll = np.zeros(tr.n_blocks + 1)
         with torch.no_grad():
-            for i in range(tr.n_blocks + 1):
-                nll = sum(float(_example_scores("lm", _head(model, hs[i], b), b)[0].sum())
-                          for b, hs in zip(tr.batches, tr.hidden, strict=True))
-                ce.append(nll / tr.units.sum())
-                if counter is not None:
-                    counter.heads += tr.n_examples
+            for b, hs in tr.each():
+                nll += [float(_example_scores("lm", _head(model, h, b), b)[0].sum()) for h in hs]
+        ce = list(nll / tr.units.sum())
+        if counter is not None:
+            counter.heads += tr.n_examples * (tr.n_blocks + 1)
         tgts = torch.cat([_lm_targets(b)[0][_lm_targets(b)[1]] for b in tr.batches]).cpu().numpy()
         _, counts = np.unique(tgts, return_counts=True)
         p = counts / counts.sum()
@@ -900,7 +968,7 @@ def _conductance_rows(model: nn.Module, tr: Trace, *, n_steps: int, internal_bat
         p.requires_grad_(False)
     try:
         row = 0
-        for batch, hs in zip(tr.batches, tr.hidden, strict=True):
+        for batch, hs in tr.each():
             base_all = _baseline_embedding(model, batch, baseline).detach()
             for b in range(hs[0].shape[0]):
                 sl = slice(b, b + 1)
@@ -986,41 +1054,43 @@ def warm_up_shap() -> float:
 @torch.no_grad()
 def _shap_permutation(model: nn.Module, tr: Trace, value: str, n_permutations: int, seed: int,
                       counter: _Counter) -> tuple[np.ndarray, np.ndarray, int, float]:
-    """Antithetic permutation sampling: each sampled order and its reverse; SE over the pairs' means."""
+    """Antithetic permutation sampling: each sampled order and its reverse; SE over the pairs' means.
+
+    The game's value is a sum over examples, so each marginal contribution is the sum of its batches'
+    contributions: the orders are drawn once and every batch walks all of them in turn, holding only its own
+    states (memory does not grow with the number of batches)."""
     n_layers = tr.n_blocks
     rng = np.random.default_rng(seed)
     pairs = max(1, math.ceil(n_permutations / 2))
+    perms = [rng.permutation(n_layers) for _ in range(pairs)]
+    units = float(tr.units.sum())
 
-    def v_of(states: list[list[torch.Tensor]]) -> float:
-        nll = correct = 0.0
-        for batch, st in zip(tr.batches, states, strict=True):
-            a, c, _ = _example_scores(tr.task, _head(model, st[-1], batch), batch)
-            nll, correct = nll + float(a.sum()), correct + float(c.sum())
-            counter.heads += a.shape[0]
-        units = float(tr.units.sum())
-        return correct / units if value == "accuracy" else -nll / units
+    def v_of(h: torch.Tensor, batch: dict[str, torch.Tensor]) -> float:
+        a, c, _ = _example_scores(tr.task, _head(model, h, batch), batch)
+        counter.heads += a.shape[0]
+        return float(c.sum()) / units if value == "accuracy" else -float(a.sum()) / units
 
-    empty = [[hs[0]] * (n_layers + 1) for hs in tr.hidden]
-    v_empty = v_of(empty)
+    v_empty = 0.0
     marg = np.zeros((2 * pairs, n_layers))
-    for p in range(pairs):
-        perm = rng.permutation(n_layers)
-        for r, order in enumerate((perm, perm[::-1])):
-            kept: set[int] = set()
-            states = [list(st) for st in empty]
-            prev = v_empty
-            for j in order:
-                kept.add(int(j))
-                for batch, st in zip(tr.batches, states, strict=True):
+    for batch, hs in zip(tr.batches, tr.hidden, strict=True):  # only the embedding output is read
+        empty = v_of(hs[0], batch)
+        v_empty += empty
+        for p, perm in enumerate(perms):
+            for r, order in enumerate((perm, perm[::-1])):
+                kept: set[int] = set()
+                st = [hs[0]] * (n_layers + 1)
+                prev = empty
+                for j in order:
+                    kept.add(int(j))
                     h = st[j]
                     for i in range(j, n_layers):
                         if i in kept:
                             h = layers.block_forward(model, i, h, batch["attention_mask"])
                             counter.blocks += h.shape[0]
                         st[i + 1] = h
-                cur = v_of(states)
-                marg[2 * p + r, j] = cur - prev
-                prev = cur
+                    cur = v_of(st[-1], batch)
+                    marg[2 * p + r, j] += cur - prev
+                    prev = cur
     pair_means = (marg[0::2] + marg[1::2]) / 2
     se = pair_means.std(0, ddof=1) / math.sqrt(pairs) if pairs > 1 else np.full(n_layers, np.nan)
     return marg.mean(0), se, 2 * pairs, v_empty
@@ -1417,6 +1487,7 @@ def _run(method: str, shared: _Shared, seed: int, kw: dict[str, Any]) -> pd.Data
     (shared_name,) = cls.needs
     passes = Passes(model, shared.batches)
     spent_before = shared.spent
+    recomputed_before = shared.trace.recomputed if shared.trace is not None else 0
     start = time.perf_counter()
     if shared_name == "gradients":
         passes.grads = shared.get_grads()
@@ -1429,7 +1500,9 @@ def _run(method: str, shared: _Shared, seed: int, kw: dict[str, Any]) -> pd.Data
     backward = instance.n_backward(rows, passes, options)
     seconds = time.perf_counter() - start - (shared.spent - spent_before)
     n_examples = sum(b["input_ids"].shape[0] for b in shared.batches)
-    forward = passes.counter.blocks / (n_layers * n_examples) + 1.0  # + the shared pass
+    recomputed = (passes.trace.recomputed - recomputed_before) if passes.trace is not None else 0
+    # + the shared pass, + the boundaries recomputed for this method when the trace is over its memory budget
+    forward = (passes.counter.blocks + recomputed * n_layers) / (n_layers * n_examples) + 1.0
     rows = rows.assign(method=method, seed=seed, seconds=seconds, shared=shared_name,
                        shared_seconds=shared.used[shared_name], n_forward=forward, n_backward=backward)
     front = ["method", "layer", "score", "seed"]

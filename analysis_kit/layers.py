@@ -66,6 +66,11 @@ class FamilyAdapter:
     blocks_attr: str = ""
     #: Bidirectional encoder (no LM head, no causal mask) rather than a causal decoder.
     is_encoder: bool = False
+    #: Name suffixes of the block linears that LoRA adapts (peft ``target_modules``).
+    lora_targets: tuple[str, ...] = ()
+    #: Substring that marks an attention projection inside a block's linear names; None where the family
+    #: keeps its block weights in ``Conv1D`` (GPT-2), which 4-bit quantization here cannot take.
+    attention_mark: str | None = None
 
     # ---- finding and swapping the block list
 
@@ -140,6 +145,16 @@ class FamilyAdapter:
         """The head's logits for the output of the last block (see ``classify``)."""
         raise NotImplementedError
 
+    def final_norm(self, model: nn.Module) -> nn.Module | None:
+        """The norm the family applies after the last block (pre-norm decoders), or None (post-norm encoders,
+        whose blocks end in their own LayerNorm)."""
+        return None
+
+    def mask_optional(self, model: nn.Module) -> bool:
+        """Whether the blocks accept ``ctx["mask"] = None`` for an unpadded batch (the fast unmasked attention
+        kernel); decoders always need their causal mask."""
+        return self.is_encoder
+
 
 def _unknown_head(model: nn.Module) -> LayerwiseError:
     name = type(model).__name__
@@ -171,6 +186,8 @@ class BertAdapter(FamilyAdapter):
     model_types = ("bert",)
     blocks_attr = "encoder.layer"
     is_encoder = True
+    lora_targets = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+    attention_mark = ".attention."
 
     def check_cuttable(self, model: nn.Module) -> None:
         if getattr(model.config, "add_cross_attention", False):
@@ -208,6 +225,65 @@ class BertAdapter(FamilyAdapter):
 
 
 @_register
+class RobertaAdapter(BertAdapter):
+    """RoBERTa and XLM-R encoders: BERT's blocks and masks; the embeddings number positions after the
+    padding index (done inside ``embeddings``), and the head is dense → tanh → out_proj on the first token,
+    with no pooler."""
+
+    model_types = ("roberta", "xlm-roberta")
+
+    def finish(self, model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if not _is_sequence_classifier(model):
+            raise _unknown_head(model)
+        return model.classifier(hidden)
+
+
+@_register
+class DistilBertAdapter(FamilyAdapter):
+    """DistilBERT encoders: word + position embeddings (no token types), blocks at ``transformer.layer``
+    called with the 2-D padding mask (eager) or the 4-D SDPA mask, head pre_classifier → ReLU → dropout →
+    classifier on the first token."""
+
+    model_types = ("distilbert",)
+    blocks_attr = "transformer.layer"
+    is_encoder = True
+    lora_targets = ("q_lin", "k_lin", "v_lin", "out_lin", "ffn.lin1", "ffn.lin2")
+    attention_mark = ".attention."
+
+    def fix_cut(self, model: nn.Module, keep: list[int], old_n: int) -> None:
+        super().fix_cut(model, keep, old_n)  # num_hidden_layers maps to n_layers
+        model.base_model.transformer.n_layers = len(keep)
+
+    def check_runnable(self, model: nn.Module) -> None:
+        if model.config._attn_implementation not in ("eager", "sdpa"):
+            raise UnsupportedArchitectureError(
+                f"run_blocks supports DistilBERT with eager or SDPA attention, not "
+                f"{model.config._attn_implementation!r}; load it with attn_implementation='sdpa'.")
+
+    def embed(self, model: nn.Module, ids: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        return model.base_model.embeddings(ids)
+
+    def context(self, model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
+        if model.config._attn_implementation == "sdpa":
+            from transformers.modeling_attn_mask_utils import _prepare_4d_attention_mask_for_sdpa
+
+            return {"mask": _prepare_4d_attention_mask_for_sdpa(mask, hidden.dtype, tgt_len=hidden.shape[1])}
+        return {"mask": mask}
+
+    def run_block(self, block: nn.Module, hidden: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+        return _first(block(hidden, attn_mask=ctx["mask"]))
+
+    def finish(self, model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if not _is_sequence_classifier(model):
+            raise _unknown_head(model)
+        pooled = nn.functional.relu(model.pre_classifier(hidden[:, 0]))
+        return model.classifier(model.dropout(pooled))
+
+    def mask_optional(self, model: nn.Module) -> bool:
+        return model.config._attn_implementation == "sdpa"  # the eager attention indexes the mask itself
+
+
+@_register
 class MPNetAdapter(FamilyAdapter):
     """MPNet encoders: embeddings, extended mask plus the relative position bias shared by all blocks,
     classification head on the first token."""
@@ -215,6 +291,8 @@ class MPNetAdapter(FamilyAdapter):
     model_types = ("mpnet",)
     blocks_attr = "encoder.layer"
     is_encoder = True
+    lora_targets = ("q", "k", "v", "o", "intermediate.dense", "output.dense")
+    attention_mark = ".attention."
 
     def embed(self, model: nn.Module, ids: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
         return model.base_model.embeddings(input_ids=ids)
@@ -241,7 +319,6 @@ class _CausalDecoderAdapter(FamilyAdapter):
     sliding_mask: bool = False
 
     def final_norm(self, model: nn.Module) -> nn.Module:
-        """The norm applied after the last block."""
         raise NotImplementedError
 
     def context(self, model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
@@ -274,6 +351,8 @@ class LlamaAdapter(_CausalDecoderAdapter):
 
     model_types = ("llama",)
     blocks_attr = "layers"
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    attention_mark = ".self_attn."
 
     def final_norm(self, model: nn.Module) -> nn.Module:
         return model.base_model.norm
@@ -333,6 +412,7 @@ class GPT2Adapter(_CausalDecoderAdapter):
 
     model_types = ("gpt2",)
     blocks_attr = "h"
+    lora_targets = ("c_attn", "c_proj", "c_fc")
 
     def check_cuttable(self, model: nn.Module) -> None:
         if getattr(model.config, "scale_attn_by_inverse_layer_idx", False):
@@ -380,7 +460,9 @@ def adapter_for(model: nn.Module) -> FamilyAdapter:
         raise UnsupportedArchitectureError(
             f"{type(model).__name__} (model_type={model_type!r}) is not a supported architecture. "
             f"Supported families (config.model_type): {', '.join(SUPPORTED)}. Use a model of one of these "
-            "families (e.g. a BERT/MPNet encoder or a LLaMA/Mistral/Qwen2/GPT-2 decoder).")
+            "families (e.g. a BERT/RoBERTa/DistilBERT/MPNet encoder or a LLaMA/Mistral/Qwen2/GPT-2 decoder); "
+            "vision and encoder-decoder models are not supported: the kit's data, tokenisation and heads are "
+            "for text classifiers and causal LMs.")
     return adapter
 
 
@@ -517,7 +599,8 @@ def _runnable(model: nn.Module) -> FamilyAdapter:
 def embed(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     """The hidden states that enter block 0: the embedding layer's output for ``batch["input_ids"]``.
 
-    BERT: word + position + token-type embeddings, LayerNorm, dropout; MPNet: likewise; LLaMA-like:
+    BERT/RoBERTa: word + position + token-type embeddings, LayerNorm, dropout; DistilBERT and MPNet: likewise
+    without token types; LLaMA-like:
     the token embeddings (rotary positions are applied inside each block); GPT-2: token + position
     embeddings, dropout. Tensors in ``batch`` are moved to the model's device.
     """
@@ -597,6 +680,8 @@ def classify(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tenso
     """Apply the model's head to the output of the last block and return its logits.
 
     - BERT ``*ForSequenceClassification``: pooler ([CLS] dense + tanh) → dropout → classifier;
+    - RoBERTa: its classification head (dense → tanh → out_proj) on the first token; DistilBERT:
+      pre_classifier → ReLU → dropout → classifier on the first token;
     - MPNet ``*ForSequenceClassification``: its classification head on the first token;
     - decoder ``*ForSequenceClassification``: final norm → score, taken at the last real token (the last 1
       in ``attention_mask``; the last position when it is None);

@@ -60,9 +60,6 @@ QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TARGETS = ("attention", "all_linear")
 METHODS = ("full", "lora", "qlora")
-#: Substring that marks an attention projection inside a block, per family (``config.model_type``).
-_ATTENTION_MARK = {"bert": ".attention.", "mpnet": ".attention.", "llama": ".self_attn.", "mistral": ".self_attn.",
-                   "qwen2": ".self_attn."}
 
 
 class QuantizeError(LayerwiseError):
@@ -139,14 +136,15 @@ def block_linears(model: nn.Module, targets: str = "all_linear") -> list[str]:
     """
     if targets not in TARGETS:
         raise QuantizeError(f"targets={targets!r} is unknown; use one of {', '.join(TARGETS)}.")
-    fam = layers.family(model)
-    if fam not in _ATTENTION_MARK:
-        raise QuantizeError(f"model_type={fam!r} keeps its weights in Conv1D, not nn.Linear; 4-bit/LoRA here support "
-                            f"{', '.join(_ATTENTION_MARK)}. Use a BERT/MPNet encoder or a LLaMA-like decoder.")
+    mark = layers.adapter_for(model).attention_mark
+    if mark is None:
+        usable = [t for t in layers.SUPPORTED if layers.adapter_for_type(t).attention_mark is not None]
+        raise QuantizeError(f"model_type={model.config.model_type!r} keeps its weights in Conv1D, not nn.Linear; "
+                            f"4-bit/LoRA here support {', '.join(usable)}. Use one of those families.")
     prefix = layers.block_path(model) + "."
     names = [n for n, m in model.named_modules() if n.startswith(prefix) and _linear_like(m)]
     if targets == "attention":
-        names = [n for n in names if _ATTENTION_MARK[fam] in n]
+        names = [n for n in names if mark in n]
     if not names:
         raise QuantizeError(f"no {targets} linear layers found under {prefix!r}; is this a standard "
                             f"{type(model).__name__}?")

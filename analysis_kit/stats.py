@@ -279,6 +279,19 @@ def ratio_summary(ratios: Sequence[float] | np.ndarray, unit: str = "x", over: s
             "method": method}
 
 
+def slope_interval(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray,
+                   confidence: float = 0.95) -> dict[str, Any]:
+    """Least-squares slope of ``y`` on ``x`` with its Student t interval (n - 2 degrees of freedom), as a
+    metric record: how fast a cost grows with a size (memory against calibration examples)."""
+    xs, ys = _pair(x, y, min_n=3)
+    if _all_equal(xs):
+        raise DegenerateDataError("every x is the same; a slope needs at least two different sizes.")
+    fit = sps.linregress(xs, ys)
+    half = float(sps.t.ppf(0.5 + _confidence(confidence) / 2, xs.size - 2) * fit.stderr)
+    return {"mean": float(fit.slope), "ci_low": float(fit.slope - half), "ci_high": float(fit.slope + half),
+            "n": int(xs.size)}
+
+
 def verdict(record: dict[str, Any], target: float, better: Literal["higher", "lower"] = "higher") -> str:
     """``"met"``, ``"missed"`` or ``"not decided"`` for a target, from a metric record's interval.
 

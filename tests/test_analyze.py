@@ -23,6 +23,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     BertConfig,
+    DistilBertConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
@@ -80,6 +81,9 @@ def make_config(family: str, vocab: int):
         return BertConfig(vocab_size=vocab, **_COMMON, max_position_embeddings=64)
     if family == "roberta":
         return RobertaConfig(vocab_size=vocab, **_COMMON, max_position_embeddings=66)
+    if family == "distilbert":
+        return DistilBertConfig(vocab_size=vocab, dim=32, n_layers=N_BLOCKS, n_heads=4, hidden_dim=64, pad_token_id=0,
+                                max_position_embeddings=64)
     if family == "mpnet":
         return MPNetConfig(vocab_size=vocab, **_COMMON, max_position_embeddings=64)
     if family == "llama":
@@ -94,7 +98,7 @@ def make_config(family: str, vocab: int):
     raise KeyError(family)
 
 
-ENCODERS = [f for f in ("bert", "roberta", "mpnet") if f in layers.SUPPORTED]
+ENCODERS = ["bert", "roberta", "distilbert", "mpnet"]
 DECODERS = ["llama", "mistral", "qwen2", "gpt2"]
 JOBS = [(f, "cls") for f in ENCODERS + DECODERS] + [(f, "lm") for f in DECODERS]
 
@@ -327,17 +331,10 @@ def test_data_formats_and_column_names(tmp_path, bert_dir):
     assert amazon.format == "amazon2023" and len(amazon.train) + len(amazon.held_out) > 0
 
 
-def test_datasets_folder(tmp_path):
-    try:
-        import datasets
-    except ImportError:
-        (tmp_path / "ds").mkdir()
-        (tmp_path / "ds" / "dataset_info.json").write_text("{}")
-        with pytest.raises(analyze.AnalyzeDataError, match="pip install datasets"):
-            analyze.load_data(tmp_path / "ds", "lm")
-        return
-    datasets.Dataset.from_pandas(reviews(30)).save_to_disk(str(tmp_path / "ds"))
-    data = analyze.load_data(tmp_path / "ds", "classification", text_column="review")
+def test_datasets_folder():
+    """A folder written by datasets' save_to_disk (the fixture of tests/test_data.py), read without `datasets`."""
+    data = analyze.load_data(Path(__file__).parent / "fixtures" / "datasets_folder", "classification",
+                             text_column="review", label_column="stars")
     assert data.format == "datasets" and len(data.train) + len(data.held_out) == 30
 
 

@@ -404,3 +404,46 @@ def test_fixtures_are_valid_jsonl():
     records = [json.loads(line) for line in lines if line.strip()]
     assert len(records) == 6 and sum(not line.strip() for line in lines) == 1
     assert all({"rating", "title", "text", "asin", "parent_asin", "user_id", "timestamp"} <= r.keys() for r in records)
+
+
+# ------------------------------------------------------------------------------ datasets' save_to_disk
+
+DATASET = FIX / "datasets_folder"  # written by datasets 4.8.5 (fixtures/make_datasets_folders.py), 2 shards
+DATASET_DICT = FIX / "datasets_dict_folder"  # a DatasetDict: train (24 rows) and test (12 rows)
+
+
+def test_saved_dataset_folder_reads_every_shard_with_class_label_names():
+    df, fmt = data.read_table(DATASET)
+    assert fmt == "datasets" and len(df) == 30 and list(df.columns) == ["review", "stars"]
+    assert set(df["stars"]) == {"negative", "positive"}  # ClassLabel ids come back as their names
+    assert df.loc[0, "review"] == "the phone was very good number 0" and df.loc[0, "stars"] == "positive"
+    assert df["review"].is_unique  # both shards, each row once
+    table, names = data.load_labelled_file(DATASET, text_column="review", label_column="stars")
+    assert names == ("negative", "positive") and len(table) == 30
+
+
+def test_saved_dataset_dict_reads_the_train_split():
+    df, _ = data.read_table(DATASET_DICT)
+    assert len(df) == 24 and not df["review"].str.contains("number 1[01][0-9]").any()
+
+
+def test_broken_saved_dataset_folders_are_data_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(data.DataError, match="no state.json or dataset_dict.json"):
+        data.read_table(empty)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in DATASET.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "data-00001-of-00002.arrow").write_bytes(b"not arrow at all")
+    with pytest.raises(data.DataError, match="data-00001-of-00002.arrow is not a readable Arrow stream"):
+        data.read_table(broken)
+    (broken / "state.json").write_text("{")
+    with pytest.raises(data.DataError, match="save_to_disk metadata cannot be read"):
+        data.read_table(broken)
+    no_splits = tmp_path / "dict"
+    no_splits.mkdir()
+    (no_splits / "dataset_dict.json").write_text('{"splits": []}')
+    with pytest.raises(data.DataError, match="lists no splits"):
+        data.read_table(no_splits)

@@ -414,3 +414,24 @@ def test_exit_runner_never_exiting_gives_the_last_exit_and_time_configs_times_it
     profile = dy.depth_profile(model, heads, tokenizer, texts[:3], max_length=32, device="cpu")
     assert profile["depth"].tolist() == list(range(1, N_BLOCKS + 1))
     assert (profile["probed_ms"] >= profile["planned_ms"] - 1e-9).all()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_exit_runner_on_distilbert_keeps_the_mask_where_its_attention_needs_it(tokenizer, attn):
+    """DistilBERT's eager attention indexes the mask itself, so the runner keeps it even for an unpadded batch
+    (``FamilyAdapter.mask_optional``); with SDPA it drops it. Either way the last exit is the model's exit."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = DistilBertConfig(vocab_size=len(tokenizer), dim=32, n_layers=N_BLOCKS, n_heads=4, hidden_dim=64,
+                           max_position_embeddings=64, num_labels=2, initializer_range=0.5)
+    cfg._attn_implementation = attn
+    model = DistilBertForSequenceClassification(cfg).eval()
+    heads = dy.ExitHeads.from_model(model, seed=1).eval()
+    texts = toy_frame(6, 4)["text"].tolist()
+    last = dy.predict_exits(model, heads, tokenizer, texts, max_length=32, device="cpu")[:, -1]
+    runner = dy.ExitRunner(model, heads)
+    for bs in (1, 3):
+        for idx, batch in dy.encode_each(tokenizer, texts, 32, bs):
+            logits, depth = runner(batch, dy.EntropyPolicy(-1.0))
+            assert (depth == N_BLOCKS).all() and np.allclose(logits, last[idx], atol=1e-5)

@@ -157,3 +157,24 @@ def test_heal_dispatch_and_errors():
         heal.lora(student, batches(1, labels=False), HealConfig(steps=1), device="cpu")
     with pytest.raises(HealError, match="steps"):
         HealConfig(steps=0).validate()
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert"])
+def test_lora_heals_the_newer_encoder_families(family):
+    """LoRA finds its target linears in RoBERTa and DistilBERT (their adapters' ``lora_targets``), learns, and
+    merges back into a plain model of the family."""
+    from transformers import DistilBertConfig, RobertaConfig
+
+    torch.manual_seed(4)
+    if family == "roberta":
+        cfg = RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=40, num_labels=2, pad_token_id=0)
+    else:
+        cfg = DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=4, n_heads=4, hidden_dim=64, num_labels=2,
+                               max_position_embeddings=40, pad_token_id=0)
+    model = compress.compact(AutoModelForSequenceClassification.from_config(cfg).eval(), (0, 1))
+    data = batches(4, seed=1)
+    healed, hist = heal.lora(model, data, HealConfig(steps=60, lr_lora=1e-2, lora_r=4), seed=0, device="cpu")
+    assert type(healed) is type(model) and layers.num_blocks(healed) == 2
+    assert not any("lora" in name for name, _ in healed.named_modules())
+    assert task_loss(healed, data) < task_loss(model, data)

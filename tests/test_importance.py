@@ -487,3 +487,41 @@ def test_beam_oracle_is_exhaustive_on_small_stacks_and_a_beam_beyond():
     assert beam["search"].iloc[0] == "beam (width 1)" and beam["n_evaluated"].iloc[0] == 3
     with pytest.raises(imp.ImportanceError, match="ks"):
         imp.beam_oracle(model, batches, [4])
+
+
+# --------------------------------------------------------------------------------------------------
+# memory: a trace over its budget
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_trace_over_its_memory_budget_recomputes_and_scores_the_same(kind):
+    """Over its budget a trace keeps only each batch's embedding output and recomputes a batch's boundaries when
+    a method reads them: every trace-reading method gives the same scores and intervals as from the complete
+    trace, each at one more forward pass (counted in ``n_forward``), and the held memory is 1/(L+1)."""
+    model, batches = (_bert(4), _cls_batches()) if kind == "bert" else (_llama(3), _lm_batches())
+    full, lean = imp.trace(model, batches), imp.trace(model, batches, budget_bytes=0)
+    assert full.complete and not lean.complete
+    assert lean.held_bytes * (full.n_blocks + 1) == full.held_bytes
+    np.testing.assert_array_equal(lean.nll, full.nll)
+    methods = [m for m in imp.METHODS if "trace" in imp._REGISTRY[m].needs]
+    options = {"conductance": {"n_steps": 4, "max_examples": 3}, "shap": {"exact_max_blocks": 0, "n_permutations": 4}}
+    a = imp.compute_all(model, batches, methods, trace=full, options=options)
+    b = imp.compute_all(model, batches, methods, trace=lean, options=options)
+    for col in ("score", "se"):
+        np.testing.assert_allclose(b[col].to_numpy(float), a[col].to_numpy(float), rtol=1e-12, atol=1e-12,
+                                   equal_nan=True, err_msg=col)
+    extra = (b.groupby("method")["n_forward"].first() - a.groupby("method")["n_forward"].first())
+    n = lean.n_examples  # one more pass for every method that reads boundaries; conductance reads 3 examples
+    expected = {m: 0.0 if m == "shap" else 3 / n if m == "conductance" else 1.0 for m in methods}
+    np.testing.assert_allclose(extra[methods].to_numpy(), [expected[m] for m in methods], rtol=1e-9)
+    assert lean.recomputed == round(sum(expected.values()) * n)
+    assert full.recomputed == 0
+
+
+def test_trace_budget_is_decided_from_the_data_size():
+    model, batches = _bert(2), _cls_batches()
+    need = sum(b["input_ids"].numel() for b in batches) * 32 * 4 * 3  # tokens x width x float32 x (L + 1)
+    assert imp.trace(model, batches, budget_bytes=need).complete
+    assert not imp.trace(model, batches, budget_bytes=need - 1).complete
+    grads = imp._grad_pass(model, imp.prepare_batches(model, batches), keep_trace=True, budget_bytes=need - 1)
+    assert not grads.trace.complete and grads.trace.held_bytes * 3 == imp.trace(model, batches).held_bytes

@@ -14,6 +14,8 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     BertConfig,
+    DistilBertConfig,
+    ElectraConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
@@ -22,6 +24,7 @@ from transformers import (
     RobertaConfig,
     T5Config,
     ViTConfig,
+    XLMRobertaConfig,
 )
 
 from analysis_kit import layers
@@ -39,6 +42,13 @@ def make_config(family: str):
     mixes full and sliding blocks, so subsetting ``layer_types`` and the masks is exercised."""
     if family == "bert":
         return BertConfig(**_COMMON, max_position_embeddings=64)
+    if family == "roberta":  # positions start after the padding index, so 2 more than the longest input
+        return RobertaConfig(**_COMMON, max_position_embeddings=66)
+    if family == "xlm-roberta":
+        return XLMRobertaConfig(**_COMMON, max_position_embeddings=66)
+    if family == "distilbert":
+        return DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=N_BLOCKS, n_heads=4, hidden_dim=64, pad_token_id=0,
+                                max_position_embeddings=64, num_labels=3)
     if family == "mpnet":
         return MPNetConfig(**_COMMON, max_position_embeddings=64)
     if family == "llama":
@@ -53,12 +63,14 @@ def make_config(family: str):
     raise KeyError(family)
 
 
-ENCODERS = ["bert", "mpnet"]
+ENCODERS = ["bert", "roberta", "xlm-roberta", "distilbert", "mpnet"]
 DECODERS = ["llama", "mistral", "qwen2", "gpt2"]
 FAMILIES = ENCODERS + DECODERS
-EXPECTED_PATH = {"bert": "bert.encoder.layer", "mpnet": "mpnet.encoder.layer", "llama": "model.layers",
+EXPECTED_PATH = {"bert": "bert.encoder.layer", "roberta": "roberta.encoder.layer", "xlm-roberta": "roberta.encoder.layer",
+                 "distilbert": "distilbert.transformer.layer", "mpnet": "mpnet.encoder.layer", "llama": "model.layers",
                  "mistral": "model.layers", "qwen2": "model.layers", "gpt2": "transformer.h"}
-EXPECTED_ADAPTER = {"bert": layers.BertAdapter, "mpnet": layers.MPNetAdapter, "llama": layers.LlamaAdapter,
+EXPECTED_ADAPTER = {"bert": layers.BertAdapter, "roberta": layers.RobertaAdapter, "xlm-roberta": layers.RobertaAdapter,
+                    "distilbert": layers.DistilBertAdapter, "mpnet": layers.MPNetAdapter, "llama": layers.LlamaAdapter,
                     "mistral": layers.MistralAdapter, "qwen2": layers.Qwen2Adapter, "gpt2": layers.GPT2Adapter}
 
 
@@ -114,6 +126,36 @@ def test_blocks_found_in_bare_and_head_models(family):
         assert model.get_submodule(expected) is blocks
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_lora_targets_and_attention_mark_name_real_block_linears(family):
+    """The adapter's LoRA targets and attention mark match linears inside the blocks of a real model (peft
+    and the 4-bit code select by these names, so a typo would silently adapt nothing)."""
+    model = make_model(family)
+    adapter = layers.adapter_for(model)
+    prefix = layers.block_path(model) + "."
+    names = [n for n, m in model.named_modules() if n.startswith(prefix) and len(list(m.children())) == 0
+             and hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 2]
+    assert adapter.lora_targets
+    for target in adapter.lora_targets:
+        assert any(n == target or n.endswith("." + target) for n in names), (family, target)
+    if family == "gpt2":
+        assert adapter.attention_mark is None  # Conv1D weights: no 4-bit here
+    else:
+        assert any(adapter.attention_mark in n for n in names)
+
+
+def test_distilbert_eager_attention_runs_block_by_block_but_keeps_its_mask(batch):
+    """DistilBERT's eager attention indexes the 2-D mask itself, so it never takes the unmasked fast path."""
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(make_config("distilbert"), attn_implementation="eager").eval()
+    adapter = layers.adapter_for(model)
+    assert not adapter.mask_optional(model)
+    assert adapter.mask_optional(make_model("distilbert"))  # SDPA, the default
+    with torch.no_grad():
+        got = layers.classify(model, layers.run_blocks(model, batch), batch["attention_mask"])
+        torch.testing.assert_close(got, model(**batch).logits, rtol=0, atol=1e-6)
+
+
 def test_supported_is_exactly_the_adapter_registry():
     assert set(layers.SUPPORTED) == set(FAMILIES)
     assert all(f in EXPECTED_ADAPTER[f].model_types for f in FAMILIES)
@@ -133,13 +175,13 @@ def test_each_family_resolves_to_its_adapter(family):
 
 
 @pytest.mark.parametrize("config", [T5Config(d_model=32, num_layers=2, num_heads=4, d_ff=64, d_kv=8, vocab_size=50),
-                                    RobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
-                                                  num_attention_heads=4, intermediate_size=64)],
-                         ids=["t5", "roberta"])
+                                    ElectraConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=4, intermediate_size=64, embedding_size=32)],
+                         ids=["t5", "electra"])
 def test_unsupported_model_type_is_refused_by_the_adapter_lookup(config):
     """Refused by ``config.model_type`` before any work, even where the module layout looks like a supported
-    family's (RoBERTa has ``roberta.encoder.layer`` like BERT but is not a supported family today)."""
-    model = AutoModelForSequenceClassification.from_config(config) if config.model_type == "roberta" \
+    family's (ELECTRA has ``electra.encoder.layer`` like BERT but is not a supported family)."""
+    model = AutoModelForSequenceClassification.from_config(config) if config.model_type == "electra" \
         else AutoModel.from_config(config)
     for call in (layers.adapter_for, layers.family, lambda m: layers.run_blocks(m, {"input_ids": torch.ones(1, 3)})):
         with pytest.raises(layers.UnsupportedArchitectureError) as err:
@@ -331,7 +373,7 @@ def test_run_blocks_skip_matches_hooked_model(family, batch):
     torch.testing.assert_close(got, skipped_logits(model, batch, [1, 2]), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["bert", "mpnet"])
+@pytest.mark.parametrize("family", ENCODERS)
 def test_return_all_matches_hidden_states_and_resumes(family, batch):
     model = make_model(family)
     with torch.no_grad():

@@ -377,3 +377,16 @@ def test_interval_side_is_strict_at_zero():
 
     assert interval_side(0.1, 2.0) == 1 and interval_side(-2.0, -0.1) == -1
     assert interval_side(0.0, 2.0) == 0 and interval_side(-2.0, 0.0) == 0 and interval_side(-1.0, 1.0) == 0
+
+
+def test_slope_interval_matches_scipy_and_refuses_one_size():
+    x, y = np.array([1.0, 2.0, 4.0, 8.0]), np.array([10.0, 12.5, 17.0, 27.0])
+    rec = S.slope_interval(x, y)
+    fit = sps.linregress(x, y)
+    half = sps.t.ppf(0.975, 2) * fit.stderr
+    assert rec["mean"] == pytest.approx(fit.slope) and rec["n"] == 4
+    assert (rec["ci_low"], rec["ci_high"]) == pytest.approx((fit.slope - half, fit.slope + half))
+    with pytest.raises(S.DegenerateDataError, match="two different sizes"):
+        S.slope_interval([2.0, 2.0, 2.0], [1.0, 2.0, 3.0])
+    with pytest.raises(S.StatsError):
+        S.slope_interval([1.0, 2.0], [1.0, 2.0])

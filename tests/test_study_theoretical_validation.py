@@ -14,7 +14,7 @@ from analysis_kit.studies import theoretical_validation as tv
 TINY = tv.Params(tiny=True, seeds=(0, 1), models=("minilm", "smollm2"), calib_n=32, expensive_n=4,
                  conductance_steps=4, shap_permutations=2, n_random=20, lm_calib_texts=8, lm_texts=16, lm_ks=(1, 2),
                  lm_expensive_n=2, lm_conductance_steps=4, split_halves=20, n_bootstrap=500, bench_repeats=1,
-                 max_length=32, torch_threads=1)
+                 max_length=32, torch_threads=1, memory_sizes=(4, 8, 16))
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,23 @@ def test_every_metric_the_chapter_promises_is_there(result):
     for method in TINY.methods:
         assert f"cost_ratio/minilm/{method}" in m
     assert "ablation_speedup/minilm" in m
+    for n in TINY.memory_sizes:
+        for mode in ("budget", "keep_all"):
+            assert m[f"peak_memory/tiny_llama/{n}/{mode}"]["unit"] == "MiB"
+    for mode in ("budget", "keep_all"):
+        rec = m[f"memory_slope/tiny_llama/{mode}"]
+        assert rec["ci_low"] <= rec["mean"] <= rec["ci_high"]
+
+
+def test_memory_table_keeps_every_boundary_only_without_the_budget(result):
+    """The tiny model's boundaries fit the budget, so both modes keep them (no recompute); the held bytes grow
+    with the calibration set in both, and equal each other."""
+    mem = result.tables["memory"]
+    assert set(mem["mode"]) == {"budget", "keep_all"} and sorted(set(mem["texts"])) == [4, 8, 16]
+    assert mem["boundaries_kept"].all() and (mem["recomputed_passes"] == 0).all()
+    held = mem.pivot(index="texts", columns="mode", values="held_mib")
+    assert (held["budget"] == held["keep_all"]).all() and held["budget"].is_monotonic_increasing
+    assert list(result.tables["memory_slope"]["mode"]) == ["budget", "keep_all"]
 
 
 def test_families_are_declared_once_and_hold_tests_that_can_reject(result):

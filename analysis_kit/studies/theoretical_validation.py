@@ -20,7 +20,10 @@ per-example damages it derives:
   with one unit per task (the pretrained language model, whose only randomness is the text sample), the
   example-level bootstrap test;
 - **cost**: each method's measured wall time over its physical minimum (forward or forward + backward passes it
-  cannot avoid), and the cached-ablation benchmark against naive forwards.
+  cannot avoid), and the cached-ablation benchmark against naive forwards;
+- **memory** against calibration size: the peak memory of the trace-based scores on SmolLM2 (thirty blocks,
+  where keeping every block boundary costs most) at growing calibration sets, under the trace's memory
+  budget and with every boundary kept (the design before the budget).
 
 Models: ``minilm`` (the fine-tuned MiniLM-L6 classifier of the baselines chapter, per task and seed; a failed
 training is left out and counted) and ``smollm2`` (SmolLM2-135M as a language model on the task's sentences;
@@ -58,7 +61,10 @@ REFERENCES = ("drop_last", "random")
 TRACE_METHODS = ("block_influence", "bi_shortgpt", "angular", "angular_gromov", "activation", "mutual_info")
 #: Parameters a (model, task, seed) unit does not read: the lists that choose which units run, and the summary's
 #: settings (intervals, tests, reliability, the benchmark), so changing them re-uses every cached unit.
-SUMMARY_ONLY = ("models", "tasks", "seeds", "n_bootstrap", "reliability_min", "split_halves", "bench_repeats")
+SUMMARY_ONLY = ("models", "tasks", "seeds", "n_bootstrap", "reliability_min", "split_halves", "bench_repeats",
+                "memory_sizes")
+#: The methods the memory table runs: two that read every block boundary of the trace.
+MEMORY_METHODS = ("block_influence", "activation")
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,7 @@ class Params(TaskParams):
     split_halves: int = 200
     reliability_min: float = 0.8
     bench_repeats: int = 3
+    memory_sizes: tuple[int, ...] = (32, 64, 128, 256)
     torch_threads: int = 2
     n_bootstrap: int = 2_000  # each resample redraws every test example of every seed of every metric
 
@@ -105,6 +112,9 @@ class Params(TaskParams):
                 or self.lm_texts < 8):
             raise LayerwiseError("calib_n >= 8, expensive_n >= 1, lm_expensive_n >= 1, lm_calib_texts >= 2 and "
                                  "lm_texts >= 8 are needed for any score or damage to be estimated.")
+        if len(set(self.memory_sizes)) < 3 or min(self.memory_sizes) < 2:
+            raise LayerwiseError(f"memory_sizes={list(self.memory_sizes)}: give at least three different sizes "
+                                 ">= 2 texts, so the memory slope has an interval.")
         if self.conductance_steps < 2 or self.lm_conductance_steps < 2:
             raise LayerwiseError("conductance_steps and lm_conductance_steps must be >= 2 integration intervals.")
         if self.n_random < 20:
@@ -528,6 +538,56 @@ def _bench(result: Result, params: Params) -> None:
     result.tables["ablation_bench"] = pd.DataFrame(rows)
 
 
+def _memory(result: Result, params: Params) -> None:
+    """Peak memory of the trace-based scores against calibration size on SmolLM2 as a language model (tiny: a
+    4-block LLaMA), under the trace's budget (``importance.TRACE_BUDGET_BYTES``) and with every boundary kept.
+
+    Each point is one measurement (CUDA: the allocator's peak; CPU: the process's sampled RSS growth, see
+    ``measure.peak_memory``); the slope (MiB per 100 texts) is a least-squares fit over the sizes with its 95 %
+    t interval. The budgeted runs go first, smallest first, so no measurement reuses pages a bigger one freed.
+    """
+    from .. import measure
+
+    task = params.task_spec(params.tasks[0])
+    texts = train.load_task(task, params.seeds[0])["train"]["text"].tolist()
+    spec = ModelSpec("tiny_llama", num_layers=4, tiny=True) if params.tiny else ModelSpec("smollm2")
+    model, tok = models.load_causal_lm(spec), models.load_tokenizer(spec)
+    model.to(pick(params.device)).eval()
+    name = "tiny_llama" if params.tiny else "smollm2"
+    rows = []
+    for mode, budget in (("budget", None), ("keep_all", 2**62)):
+        for n in sorted(params.memory_sizes):
+            batches = importance.prepare_batches(model, importance.lm_batches(
+                tok, sorted(texts[:n], key=len), batch_size=params.batch_size, max_length=params.max_length))
+            held = {}
+
+            def work(batches: list = batches, budget: int | None = budget, held: dict = held) -> None:
+                tr = importance.trace(model, batches, budget_bytes=budget)
+                importance.compute_all(model, batches, MEMORY_METHODS, trace=tr)
+                held.update(bytes=tr.held_bytes, complete=tr.complete, recomputed=tr.recomputed)
+
+            start = time.perf_counter()
+            mem = measure.peak_memory(work, device=params.device)
+            rows.append({"model": name, "mode": mode, "texts": n, "peak_mib": mem["peak_mib"],
+                         "held_mib": held["bytes"] / 2**20, "boundaries_kept": held["complete"],
+                         "recomputed_passes": held["recomputed"] / n, "seconds": time.perf_counter() - start,
+                         "memory_kind": mem["kind"]})
+            result.metrics[f"peak_memory/{name}/{n}/{mode}"] = {
+                "mean": mem["peak_mib"], "ci_low": None, "ci_high": None, "n": 1, "unit": "MiB",
+                "method": f"one measurement ({mem['kind']}) of trace + {', '.join(MEMORY_METHODS)}"}
+    table = pd.DataFrame(rows)
+    slopes = []
+    for mode, part in table.groupby("mode", sort=False):
+        if len(part) >= 3:
+            fit = stats.slope_interval(part["texts"].to_numpy(float) / 100, part["peak_mib"].to_numpy(float))
+            result.metrics[f"memory_slope/{name}/{mode}"] = {**fit, "unit": "MiB per 100 texts",
+                                                              "method": "least-squares slope, 95 % t interval"}
+            slopes.append({"model": name, "mode": mode, "mib_per_100_texts": fit["mean"], "ci_low": fit["ci_low"],
+                           "ci_high": fit["ci_high"], "sizes": fit["n"]})
+    result.tables["memory"] = table
+    result.tables["memory_slope"] = pd.DataFrame(slopes)
+
+
 def _convergence(result: Result, units: list[dict[str, Any]]) -> None:
     """The completeness gap of conductance (per unit, mean over blocks and examples) and SHAP's efficiency."""
     rows = []
@@ -643,6 +703,7 @@ def run(params: Params) -> Result:
     _cost(result, units, params)
     _convergence(result, units)
     _bench(result, params)
+    _memory(result, params)
     result.tables["scores"] = pd.concat([u["scores"].assign(model=u["model"], task=u["task"])
                                          for u in units if not u["excluded"]], ignore_index=True)
     result.tables["oracle"] = pd.concat([u["oracle"].assign(model=u["model"], task=u["task"], seed=u["seed"])
