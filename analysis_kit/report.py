@@ -109,13 +109,13 @@ def fmt_ci(rec: dict[str, Any], scale: float = 100.0, unit: str = " %", digits: 
 
 
 def ci_view(df: pd.DataFrame, value: str, *, scale: float = 1.0, unit: str = "", digits: int = 3,
-            sign: bool = False) -> pd.DataFrame:
-    """``df`` for display: column ``value`` and its ``ci_low``/``ci_high`` become one column in the book's number
-    format (:func:`fmt_ci`, e.g. ``"0.62 [0.41, 0.80]"``), so a rendered table never shows bare interval ends.
+            sign: bool = False, low: str = "ci_low", high: str = "ci_high") -> pd.DataFrame:
+    """``df`` for display: column ``value`` and its interval ends ``low``/``high`` become one column in the book's
+    number format (:func:`fmt_ci`, e.g. ``"0.62 [0.41, 0.80]"``), so a rendered table never shows bare interval ends.
 
     Other columns are kept; a row without an interval shows its value alone, a row without a value ``–``.
     """
-    missing = [c for c in (value, "ci_low", "ci_high") if c not in df.columns]
+    missing = [c for c in (value, low, high) if c not in df.columns]
     if missing:
         raise LayerwiseError(f"ci_view: the table has no column(s) {missing}; its columns are {list(df.columns)}.")
 
@@ -125,9 +125,39 @@ def ci_view(df: pd.DataFrame, value: str, *, scale: float = 1.0, unit: str = "",
         ends = {} if lo is None or hi is None or pd.isna(lo) or pd.isna(hi) else {"ci_low": lo, "ci_high": hi}
         return fmt_ci({"mean": v, **ends}, scale, unit, digits, sign)
 
-    out = df.drop(columns=["ci_low", "ci_high"])
-    out[value] = [one(v, lo, hi) for v, lo, hi in zip(df[value], df["ci_low"], df["ci_high"], strict=True)]
+    out = df.drop(columns=[low, high])
+    out[value] = [one(v, lo, hi) for v, lo, hi in zip(df[value], df[low], df[high], strict=True)]
     return out
+
+
+def interval_columns(df: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """Every ``(value, low, high)`` triple of ``df``'s columns, in column order: ``P_low``/``P_high`` (or
+    ``P_ci_low``/``P_ci_high``, or a lone ``ci_low``/``ci_high``) belong to column ``P`` if there is one, else to
+    the column just before the low end (``b1_speedup, b1_low, b1_high``; ``accuracy, ci_low, ci_high``)."""
+    cols = [str(c) for c in df.columns]
+    found = []
+    for i, low in enumerate(cols):
+        if not low.endswith("_low") or i == 0:
+            continue
+        stem = low[: -len("_low")]
+        high = f"{stem}_high"
+        if high not in cols:
+            continue
+        prefix = stem[: -len("_ci")] if stem.endswith("_ci") else ("" if stem == "ci" else stem)
+        before = cols[i - 1]
+        value = prefix if prefix in cols else before if (not prefix or before.startswith(prefix + "_")) else None
+        if value is not None and value not in (high,) and not value.endswith(("_low", "_high")):
+            found.append((cols.index(value), value, low, high))
+    return [(v, lo, hi) for _, v, lo, hi in sorted(found)]
+
+
+def ci_views(df: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """``df`` for display with every interval in it (see :func:`interval_columns`) folded into its value's
+    column in the book's number format, each in the column's own scale; other numbers rounded to ``digits``."""
+    out = df
+    for value, low, high in interval_columns(df):
+        out = ci_view(out, value, digits=digits, low=low, high=high)
+    return out.round(digits)
 
 
 def _clean(x: Any) -> Any:

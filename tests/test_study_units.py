@@ -81,3 +81,19 @@ def test_ci_view_shows_value_and_interval_as_one_column():
     assert out["rho"].tolist() == ["+0.50 [+0.25, +0.75]", "−0.25", "–"]
     with pytest.raises(LayerwiseError, match="no column"):
         ci_view(df.drop(columns="ci_low"), "rho")
+
+
+def test_ci_views_folds_every_interval_of_a_table():
+    from analysis_kit.report import ci_views, interval_columns
+
+    df = pd.DataFrame({"policy": ["a"], "b1_speedup": [1.5], "b1_low": [1.25], "b1_high": [1.75],
+                       "retention": [0.9], "retention_ci_low": [0.85], "retention_ci_high": [0.95],
+                       "accuracy": [0.8], "ci_low": [0.75], "ci_high": [0.85], "seeds": [5], "p": [0.012345]})
+    assert interval_columns(df) == [("b1_speedup", "b1_low", "b1_high"),
+                                    ("retention", "retention_ci_low", "retention_ci_high"),
+                                    ("accuracy", "ci_low", "ci_high")]
+    out = ci_views(df, digits=2)
+    assert list(out.columns) == ["policy", "b1_speedup", "retention", "accuracy", "seeds", "p"]
+    assert out.iloc[0].tolist() == ["a", "1.50 [1.25, 1.75]", "0.90 [0.85, 0.95]", "0.80 [0.75, 0.85]", 5, 0.01]
+    plain = pd.DataFrame({"x": [1.23456]})
+    assert ci_views(plain, digits=1)["x"].tolist() == [1.2]
