@@ -38,8 +38,9 @@ def test_every_metric_the_chapter_promises_is_there(result):
         for mode in ("budget", "keep_all"):
             assert m[f"peak_memory/tiny_llama/{n}/{mode}"]["unit"] == "MiB"
     for mode in ("budget", "keep_all"):
-        rec = m[f"memory_slope/tiny_llama/{mode}"]
-        assert rec["ci_low"] <= rec["mean"] <= rec["ci_high"]
+        for metric in ("memory_slope", "held_slope"):
+            rec = m[f"{metric}/tiny_llama/{mode}"]
+            assert rec["ci_low"] <= rec["mean"] <= rec["ci_high"]
 
 
 def test_memory_table_keeps_every_boundary_only_without_the_budget(result):
@@ -50,7 +51,10 @@ def test_memory_table_keeps_every_boundary_only_without_the_budget(result):
     assert mem["boundaries_kept"].all() and (mem["recomputed_passes"] == 0).all()
     held = mem.pivot(index="texts", columns="mode", values="held_mib")
     assert (held["budget"] == held["keep_all"]).all() and held["budget"].is_monotonic_increasing
-    assert list(result.tables["memory_slope"]["mode"]) == ["budget", "keep_all"]
+    slopes = result.tables["memory_slope"]
+    assert list(slopes["mode"]) == ["budget", "budget", "keep_all", "keep_all"]
+    held = slopes[slopes["measure"] == "hidden states the trace holds"]["mib_per_100_texts"]
+    assert held.iloc[0] == pytest.approx(held.iloc[1]) and held.iloc[0] > 0
 
 
 def test_families_are_declared_once_and_hold_tests_that_can_reject(result):
