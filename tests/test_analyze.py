@@ -435,3 +435,63 @@ def test_stages_are_redone_when_the_model_or_data_change(tmp_path, tokenizer, cs
     reviews(seed=1).to_csv(other, index=False)
     assert status(other) == "computed"
     assert status(other) == "cached"
+
+
+@pytest.mark.parametrize("family, head", [("bert", "cls"), ("llama", "lm")])
+def test_scores_do_not_depend_on_how_a_calibration_batch_is_split_into_forward_passes(
+        tmp_path, tokenizer, csv_file, monkeypatch, family, head):
+    """Each calibration batch runs as length-sorted forward batches of at most ``MICRO_BATCH`` texts (less
+    padding); every method must give the scores it gives on the batch as one padded forward pass."""
+    monkeypatch.setattr(analyze, "MICRO_BATCH", 4)  # the tiny texts would fit one group of the default size
+    src = save_model(tmp_path / "model", tokenizer, family, head)
+    methods = ["block_influence", "angular", "ablation", "fisher"]
+    task = "classification" if head == "cls" else "lm"
+    scores, padded, split = {}, {}, analyze.MICRO_BATCH
+    for micro in (split, 10**6):
+        monkeypatch.setattr(analyze, "MICRO_BATCH", micro)
+        monkeypatch.setattr(analyze, "PAD_SLACK", 1.25 if micro == split else float("inf"))
+        a = analyze.Analyzer(src, csv_file, tmp_path / f"out{micro}", text_column="review", device="cpu",
+                             task=task, **{**FAST, "calib_batch_size": 12})
+        a.load()
+        units = a._calib_batches()
+        assert [sum(b["input_ids"].shape[0] for b in u) for u in units] == [12, 12]
+        sizes = [b["input_ids"].shape[0] for u in units for b in u]
+        assert max(sizes) <= micro and (micro == split or sizes == [12, 12])
+        padded[micro] = sum(b["input_ids"].numel() for u in units for b in u)
+        a.importance(methods)
+        scores[micro] = a.batch_scores.sort_values(["method", "batch", "layer"])["score"].to_numpy()
+    assert padded[split] < padded[10**6]  # the split saves padding on texts of mixed lengths
+    np.testing.assert_allclose(scores[split], scores[10**6], rtol=1e-4, atol=1e-6)
+
+
+def test_angular_plan_reads_the_runs_of_the_importance_trace(tmp_path, tokenizer, csv_file, monkeypatch):
+    """``importance(["angular"])`` keeps every run's angular distance from its own trace; the angular strategy
+    then reads them (no second pass over the calibration texts) and they equal ``compress.angular_distances``."""
+    src = save_model(tmp_path / "model", tokenizer, "llama", "lm")
+    a = analyze.Analyzer(src, csv_file, tmp_path / "out", text_column="review", device="cpu", task="lm", **FAST)
+    a.importance(["angular"])
+    expected = compress.angular_distances(a.model, a._encode(a._calibration(), 5), "cpu")
+    runs = a._angular_runs()
+    merged = expected.merge(runs, on=["start", "n"], suffixes=("", "_ours"))
+    assert len(merged) == len(expected) == len(runs)
+    np.testing.assert_allclose(merged["distance_ours"], merged["distance"], rtol=1e-4, atol=1e-6)
+
+    def second_pass(*args, **kwargs):
+        raise AssertionError("the angular strategy ran the model again")
+
+    monkeypatch.setattr(compress, "angular_distances", second_pass)
+    plan = a.plan(keep=2, strategy="angular")
+    assert plan.keep == compress.keep_angular(a.model, None, 2, table=expected)
+
+
+def test_length_groups_bound_the_padding():
+    lengths = [81, 20, 18, 5, 19, 64, 21, 3, 17, 22, 60, 2]
+    groups = analyze._length_groups(lengths, max_size=4, slack=1.25)
+    flat = np.concatenate(groups)
+    assert sorted(flat.tolist()) == list(range(len(lengths)))  # every text once
+    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)  # longest first
+    for g in groups:
+        real = sum(lengths[i] for i in g)
+        assert len(g) <= 4 and (len(g) == 1 or len(g) * max(lengths[i] for i in g) <= 1.25 * real)
+    padded = sum(len(g) * max(lengths[i] for i in g) for g in groups)
+    assert padded < 0.5 * len(lengths) * max(lengths)  # one padded batch would hold twice as much or more
