@@ -249,6 +249,22 @@ def _fits(model: nn.Module, batches: list[dict[str, torch.Tensor]], h0: torch.Te
     return tokens * h0.shape[-1] * h0.element_size() * (layers.num_blocks(model) + 1) <= budget
 
 
+class _Boundaries:
+    """The block boundaries a trace keeps, batch by batch: all of them when the first batch shows that every
+    batch's boundaries fit in the budget (``_fits``), else only the embedding output, from which
+    ``Trace.each`` recomputes the rest. The one budget rule of ``trace`` and ``_grad_pass``."""
+
+    def __init__(self, model: nn.Module, batches: list[dict[str, torch.Tensor]], budget_bytes: int | None):
+        self.model, self.batches, self.budget_bytes = model, batches, budget_bytes
+        self.hidden: list[list[torch.Tensor]] = []
+        self.complete = True
+
+    def add(self, h0: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:
+        if not self.hidden:
+            self.complete = _fits(self.model, self.batches, h0, self.budget_bytes)
+        self.hidden.append([h.detach() for h in (h0, *outs)] if self.complete else [h0.detach()])
+
+
 @torch.no_grad()
 def trace(model: nn.Module, batches: Any, budget_bytes: int | None = None) -> Trace:
     """Run the model once over ``batches`` and keep every block's input and output, or, when they do not fit in
@@ -257,17 +273,15 @@ def trace(model: nn.Module, batches: Any, budget_bytes: int | None = None) -> Tr
     prepared = prepare_batches(model, batches)
     model.eval()
     start = time.perf_counter()
-    hidden, scores, complete = [], [], True
-    for j, batch in enumerate(prepared):
+    kept, scores = _Boundaries(model, prepared, budget_bytes), []
+    for batch in prepared:
         h0 = layers.embed(model, batch)
-        if j == 0:
-            complete = _fits(model, prepared, h0, budget_bytes)
         outs = layers.run_blocks(model, batch, hidden=h0, return_all=True)
-        hidden.append([h0, *outs] if complete else [h0])
-        scores.append(_example_scores(task, _head(model, outs[-1] if outs else h0, batch), batch))
+        kept.add(h0, outs)
+        scores.append(_example_scores(task, _head(model, outs[-1], batch), batch))
     nll, correct, units = (torch.cat(x).cpu().numpy().astype(np.float64) for x in zip(*scores, strict=True))
-    return Trace(task, prepared, hidden, nll, correct, units, time.perf_counter() - start, model=model,
-                 complete=complete)
+    return Trace(task, prepared, kept.hidden, nll, correct, units, time.perf_counter() - start, model=model,
+                 complete=kept.complete)
 
 
 def _ensure_trace(model: nn.Module, batches: Any, tr: Trace | None) -> Trace:
@@ -592,7 +606,8 @@ def _grad_pass(model: nn.Module, batches: list[dict[str, torch.Tensor]], keep_tr
     n_layers = len(blocks)
     modules = [_param_modules(block) for block in blocks]
     start = time.perf_counter()
-    sq_rows, out_rows, batch_idx, hidden, scores, complete = [], [], [], [], [], True
+    sq_rows, out_rows, batch_idx, scores = [], [], [], []
+    kept = _Boundaries(model, batches, budget_bytes)
     for j, batch in enumerate(batches):
         size = batch["input_ids"].shape[0]
         keep = batch["attention_mask"].bool()
@@ -627,9 +642,7 @@ def _grad_pass(model: nn.Module, batches: list[dict[str, torch.Tensor]], keep_tr
             nll, correct, units = _example_scores(task, _head(model, outs[-1], batch), batch)
             grads = torch.autograd.grad((nll / units).sum(), [h0, *outs])
             if keep_trace:
-                if j == 0:
-                    complete = _fits(model, batches, h0, budget_bytes)
-                hidden.append([h.detach() for h in (h0, *outs)] if complete else [h0.detach()])
+                kept.add(h0, outs)
                 scores.append((nll.detach(), correct, units))
         finally:
             for handle in handles:
@@ -641,8 +654,8 @@ def _grad_pass(model: nn.Module, batches: list[dict[str, torch.Tensor]], keep_tr
     tr = None
     if keep_trace:
         nll, correct, units = (torch.cat(x).cpu().numpy().astype(np.float64) for x in zip(*scores, strict=True))
-        tr = Trace(task, batches, hidden, nll, correct, units, 0.0, model=model,
-                   complete=complete)  # its cost is inside this pass
+        tr = Trace(task, batches, kept.hidden, nll, correct, units, 0.0, model=model,
+                   complete=kept.complete)  # its cost is inside this pass
     return _Grads(np.concatenate(sq_rows), np.concatenate(out_rows).astype(np.float64), np.concatenate(batch_idx),
                   seconds, tr)
 
@@ -734,26 +747,41 @@ def angular_runs(model: nn.Module, batches: Any, *, trace: Trace | None = None, 
     """Angular distance arccos(cos)/pi between the input of block ``start`` and the output of block
     ``start + n - 1``, for n = 1 .. L//2 (or ``max_n``): averaged over non-padding tokens (``token="all"``), or
     at the token the head reads (``"read"``: the last token of a decoder, as Gromov et al. do; [CLS] of an
-    encoder).
+    encoder). Columns ``start``, ``n``, ``distance`` and ``se``, the standard error over examples (of each
+    example's mean over its tokens for ``"all"``).
 
-    Gromov et al. drop the run of n blocks with the smallest distance (``best_run``).
+    The one implementation of the distance: the ``angular`` and ``angular_gromov`` scores are its n = 1 rows,
+    ``compress.angular_distances`` its every run. Gromov et al. drop the run of n blocks with the smallest
+    distance (``best_run``).
     """
     if token not in ("all", "read"):
         raise ImportanceError(f"token={token!r}; choose 'all' (every non-padding token) or 'read' (the read-out token).")
     tr = _ensure_trace(model, batches, trace)
     top = max(1, min(max_n or tr.n_blocks // 2, tr.n_blocks))
     runs = [(s, n) for n in range(1, top + 1) for s in range(tr.n_blocks - n + 1)]
+    ex = None
     if token == "all":
-        coss, _ = _token_stats(tr, [(s, s + n) for s, n in runs], _cosine)
+        coss, ex = _token_stats(tr, [(s, s + n) for s, n in runs], _cosine)
     else:  # one pass over the trace: the read-out token of every example at every boundary pair
         parts: list[list[torch.Tensor]] = [[] for _ in runs]
         for batch, hs in tr.each():
-            rows, pos = torch.arange(hs[0].shape[0]), _read_positions(model, batch)
+            pos = _read_positions(model, batch)
+            rows = torch.arange(hs[0].shape[0], device=pos.device)
             for j, (s, n) in enumerate(runs):
                 parts[j].append(_cosine(hs[s][rows, pos], hs[s + n][rows, pos]))
         coss = [torch.cat(p) for p in parts]
-    return pd.DataFrame([{"start": s, "n": n, "distance": float((torch.arccos(cos.double()) / math.pi).mean())}
-                         for (s, n), cos in zip(runs, coss, strict=True)])
+    out = []
+    for (s, n), cos in zip(runs, coss, strict=True):
+        dist = torch.arccos(cos.double()) / math.pi
+        per_ex = dist.cpu().numpy() if ex is None else _per_example_mean(dist, ex, tr.n_examples)
+        out.append({"start": s, "n": n, "distance": float(dist.mean()), "se": float(_se(per_ex))})
+    return pd.DataFrame(out)
+
+
+def _single_block_rows(model: nn.Module, tr: Trace, token: str) -> pd.DataFrame:
+    """``angular_runs``' n = 1 rows as a score table (layer, score, se)."""
+    runs = angular_runs(model, None, trace=tr, max_n=1, token=token)
+    return runs.rename(columns={"start": "layer", "distance": "score"})[["layer", "score", "se"]]
 
 
 def best_run(runs: pd.DataFrame, n: int) -> tuple[int, ...]:
@@ -763,16 +791,6 @@ def best_run(runs: pd.DataFrame, n: int) -> tuple[int, ...]:
         raise ImportanceError(f"no runs of n={n} blocks in the table (n goes to {int(runs['n'].max())}).")
     start = int(sub.sort_values(["distance", "start"]).iloc[0]["start"])
     return tuple(range(start, start + n))
-
-
-def _angular_rows(tr: Trace) -> pd.DataFrame:
-    rows = []
-    coss, ex = _block_cosines(tr)
-    for i, cos in enumerate(coss):
-        dist = torch.arccos(cos.double()) / math.pi
-        per_ex = _per_example_mean(dist, ex, tr.n_examples)
-        rows.append({"layer": i, "score": float(dist.mean()), "se": float(_se(per_ex))})
-    return pd.DataFrame(rows)
 
 
 def _final_states(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -803,21 +821,6 @@ def _read_positions(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torc
         return torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
     positions = torch.arange(mask.shape[1], device=mask.device)
     return (positions * (mask != 0)).argmax(-1)
-
-
-def _gromov_rows(model: nn.Module, tr: Trace) -> pd.DataFrame:
-    """Gromov et al.'s angular distance for one block (n = 1): arccos(cosine)/pi between the block's input and
-    output at the token the head reads (their last token; [CLS] for an encoder), averaged over examples."""
-    dist = []
-    for batch, hs in tr.each():
-        rows = torch.arange(hs[0].shape[0], device=hs[0].device)
-        pos = _read_positions(model, batch)
-        dist.append(torch.stack([
-            torch.arccos(F.cosine_similarity(hs[i][rows, pos].double(), hs[i + 1][rows, pos].double(), dim=-1,
-                                             eps=1e-12).clamp(-1.0, 1.0)) / math.pi
-            for i in range(tr.n_blocks)], 1))
-    d = torch.cat(dist).cpu().numpy()
-    return pd.DataFrame({"layer": range(tr.n_blocks), "score": d.mean(0), "se": _se(d)})
 
 
 def _activation_stats(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -1306,7 +1309,7 @@ class Angular(ImportanceMethod):
     cheap = True
 
     def score(self, passes: Passes, seed: int, **options: Any) -> pd.DataFrame:
-        return _angular_rows(passes.trace)
+        return _single_block_rows(passes.model, passes.trace, "all")
 
 
 @register
@@ -1334,7 +1337,7 @@ class AngularGromov(ImportanceMethod):
     cheap = True
 
     def score(self, passes: Passes, seed: int, **options: Any) -> pd.DataFrame:
-        return _gromov_rows(passes.model, passes.trace)
+        return _single_block_rows(passes.model, passes.trace, "read")
 
 
 @register

@@ -146,7 +146,7 @@ def interval_columns(df: pd.DataFrame) -> list[tuple[str, str, str]]:
         prefix = stem[: -len("_ci")] if stem.endswith("_ci") else ("" if stem == "ci" else stem)
         before = cols[i - 1]
         value = prefix if prefix in cols else before if (not prefix or before.startswith(prefix + "_")) else None
-        if value is not None and value not in (high,) and not value.endswith(("_low", "_high")):
+        if value is not None and not value.endswith(("_low", "_high")):
             found.append((cols.index(value), value, low, high))
     return [(v, lo, hi) for _, v, lo, hi in sorted(found)]
 
@@ -157,7 +157,15 @@ def ci_views(df: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
     out = df
     for value, low, high in interval_columns(df):
         out = ci_view(out, value, digits=digits, low=low, high=high)
-    return out.round(digits)
+    return out.apply(lambda col: _rounded(col, digits) if pd.api.types.is_float_dtype(col) else col)
+
+
+def _rounded(col: pd.Series, digits: int) -> pd.Series:
+    """``col`` rounded to ``digits`` decimals, except non-zero values that this would show as 0 (a learning rate
+    of 1e-4, a p-value of 3e-5): those keep ``digits`` significant figures."""
+    out = col.round(digits)
+    tiny = (out == 0) & (col != 0) & col.notna()
+    return out.where(~tiny, col.map(lambda v: float(f"{v:.{digits}g}")))
 
 
 def _clean(x: Any) -> Any:

@@ -463,6 +463,42 @@ def test_gromov_angular_distance_reads_one_token():
         imp.angular_runs(model, batches, trace=tr, token="first")
 
 
+def test_single_block_angular_scores_are_the_n1_runs_with_per_example_errors():
+    """``angular`` and ``angular_gromov`` are ``angular_runs``' n = 1 rows: mean over tokens (or read-out
+    tokens) and the standard error of per-example means, the same from a trace over its memory budget."""
+    model, batches = _llama(3), _lm_batches()
+    full = imp.trace(model, batches)
+    lean = imp.trace(model, batches, budget_bytes=0)
+    assert full.complete and not lean.complete
+    for method, token in (("angular", "all"), ("angular_gromov", "read")):
+        got = imp.compute(method, model, batches, trace=full)
+        again = imp.compute(method, model, batches, trace=lean)
+        np.testing.assert_allclose(again[["score", "se"]].to_numpy(), got[["score", "se"]].to_numpy(), atol=1e-12)
+        per_ex, dist_all = [], []
+        for b, hs in zip(full.batches, full.hidden, strict=True):
+            mask = b["attention_mask"].bool()
+            if token == "all":
+                rows = [torch.stack([torch.arccos(F.cosine_similarity(hs[i][r][mask[r]].double(),
+                                                                      hs[i + 1][r][mask[r]].double(), dim=-1,
+                                                                      eps=1e-12).clamp(-1, 1)) / math.pi
+                                     for i in range(3)], 1) for r in range(mask.shape[0])]
+                dist_all.extend(rows)
+                per_ex.extend(r.mean(0) for r in rows)
+            else:
+                last = mask.sum(1) - 1
+                idx = torch.arange(mask.shape[0])
+                d = torch.stack([torch.arccos(F.cosine_similarity(hs[i][idx, last].double(),
+                                                                  hs[i + 1][idx, last].double(), dim=-1,
+                                                                  eps=1e-12).clamp(-1, 1)) / math.pi
+                                 for i in range(3)], 1)
+                dist_all.extend(d)
+                per_ex.extend(d)
+        per_ex = torch.stack(per_ex).numpy()
+        tokens = torch.cat([t.reshape(-1, 3) for t in dist_all]).numpy()
+        np.testing.assert_allclose(got["score"].to_numpy(), tokens.mean(0), atol=1e-9)
+        np.testing.assert_allclose(got["se"].to_numpy(), per_ex.std(0, ddof=1) / math.sqrt(len(per_ex)), atol=1e-9)
+
+
 def test_streamed_per_example_damage_equals_the_traced_damage():
     model, batches = _bert(3, init=0.3), _cls_batches()
     sets = [{0}, {2}, {0, 1}, {1, 2}]

@@ -97,3 +97,8 @@ def test_ci_views_folds_every_interval_of_a_table():
     assert out.iloc[0].tolist() == ["a", "1.50 [1.25, 1.75]", "0.90 [0.85, 0.95]", "0.80 [0.75, 0.85]", 5, 0.01]
     plain = pd.DataFrame({"x": [1.23456]})
     assert ci_views(plain, digits=1)["x"].tolist() == [1.2]
+    # a learning rate or a p-value that rounding would show as 0 keeps its significant figures; a true 0 stays 0
+    small = ci_views(pd.DataFrame({"lr": [1e-4, 3e-4], "p": [3.21e-5, 0.0], "steps": [130.0, 0.25]}), digits=3)
+    assert small["lr"].tolist() == [1e-4, 3e-4]
+    assert small["p"].tolist() == [3.21e-5, 0.0]
+    assert small["steps"].tolist() == [130.0, 0.25]
