@@ -8,6 +8,7 @@ Examples::
     analysis-kit book                       # default profile (unchanged notebooks skipped) + HTML build
     analysis-kit compress MODEL_DIR OUT_DIR --strategy greedy --ratio 2 --texts calib.txt
     analysis-kit analyze MODEL_DIR --data reviews.csv --out report/ --target-ratio 2 --heal distill
+    analysis-kit units save                 # a running chapter's finished units into results/units (resumable)
 """
 
 from __future__ import annotations
@@ -105,6 +106,23 @@ def _cmd_book(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_units(args: argparse.Namespace) -> int:
+    """``save`` the cache's finished units into the ledger (``results/units``), ``restore`` them into the
+    cache, or show the ledger's ``status`` (:mod:`analysis_kit.ledger`)."""
+    from . import ledger
+
+    if args.action == "status":
+        rows = ledger.status()
+        for kind, row in rows.items():
+            print(f"{kind:18s} {row['entries']:5d} entries  {row['bytes'] / 2**20:7.1f} MiB")
+        if not rows:
+            print(f"the ledger ({ledger.ledger_dir()}) holds no unit")
+        return 0
+    moved = ledger.save() if args.action == "save" else ledger.restore()
+    print(f"{args.action}: {moved}")
+    return 0
+
+
 def _cmd_compress(args: argparse.Namespace) -> int:
     """Compress a model folder; every input (texts file, device, strategy options) is checked by
     ``compress.compress_folder`` or here before the model is loaded."""
@@ -183,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--no-run", action="store_true", help="only build from the executed notebooks")
             p.add_argument("--lenient", action="store_true", help="do not turn warnings into errors")
         p.set_defaults(func=_cmd_run if name == "run" else _cmd_book)
+
+    p = sub.add_parser("units", help="carry finished units (healed models' predictions, adapter runs, importance "
+                                     "units) between machines in results/units, so a long chapter resumes")
+    p.add_argument("action", choices=("save", "restore", "status"),
+                   help="save: cache -> ledger (new entries only); restore: ledger -> cache; status: what it holds")
+    p.set_defaults(func=_cmd_units)
 
     p = sub.add_parser("compress", help="remove blocks from a model folder and save a plain Hugging Face folder")
     p.add_argument("model", help="a Hugging Face model folder (BERT, MPNet, LLaMA/Mistral/Qwen2 or GPT-2): a "
