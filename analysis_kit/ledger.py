@@ -6,7 +6,7 @@ stopped, but only on the machine that holds the cache. A chapter whose default r
 than one working session has (compression: ≈ 4 h on 2 cores) would start from nothing on each fresh machine.
 
 The ledger stores the small files a consumer reads back from such an entry (never model weights) in
-``results/units/<kind>/<key>/`` beside the published results, where they are versioned like them:
+``results/units/<host>/<kind>/<key>/`` beside the published results, where they are versioned like them:
 
 - :func:`save` copies every finished entry of a portable kind that the ledger lacks (an entry already in the
   ledger is never rewritten, so committed units are never overwritten);
@@ -16,9 +16,10 @@ The ledger stores the small files a consumer reads back from such an entry (neve
 The key is the cache's own content key (parameters, data, code of the builder, and, where an entry's numbers
 depend on it, the hardware and thread count): an entry restores only where the same code would compute the
 same thing, and any change to that code computes it afresh. Because a seed gives the same numbers only on the
-same processor family and torch build (README, "Results are identical ..."), each saved entry also records
-the host that computed it (``host.json``: processor model and torch version) and restores only on a host
-that matches, so a resumed chapter never mixes numbers from two kinds of machine. The runner restores before every run and saves
+same processor family and torch build (README, "Results are identical ..."), entries are filed under the host
+that computed them (``<host>``: :func:`host_id`, the processor model and torch build; ``host.json`` beside
+each entry says it in full) and restore only on a host of the same kind, so a resumed chapter never mixes
+numbers from two kinds of machine, and each kind of machine keeps its own units. The runner restores before every run and saves
 after every run, failed or interrupted ones included; ``analysis-kit units save`` saves what a run that is still
 going (or was killed) has finished so far. Smoke-profile entries (tiny random models) are never saved.
 ``LAYERWISE_LEDGER=0`` turns both directions off (every number is then computed on this machine).
@@ -79,6 +80,16 @@ def ledger_dir() -> Path:
     return results_dir() / "units"
 
 
+def host_id(facts: dict[str, str] | None = None) -> str:
+    """The folder name of a kind of host: its processor model and torch build as one lower-case slug
+    (``amd-epyc_torch-2.13.0-cpu``)."""
+    import re
+
+    facts = facts or host()
+    slug = [re.sub(r"[^a-z0-9.]+", "-", facts[k].lower()).strip("-") or "unknown" for k in ("cpu", "torch")]
+    return f"{slug[0]}_torch-{slug[1]}"
+
+
 @dataclass(frozen=True)
 class Moved:
     """What one :func:`save` or :func:`restore` did: entries copied per kind, and their size in bytes."""
@@ -133,9 +144,10 @@ def _copy_entry(kind: str, src: Path, dst: Path, complete: bool) -> int:
 
 def save(kinds: tuple[str, ...] = tuple(PORTABLE), cache: Path | None = None, ledger: Path | None = None,
          include_tiny: bool = False) -> Moved:
-    """Copy every finished cache entry of ``kinds`` that the ledger lacks into it; entries of tiny (smoke)
-    models are skipped unless ``include_tiny`` (tests), and entries already in the ledger are left as they are."""
-    cache, ledger = cache or cache_dir(), ledger or ledger_dir()
+    """Copy every finished cache entry of ``kinds`` that this host's part of the ledger lacks into it; entries
+    of tiny (smoke) models are skipped unless ``include_tiny`` (tests), and entries already in the ledger are
+    left as they are."""
+    cache, ledger = cache or cache_dir(), (ledger or ledger_dir()) / host_id()
     counts, size = dict.fromkeys(kinds, 0), 0
     for kind, entry in _entries(cache, kinds):
         dst = ledger / kind / entry.name
@@ -150,15 +162,14 @@ def save(kinds: tuple[str, ...] = tuple(PORTABLE), cache: Path | None = None, le
 
 def restore(kinds: tuple[str, ...] = tuple(PORTABLE), cache: Path | None = None, ledger: Path | None = None
             ) -> Moved:
-    """Put every ledger entry of ``kinds`` that the cache lacks back into the cache as a finished entry, when it
-    was computed on a host like this one (:func:`host`); the others are left for this machine to compute."""
-    cache, ledger = cache or cache_dir(), ledger or ledger_dir()
-    counts, size, here = dict.fromkeys(kinds, 0), 0, host()
+    """Put every ledger entry of ``kinds`` that the cache lacks back into the cache as a finished entry, from
+    the part of the ledger computed on hosts like this one (:func:`host_id`); entries computed on other kinds
+    of host are left for this machine to compute."""
+    cache, ledger = cache or cache_dir(), (ledger or ledger_dir()) / host_id()
+    counts, size = dict.fromkeys(kinds, 0), 0
     for kind, entry in _entries(ledger, kinds):
         dst = cache / kind / entry.name
-        if (dst / COMPLETE).exists() or not (entry / HOST).is_file():
-            continue
-        if json.loads((entry / HOST).read_text()) != here:
+        if (dst / COMPLETE).exists():
             continue
         if dst.exists():  # an unfinished build left by a killed run: the ledger's finished copy replaces it
             shutil.rmtree(dst)
@@ -168,11 +179,13 @@ def restore(kinds: tuple[str, ...] = tuple(PORTABLE), cache: Path | None = None,
 
 
 def status(ledger: Path | None = None) -> dict[str, dict[str, int]]:
-    """Entries and bytes per kind in the ledger."""
+    """Entries and bytes per ``<host>/<kind>`` in the ledger (every host's part, this one's included)."""
     ledger = ledger or ledger_dir()
     out: dict[str, dict[str, int]] = {}
-    for kind, entry in _entries(ledger, tuple(PORTABLE)):
-        row = out.setdefault(kind, {"entries": 0, "bytes": 0})
-        row["entries"] += 1
-        row["bytes"] += sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
+    hosts = sorted(d for d in ledger.iterdir() if d.is_dir() and not d.name.startswith(".")) if ledger.is_dir() else []
+    for part in hosts:
+        for kind, entry in _entries(part, tuple(PORTABLE)):
+            row = out.setdefault(f"{part.name}/{kind}", {"entries": 0, "bytes": 0})
+            row["entries"] += 1
+            row["bytes"] += sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
     return out

@@ -39,14 +39,14 @@ def test_save_copies_only_the_files_consumers_read_and_never_rewrites(roots):
     _entry(roots / "cache", "qlora_runs", {"kind": "qlora_runs", "run": 1})
     moved = ledger.save()
     assert moved.counts == {"healed_arm": 1, "qlora_runs": 1, "importance_unit": 0} and moved.bytes > 0
-    saved = ledger.ledger_dir() / "healed_arm" / arm.name
-    assert saved == roots / "results" / "units" / "healed_arm" / arm.name
+    saved = ledger.ledger_dir() / ledger.host_id() / "healed_arm" / arm.name
+    assert saved == roots / "results" / "units" / ledger.host_id() / "healed_arm" / arm.name
     assert sorted(p.name for p in saved.iterdir()) == sorted([*ledger.PORTABLE["healed_arm"], "spec.json", "host.json"])
     assert json.loads((saved / "host.json").read_text()) == ledger.host()
     (saved / "arm.json").write_text("committed")
     assert sum(ledger.save().counts.values()) == 0
     assert (saved / "arm.json").read_text() == "committed", "a committed unit is never overwritten"
-    assert ledger.status()["healed_arm"]["entries"] == 1
+    assert ledger.status()[f"{ledger.host_id()}/healed_arm"]["entries"] == 1
 
 
 def test_smoke_entries_and_unfinished_builds_stay_behind(roots):
@@ -74,12 +74,15 @@ def test_restore_makes_a_finished_entry_that_cached_dir_returns_without_building
     assert sum(ledger.restore().counts.values()) == 0
 
 
-def test_units_from_another_kind_of_machine_are_computed_here(roots, monkeypatch):
+def test_units_from_another_kind_of_machine_are_computed_here_and_kept_apart(roots, monkeypatch):
     _entry(roots / "cache", "qlora_runs")
     ledger.save()
     monkeypatch.setenv("LAYERWISE_CACHE", str(roots / "fresh"))
-    monkeypatch.setattr(ledger, "host", lambda: {"cpu": "another processor", "torch": "2.13.0"})
+    monkeypatch.setattr(ledger, "host", lambda: {"cpu": "Intel(R) Xeon(R) Processor", "torch": "2.13.0+cpu"})
+    assert ledger.host_id() == "intel-r-xeon-r-processor_torch-2.13.0-cpu"
     assert sum(ledger.restore().counts.values()) == 0 and not (roots / "fresh" / "qlora_runs").exists()
+    _entry(roots / "fresh", "qlora_runs")  # the same unit computed here: this host's part of the ledger keeps it
+    assert ledger.save().counts["qlora_runs"] == 1 and len(ledger.status()) == 2
 
 
 def test_the_runner_restores_and_saves_unless_turned_off(roots, monkeypatch, capsys):
@@ -89,7 +92,7 @@ def test_the_runner_restores_and_saves_unless_turned_off(roots, monkeypatch, cap
     assert not ledger.ledger_dir().exists()
     monkeypatch.delenv("LAYERWISE_LEDGER")
     runner._carry_units("save")
-    assert "saved to" in capsys.readouterr().out and ledger.status()["qlora_runs"]["entries"] == 1
+    assert "saved to" in capsys.readouterr().out and ledger.status()[f"{ledger.host_id()}/qlora_runs"]["entries"] == 1
 
 
 def test_a_restored_healed_arm_without_weights_gives_the_same_record(roots, monkeypatch):
