@@ -19,9 +19,9 @@ same thing, and any change to that code computes it afresh. Because a seed gives
 same processor family and torch build (README, "Results are identical ..."), entries are filed under the host
 that computed them (``<host>``: :func:`host_id`, the processor model and torch build; ``host.json`` beside
 each entry says it in full) and restore only on a host of the same kind, so a resumed chapter never mixes
-numbers from two kinds of machine, and each kind of machine keeps its own units. The runner restores before every run and saves
-after every run, failed or interrupted ones included; ``analysis-kit units save`` saves what a run that is still
-going (or was killed) has finished so far. Smoke-profile entries (tiny random models) are never saved.
+numbers from two kinds of machine, and each kind of machine keeps its own units. The runner restores before
+every run and saves after every run, failed or interrupted ones included; ``analysis-kit units save`` saves what
+a run that is still going (or was killed) has finished so far. Smoke-profile entries (tiny random models) are never saved.
 ``LAYERWISE_LEDGER=0`` turns both directions off (every number is then computed on this machine).
 """
 
@@ -119,10 +119,10 @@ def _entries(root: Path, kinds: tuple[str, ...]) -> Iterator[tuple[str, Path]]:
             yield from ((kind, d) for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith("."))
 
 
-def _copy_entry(kind: str, src: Path, dst: Path, complete: bool) -> int:
+def _copy_entry(kind: str, src: Path, dst: Path, extra: dict[str, str]) -> int:
     """Copy an entry's portable files from ``src`` into a new folder ``dst`` (built beside it and renamed into
-    place, so a killed copy leaves nothing half-written); return the bytes copied. Saving (``complete`` False)
-    records this host beside them; restoring leaves the record behind."""
+    place, so a killed copy leaves nothing half-written), with the ``extra`` files (name: text) written beside
+    them: the host record when saving, the cache's finished marker when restoring. Returns the bytes copied."""
     names = (*PORTABLE[kind], SPEC)
     missing = [n for n in names if not (src / n).is_file()]
     if missing:
@@ -131,10 +131,8 @@ def _copy_entry(kind: str, src: Path, dst: Path, complete: bool) -> int:
     try:
         for name in names:
             shutil.copy2(src / name, tmp / name)
-        if complete:
-            (tmp / COMPLETE).touch()
-        else:
-            (tmp / HOST).write_text(json.dumps(host(), indent=2) + "\n")
+        for name, text in extra.items():
+            (tmp / name).write_text(text)
         os.replace(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -147,7 +145,9 @@ def save(kinds: tuple[str, ...] = tuple(PORTABLE), cache: Path | None = None, le
     """Copy every finished cache entry of ``kinds`` that this host's part of the ledger lacks into it; entries
     of tiny (smoke) models are skipped unless ``include_tiny`` (tests), and entries already in the ledger are
     left as they are."""
-    cache, ledger = cache or cache_dir(), (ledger or ledger_dir()) / host_id()
+    facts = host()
+    cache, ledger = cache or cache_dir(), (ledger or ledger_dir()) / host_id(facts)
+    record = {HOST: json.dumps(facts, indent=2) + "\n"}
     counts, size = dict.fromkeys(kinds, 0), 0
     for kind, entry in _entries(cache, kinds):
         dst = ledger / kind / entry.name
@@ -155,7 +155,7 @@ def save(kinds: tuple[str, ...] = tuple(PORTABLE), cache: Path | None = None, le
             continue
         if not include_tiny and _is_tiny(json.loads((entry / SPEC).read_text())):
             continue
-        size += _copy_entry(kind, entry, dst, complete=False)
+        size += _copy_entry(kind, entry, dst, record)
         counts[kind] += 1
     return Moved(counts, size)
 
@@ -173,7 +173,7 @@ def restore(kinds: tuple[str, ...] = tuple(PORTABLE), cache: Path | None = None,
             continue
         if dst.exists():  # an unfinished build left by a killed run: the ledger's finished copy replaces it
             shutil.rmtree(dst)
-        size += _copy_entry(kind, entry, dst, complete=True)
+        size += _copy_entry(kind, entry, dst, {COMPLETE: ""})
         counts[kind] += 1
     return Moved(counts, size)
 
