@@ -307,3 +307,19 @@ def test_importance_answer_quotes_reliability_best_method_and_the_drop_last_verd
     r = row(F.run(F.Params(profile=PROFILE)), "theoretical_validation")
     assert "reliability 0.91 [0.85, 0.95]" in r[ANSWER] and "best ρ ablation 0.80 [0.60, 0.90]" in r[ANSWER]
     assert r["verdict"] == "minilm: beats drop_last after Holm: ablation"
+
+
+def test_importance_verdict_per_task_names_each_method_once_per_task(results):
+    """A model tested per task (SmolLM2: one text sample per task) gets one verdict per task, each method once."""
+    rec = {"mean": 0.99, "ci_low": 0.98, "ci_high": 1.0}
+    tests = [{"name": f"smollm2: {m} vs_drop_last ({t})", "family": "smollm2_vs_drop_last", "p_holm": p,
+              "effect_size": -0.5} for m, t, p in (("ablation", "amazon", 0.001), ("ablation", "mr", 0.001),
+                                                    ("fisher", "amazon", 0.001), ("fisher", "mr", 0.2))]
+    metrics = {**{f"reliability/smollm2/{t}": rec for t in ("amazon", "mr")},
+               **{f"regret/smollm2/{t}/drop_last": {"mean": 1.4, "ci_low": 1.3, "ci_high": 1.5} for t in ("amazon", "mr")},
+               **{f"spearman/smollm2/{t}/ablation": rec for t in ("amazon", "mr")}}
+    write(results, "theoretical_validation", {"params": {"models": ["smollm2"], "tasks": ["amazon", "mr"]},
+                                              "metrics": metrics, "tests": tests}, {})
+    r = row(F.run(F.Params(profile=PROFILE)), "theoretical_validation")
+    assert r["verdict"] == ("smollm2 on amazon: beats drop_last after Holm: ablation, fisher; "
+                            "smollm2 on mr: beats drop_last after Holm: ablation")
