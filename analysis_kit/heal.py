@@ -51,9 +51,36 @@ class HealError(LayerwiseError):
 
 
 @dataclass(frozen=True)
-class HealConfig:
-    """One step budget for every healing method, plus each method's own knobs."""
+class RecipeOptions:
+    """The recipe-specific knobs of :func:`heal_recipe` (the shared schedule is a ``train.TrainConfig``)."""
 
+    temperature: float = 2.0
+    kd_weight: float = 1.0
+    hidden_weight: float = 1.0
+    ce_weight: float = 1.0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    partial_blocks: int = 1
+
+    def validate(self) -> None:
+        """Fail before any training on settings no recipe can use."""
+        if self.temperature <= 0 or self.lora_r < 1 or self.lora_alpha < 1 or self.partial_blocks < 1:
+            raise HealError("temperature, lora_r, lora_alpha and partial_blocks must be positive.")
+        if min(self.kd_weight, self.hidden_weight, self.ce_weight) < 0 or \
+                self.kd_weight + self.hidden_weight + self.ce_weight == 0:
+            raise HealError("distillation weights must be >= 0 and not all zero (kd_weight, hidden_weight, ce_weight).")
+        if not 0 <= self.lora_dropout < 1:
+            raise HealError(f"lora_dropout={self.lora_dropout} must lie in [0, 1).")
+
+
+@dataclass(frozen=True)
+class HealConfig(RecipeOptions):
+    """One fixed step budget for :func:`distill` and :func:`lora` (the path ``analysis-kit analyze`` heals a
+    user's model with), plus the recipe knobs they share with :func:`heal_recipe` (inherited from
+    :class:`RecipeOptions`; only the label-loss weight defaults to 0 here: distillation alone)."""
+
+    ce_weight: float = 0.0
     steps: int = 100
     batch_size: int = 16
     lr_distill: float = 5e-5
@@ -61,23 +88,14 @@ class HealConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     grad_clip: float = 1.0
-    temperature: float = 2.0
-    kd_weight: float = 1.0
-    hidden_weight: float = 1.0
-    ce_weight: float = 0.0
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
 
     def validate(self) -> None:
-        """Fail fast on impossible settings."""
+        """Fail fast on impossible settings: the recipe knobs, then the step budget."""
+        super().validate()
         if self.steps < 1 or self.batch_size < 1:
             raise HealError(f"steps={self.steps} and batch_size={self.batch_size} must be >= 1.")
-        if min(self.lr_distill, self.lr_lora, self.temperature) <= 0 or self.lora_r < 1:
-            raise HealError("learning rates, temperature and lora_r must be positive.")
-        if min(self.kd_weight, self.hidden_weight, self.ce_weight) < 0 or \
-                self.kd_weight + self.hidden_weight + self.ce_weight == 0:
-            raise HealError("distillation weights must be >= 0 and not all zero (kd_weight, hidden_weight, ce_weight).")
+        if min(self.lr_distill, self.lr_lora) <= 0:
+            raise HealError("learning rates must be positive.")
 
 
 def teacher_map(keep: Sequence[int], n_teacher: int) -> list[int]:
@@ -284,30 +302,6 @@ def describe(cfg: HealConfig) -> dict[str, Any]:
 #: - ``first_k``: the baseline that skips pruning: the *pretrained* model's first k blocks and a new head,
 #:   fine-tuned on the same schedule as the other recipes (the kept set is always the first k blocks).
 RECIPES = ("finetune", "distill", "lora", "partial", "first_k")
-
-
-@dataclass(frozen=True)
-class RecipeOptions:
-    """The recipe-specific knobs of :func:`heal_recipe` (the shared schedule is a ``train.TrainConfig``)."""
-
-    temperature: float = 2.0
-    kd_weight: float = 1.0
-    hidden_weight: float = 1.0
-    ce_weight: float = 1.0
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    partial_blocks: int = 1
-
-    def validate(self) -> None:
-        """Fail before any training on settings no recipe can use."""
-        if self.temperature <= 0 or self.lora_r < 1 or self.lora_alpha < 1 or self.partial_blocks < 1:
-            raise HealError("temperature, lora_r, lora_alpha and partial_blocks must be positive.")
-        if min(self.kd_weight, self.hidden_weight, self.ce_weight) < 0 or \
-                self.kd_weight + self.hidden_weight + self.ce_weight == 0:
-            raise HealError("distillation weights must be >= 0 and not all zero (kd_weight, hidden_weight, ce_weight).")
-        if not 0 <= self.lora_dropout < 1:
-            raise HealError(f"lora_dropout={self.lora_dropout} must lie in [0, 1).")
 
 
 def _distill_loss(teacher: torch.nn.Module, pairs: list[int], opts: RecipeOptions):

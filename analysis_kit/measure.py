@@ -14,6 +14,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,17 @@ def _malloc_trim() -> None:
         return
 
 
+def cuda_peak_bytes(fn: Callable[[], Any], dev: torch.device) -> int:
+    """Run ``fn()`` on CUDA device ``dev`` and return the allocator's peak above what was allocated before, in
+    bytes (synchronised before and after, so asynchronous kernels are inside the window)."""
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev)
+    fn()
+    torch.cuda.synchronize(dev)
+    return int(torch.cuda.max_memory_allocated(dev) - base)
+
+
 def peak_memory(fn, device: str | torch.device = "auto", interval_s: float = 0.001) -> dict[str, float]:
     """Run ``fn()`` and report its peak memory in MiB above what was in use before.
 
@@ -88,12 +100,7 @@ def peak_memory(fn, device: str | torch.device = "auto", interval_s: float = 0.0
     """
     dev = pick(device)
     if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-        fn()
-        torch.cuda.synchronize(dev)
-        return {"peak_mib": (torch.cuda.max_memory_allocated(dev) - base) / 2**20, "kind": "cuda_allocated"}
+        return {"peak_mib": cuda_peak_bytes(fn, dev) / 2**20, "kind": "cuda_allocated"}
     proc = psutil.Process()
     gc.collect()
     _malloc_trim()

@@ -475,6 +475,8 @@ def train_step_cost(model: nn.Module, batch: Mapping[str, torch.Tensor], lr: flo
     peak on GPU, the profiler's allocation trace on CPU. ``step_seconds`` is the median of ``repeats``
     further steps. Trainable parameters are restored afterwards, so measuring does not change the model.
     """
+    from .measure import cuda_peak_bytes
+
     dev = pick(device)
     if "labels" not in batch:
         raise QuantizeError("batch needs 'labels' (class indices) to take a training step.")
@@ -496,12 +498,7 @@ def train_step_cost(model: nn.Module, batch: Mapping[str, torch.Tensor], lr: flo
     weights = state_bytes(model)
     try:
         if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-            base = torch.cuda.memory_allocated(dev)
-            step()
-            torch.cuda.synchronize(dev)
-            transient, kind = torch.cuda.max_memory_allocated(dev) - base, "cuda allocator peak"
+            transient, kind = cuda_peak_bytes(step, dev), "cuda allocator peak"
         else:
             transient, kind = _cpu_peak_bytes(step), "torch CPU allocation trace"
         times = []

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -648,36 +648,36 @@ class _CellStatistic:
         return float(self.from_counts(counts))
 
 
-def _binary_pair_codes(rows: np.ndarray, what: str) -> np.ndarray:
-    """Rows ``(x, y)`` of 0/1 values -> cell code ``2 x + y`` (0: both 0, 1: only y, 2: only x, 3: both)."""
-    r = np.asarray(rows)
-    if r.ndim != 2 or r.shape[1] != 2:
-        raise StatsError(f"{what} must have two columns; got shape {r.shape}.")
-    if not np.isin(r, (0, 1)).all():
-        raise StatsError(f"{what} must be booleans or 0/1 (was each example answered correctly?).")
-    return 2 * r[:, 0].astype(np.int64) + r[:, 1].astype(np.int64)
-
-
-class _AccuracyDifference(_CellStatistic):
-    """mean(a) - mean(b) on the same rows; rows are ``(correct_a, correct_b)``."""
+class _BinaryPairStatistic(_CellStatistic):
+    """A statistic of rows ``(x, y)`` of 0/1 values, from the counts of the four cells ``2 x + y``
+    (0: both 0, 1: only y, 2: only x, 3: both); ``rows_are`` names the columns for the error message."""
 
     n_cells = 4
+    rows_are = "paired rows (x, y)"
 
     def encode(self, rows: np.ndarray) -> np.ndarray:
-        return _binary_pair_codes(rows, "paired rows (correct_a, correct_b)")
+        r = np.asarray(rows)
+        if r.ndim != 2 or r.shape[1] != 2:
+            raise StatsError(f"{self.rows_are} must have two columns; got shape {r.shape}.")
+        if not np.isin(r, (0, 1)).all():
+            raise StatsError(f"{self.rows_are} must be booleans or 0/1 (was each example answered correctly?).")
+        return 2 * r[:, 0].astype(np.int64) + r[:, 1].astype(np.int64)
+
+
+class _AccuracyDifference(_BinaryPairStatistic):
+    """mean(a) - mean(b) on the same rows; rows are ``(correct_a, correct_b)``."""
+
+    rows_are = "paired rows (correct_a, correct_b)"
 
     def from_counts(self, counts: np.ndarray) -> np.ndarray:
         c = np.asarray(counts, dtype=float)
         return (c[..., 2] - c[..., 1]) / c.sum(-1)
 
 
-class _Retention(_CellStatistic):
+class _Retention(_BinaryPairStatistic):
     """mean(correct_comp) / mean(correct_full) on the same rows; rows are ``(correct_full, correct_comp)``."""
 
-    n_cells = 4
-
-    def encode(self, rows: np.ndarray) -> np.ndarray:
-        return _binary_pair_codes(rows, "retention rows (correct_full, correct_comp)")
+    rows_are = "retention rows (correct_full, correct_comp)"
 
     def from_counts(self, counts: np.ndarray) -> np.ndarray:
         c = np.asarray(counts, dtype=float)
@@ -1386,3 +1386,29 @@ class TestFamilies:
             return table
         floor = pd.to_numeric(table["min_p"], errors="coerce")
         return table[floor > alpha].reset_index(drop=True)
+
+
+def wins(tests: pd.DataFrame | Iterable[dict[str, Any]], family: str, alpha: float = 0.05) -> dict[str, list[str]]:
+    """Per scope, the members of ``family`` whose test rejects after Holm with a negative effect (A below its
+    reference: less damage, less regret), in the order filed.
+
+    ``tests``: ``TestFamilies.table()`` or its records (a chapter's published ``summary.json`` tests); each
+    test of ``family`` carries ``member`` (what was tested, e.g. an importance method) and ``scope`` (what it
+    was tested on: ``"pooled tasks"`` or one task) in its extras. Every scope tested appears, with an empty
+    list where nothing won, so "won on amazon, not on mr" is never merged into "won".
+    """
+    records = tests.to_dict("records") if isinstance(tests, pd.DataFrame) else list(tests)
+    out: dict[str, list[str]] = {}
+    for t in records:
+        if t.get("family") != family:
+            continue
+        if "member" not in t or "scope" not in t:
+            raise StatsError(f"test {t.get('name')!r} of family {family!r} has no member/scope; file it with "
+                             "extras member=... and scope=... (re-run the chapter that wrote it).")
+        won = out.setdefault(str(t["scope"]), [])
+        p = t.get("p_holm")
+        if p is not None and p < alpha and t["effect_size"] < 0:
+            won.append(str(t["member"]))
+    return out
+
+

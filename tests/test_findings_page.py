@@ -296,9 +296,9 @@ def test_importance_answer_quotes_reliability_best_method_and_the_drop_last_verd
                                                                                  "ci_high": 0.4},
            "random": {"mean": 0.95, "ci_low": 0.9, "ci_high": 1.0}}  # a reference is never "the best method"
     tests = [{"name": "minilm: ablation vs_drop_last (pooled tasks)", "family": "minilm_vs_drop_last",
-              "p_holm": 0.01, "effect_size": -0.9},
+              "member": "ablation", "scope": "pooled tasks", "p_holm": 0.01, "effect_size": -0.9},
              {"name": "minilm: fisher vs_drop_last (pooled tasks)", "family": "minilm_vs_drop_last",
-              "p_holm": 0.01, "effect_size": 0.9}]  # significantly *worse*: not a win
+              "member": "fisher", "scope": "pooled tasks", "p_holm": 0.01, "effect_size": 0.9}]  # *worse*: no win
     metrics = {"reliability/minilm/amazon": rec,
                "regret/minilm/amazon/drop_last": {"mean": 0.012, "ci_low": 0.008, "ci_high": 0.016},
                **{f"spearman/minilm/amazon/{k}": v for k, v in rho.items()}}
@@ -312,8 +312,8 @@ def test_importance_answer_quotes_reliability_best_method_and_the_drop_last_verd
 def test_importance_verdict_per_task_names_each_method_once_per_task(results):
     """A model tested per task (SmolLM2: one text sample per task) gets one verdict per task, each method once."""
     rec = {"mean": 0.99, "ci_low": 0.98, "ci_high": 1.0}
-    tests = [{"name": f"smollm2: {m} vs_drop_last ({t})", "family": "smollm2_vs_drop_last", "p_holm": p,
-              "effect_size": -0.5} for m, t, p in (("ablation", "amazon", 0.001), ("ablation", "mr", 0.001),
+    tests = [{"name": f"smollm2: {m} vs_drop_last ({t})", "family": "smollm2_vs_drop_last", "member": m,
+              "scope": t, "p_holm": p, "effect_size": -0.5} for m, t, p in (("ablation", "amazon", 0.001), ("ablation", "mr", 0.001),
                                                     ("fisher", "amazon", 0.001), ("fisher", "mr", 0.2))]
     metrics = {**{f"reliability/smollm2/{t}": rec for t in ("amazon", "mr")},
                **{f"regret/smollm2/{t}/drop_last": {"mean": 1.4, "ci_low": 1.3, "ci_high": 1.5} for t in ("amazon", "mr")},

@@ -178,3 +178,14 @@ def test_lora_heals_the_newer_encoder_families(family):
     assert type(healed) is type(model) and layers.num_blocks(healed) == 2
     assert not any("lora" in name for name, _ in healed.named_modules())
     assert task_loss(healed, data) < task_loss(model, data)
+
+
+def test_heal_config_shares_the_recipe_knobs_and_checks_them():
+    """HealConfig is RecipeOptions plus a step budget: one definition of each knob, one check."""
+    cfg = HealConfig()
+    assert isinstance(cfg, heal.RecipeOptions) and cfg.ce_weight == 0.0 and heal.RecipeOptions().ce_weight == 1.0
+    assert cfg.lora_r == heal.RecipeOptions().lora_r and cfg.steps == 100
+    with pytest.raises(HealError, match="lora_dropout"):
+        HealConfig(lora_dropout=1.0).validate()
+    with pytest.raises(HealError, match="learning rates"):
+        HealConfig(lr_lora=0).validate()

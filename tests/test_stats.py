@@ -390,3 +390,14 @@ def test_slope_interval_matches_scipy_and_refuses_one_size():
         S.slope_interval([2.0, 2.0, 2.0], [1.0, 2.0, 3.0])
     with pytest.raises(S.StatsError):
         S.slope_interval([1.0, 2.0], [1.0, 2.0])
+
+
+def test_wins_lists_per_scope_the_members_that_reject_with_a_negative_effect():
+    rows = [{"family": "f", "member": "a", "scope": "x", "p_holm": 0.01, "effect_size": -0.4},
+            {"family": "f", "member": "b", "scope": "x", "p_holm": 0.01, "effect_size": 0.4},  # worse: no win
+            {"family": "f", "member": "a", "scope": "y", "p_holm": 0.2, "effect_size": -0.4},  # not significant
+            {"family": "g", "member": "c", "scope": "x", "p_holm": 0.001, "effect_size": -1.0}]
+    assert S.wins(rows, "f") == {"x": ["a"], "y": []}
+    assert S.wins(rows, "f", alpha=0.5) == {"x": ["a"], "y": ["a"]}
+    with pytest.raises(S.StatsError, match="member/scope"):
+        S.wins([{"family": "f", "name": "old", "p_holm": 0.01, "effect_size": -1}], "f")

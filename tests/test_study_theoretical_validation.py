@@ -67,6 +67,22 @@ def test_families_are_declared_once_and_hold_tests_that_can_reject(result):
     assert 2 / (tv.Params().n_bootstrap + 1) < 0.05 / len(lm)  # at the chapter's resamples, it can reject
 
 
+def test_every_test_names_its_method_and_scope_and_wins_keep_tasks_apart(result):
+    """Tests carry member and scope, so a model tested per task is never credited with a win it had on one
+    task only: the key findings name such a method with its task."""
+    tests = result.tables["tests"]
+    assert set(tests["member"]) == {*TINY.methods, "drop_last"}
+    assert set(tests[tests["family"].str.startswith("smollm2")]["scope"]) == set(TINY.tasks)
+    assert set(tests[tests["family"].str.startswith("minilm")]["scope"]) <= {"pooled tasks", *TINY.tasks}
+    won = stats.wins(tests, "smollm2_vs_random")
+    assert set(won) == set(TINY.tasks)
+    toy = pd.DataFrame([{"family": "f", "member": m, "scope": t, "p_holm": p, "effect_size": -1.0}
+                        for m, t, p in (("a", "x", 0.01), ("a", "y", 0.01), ("b", "x", 0.01), ("b", "y", 0.5))])
+    assert tv._beats(toy, "f", "random") == "1 method picks less damaging blocks than random (a) on every task; b only on x"
+    pooled = toy.assign(scope="pooled tasks").iloc[[0, 2]]
+    assert tv._beats(pooled, "f", "drop_last") == "2 methods pick less damaging blocks than drop_last (a, b)"
+
+
 def test_random_regret_is_the_mean_of_its_draws_and_the_oracle_has_none(result):
     reg = result.tables["regret"]
     assert (reg["regret"] > -1e-9).all()  # nothing beats the best set measured on the same examples

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -102,3 +103,27 @@ def test_ci_views_folds_every_interval_of_a_table():
     assert small["lr"].tolist() == [1e-4, 3e-4]
     assert small["p"].tolist() == [3.21e-5, 0.0]
     assert small["steps"].tolist() == [130.0, 0.25]
+
+
+def test_run_units_takes_the_seeds_each_model_runs():
+    """A pretrained model without a training seed runs once per task; the others run every seed."""
+    p = SimpleNamespace(models=("lm", "clf"), tasks=("a", "b"), seeds=(0, 1, 2))
+    seen = U.run_units(p, lambda m, t, s: (m, t, s), "toy", seeds=lambda m: p.seeds[:1] if m == "lm" else p.seeds)
+    assert seen == [("lm", "a", 0), ("lm", "b", 0), *[("clf", t, s) for t in "ab" for s in (0, 1, 2)]]
+
+
+def test_tuned_units_searches_once_per_task_then_runs_every_unit_with_its_choice():
+    p = SimpleNamespace(models=("m",), tasks=("a", "b"), seeds=(0, 1, 2, 3, 4))
+    result, searched = Result(), []
+
+    def search(m, t):
+        searched.append((m, t))
+        return {"a": 1e-3, "b": 3e-4}[t], pd.DataFrame([{"model": m, "task": t, "lr": 1e-3, "failed": t == "b"}])
+
+    units = U.tuned_units(p, result, search, lambda m, t, s, lr: {"model": m, "task": t, "seed": s, "lr": lr,
+                                                                   "failed": s == 0}, "toy")
+    assert searched == [("m", "a"), ("m", "b")]
+    assert [u["lr"] for u in units] == [1e-3] * 5 + [3e-4] * 5
+    assert list(result.tables["lr_search"]["task"]) == ["a", "b"]
+    assert result.metrics["failed_search_runs/m/b"]["mean"] == 1 and result.metrics["failed_search_runs/m/a"]["mean"] == 0
+    assert result.metrics["failed_trainings/m/a"]["mean"] == 1 and result.metrics["failed_trainings/m/a"]["n"] == 5

@@ -137,7 +137,8 @@ class ScheduleParams(TaskParams):
     """The training schedule the compression, depth and QLoRA chapters share (each ``Params`` subclasses it):
     up to ``epochs`` epochs over the training split in batches of ``batch_size``, validation
     ``evals_per_epoch`` times per epoch, early stopping after ``patience`` validations without progress, the
-    learning rate searched on seed ``lr_search_seed``; texts cut at ``max_length`` tokens."""
+    learning rate searched on seed ``lr_search_seed``; texts cut at ``max_length`` tokens; torch runs on
+    ``torch_threads`` threads (0: torch's default)."""
 
     lr_search_seed: int = 0
     epochs: int = 2
@@ -145,6 +146,7 @@ class ScheduleParams(TaskParams):
     evals_per_epoch: int = 2
     batch_size: int = 32
     max_length: int = 64
+    torch_threads: int = 2
 
     def schedule(self, n_train: int, lr: float) -> Any:
         """The ``train.TrainConfig`` of one run at ``lr`` on a training split of ``n_train`` examples."""
@@ -158,6 +160,17 @@ class ScheduleParams(TaskParams):
         """These fields by name, to hand one chapter's schedule to another's ``Params`` (``replace``)."""
         return {f: getattr(self, f) for f in ScheduleParams.__dataclass_fields__ if f not in
                 TaskParams.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class LatencyParams:
+    """How a chapter times its models (the compression and depth chapters mix it in): batches of
+    ``latency_batches`` sequences of ``latency_seq_len`` tokens, ``latency_repeats`` interleaved passes each
+    (``compress.cost_table``)."""
+
+    latency_batches: tuple[int, ...] = (1, 64)
+    latency_seq_len: int = 32
+    latency_repeats: int = 30
 
 
 class Labels(dict):

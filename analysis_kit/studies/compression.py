@@ -44,7 +44,7 @@ from .. import cache, compress, data, heal, importance, layers, models, referenc
 from ..cache import atomic_write_json, cached_dir
 from ..errors import LayerwiseError
 from ..report import fmt_ci
-from . import Labels, Result, ScheduleParams
+from . import Labels, LatencyParams, Result, ScheduleParams
 from . import theoretical_validation as tv
 from . import units as units_mod
 
@@ -81,7 +81,7 @@ def ratio_label(ratio: float) -> str:
 
 
 @dataclass(frozen=True)
-class Params(ScheduleParams):
+class Params(ScheduleParams, LatencyParams):
     """The chapter's parameters: the shared :class:`~analysis_kit.studies.TaskParams`, then which blocks
     (ratios, strategies, importance methods), how they are healed (recipes, learning-rate grids, schedule)
     and how cost is timed (the notebook's parameters cell holds the same names and defaults)."""
@@ -99,11 +99,6 @@ class Params(ScheduleParams):
     lr_lora: tuple[float, ...] = (1e-3, 3e-3)
     partial_blocks: int = 1
     lora_r: int = 8
-    latency_batches: tuple[int, ...] = (1, 64)
-    latency_seq_len: int = 32
-    latency_repeats: int = 30
-    torch_threads: int = 2
-    n_bootstrap: int = 10_000
 
     def validate(self) -> None:
         """Fail before any model loads on settings the chapter cannot use."""
@@ -732,10 +727,9 @@ def run(params: Params) -> Result:
     """Run the chapter: choose, heal, score, test, time."""
     units_mod.start(params)
     result, started = Result(), time.time()
-    lrs, result.tables["lr_search"] = units_mod.per_task(params, lambda m, t: _lr_search(params, m, t))
-    units = units_mod.run_units(params, lambda m, t, s: _unit(params, m, t, s, lrs[(m, t)]), "compression")
+    units = units_mod.tuned_units(params, result, lambda m, t: _lr_search(params, m, t),
+                                  lambda m, t, s, lrs: _unit(params, m, t, s, lrs), "compression")
     result.values["unit_seconds"] = time.time() - started
-    units_mod.failed_trainings(result, units, params)
     rows = _summarise(result, units, params)
     for (name, task), g in rows.drop_duplicates(["model", "task", "seed", "keep", "recipe"]).groupby(["model", "task"]):
         result.metrics[f"failed_heals/{name}/{task}"] = {

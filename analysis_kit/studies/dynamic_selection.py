@@ -45,7 +45,7 @@ import torch
 
 from .. import dynamic, stats, train
 from ..cache import cached_dir
-from ..device import pick, progress
+from ..device import pick
 from ..errors import LayerwiseError
 from ..report import fmt_ci
 from . import Labels, Result, TaskParams
@@ -615,13 +615,8 @@ def run(params: Params) -> Result:
     """Run the chapter: train or load, choose on validation, score and time on test, summarise and test."""
     units_mod.start(params)
     result = Result()
-    units, started = [], time.time()
-    todo = [(m, t, s) for m in params.models for t in params.tasks for s in params.seeds]
-    bar = progress(total=len(todo), desc="dynamic depth (model x task x seed)")
-    for name, task, seed in todo:
-        units.append(_cached_unit(params, name, task, seed))
-        bar.update(1)
-    bar.close()
+    started = time.time()
+    units = units_mod.run_units(params, lambda m, t, s: _cached_unit(params, m, t, s), "dynamic depth")
     result.values["seconds"] = time.time() - started
     result.values["threads"] = torch.get_num_threads()
     _tables(result, units)

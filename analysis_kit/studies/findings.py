@@ -134,18 +134,9 @@ def _importance(s: dict[str, Any], profile: str) -> tuple[str, str]:
             dl = m[f"regret/{model}/{task}/drop_last"]
             parts.append(f"{model}/{task}: reliability {fmt_ci(rel, 1, '', 2)}; best ρ {best} "
                          f"{fmt_ci(rho[best], 1, '', 2)}; drop_last regret {fmt_ci(dl, 1, ' nats', 3)}")
-        # test names read "<model>: <method> vs_drop_last (<scope>)", the scope being "pooled tasks" or one task
-        wins: dict[str, list[str]] = {}
-        for t in s.get("tests", []):
-            if t.get("family") != f"{model}_vs_drop_last":
-                continue
-            method, _, scope = t["name"].split(": ", 1)[1].partition(" vs_drop_last")
-            scope = scope.strip(" ()")
-            won = wins.setdefault("" if scope == "pooled tasks" else f" on {scope}", [])
-            if (t.get("p_holm") or 1) < 0.05 and t["effect_size"] < 0:
-                won.append(method)
-        for scope, won in wins.items():
-            verdicts.append(f"{model}{scope}: " + (f"beats drop_last after Holm: {', '.join(won)}" if won
+        for scope, won in stats.wins(s.get("tests", []), f"{model}_vs_drop_last").items():
+            where = "" if scope == "pooled tasks" else f" on {scope}"
+            verdicts.append(f"{model}{where}: " + (f"beats drop_last after Holm: {', '.join(won)}" if won
                                                    else "no method beats drop_last after Holm"))
     return "; ".join(parts), "; ".join(verdicts)
 

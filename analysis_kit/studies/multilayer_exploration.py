@@ -34,7 +34,7 @@ from scipy.stats import norm
 from .. import compress, layers, references, stats, train
 from ..errors import LayerwiseError
 from ..report import fmt_ci
-from . import Result, ScheduleParams
+from . import LatencyParams, Result, ScheduleParams
 from . import compression as cp
 from . import units as units_mod
 
@@ -42,7 +42,7 @@ MODELS = ("minilm",)
 
 
 @dataclass(frozen=True)
-class Params(ScheduleParams):
+class Params(ScheduleParams, LatencyParams):
     """The chapter's parameters: the shared :class:`~analysis_kit.studies.TaskParams`, the depths, the shared
     healing schedule (the same names and defaults as the compression chapter's, so the arms are shared), the
     power analysis and the from-scratch gate (the notebook's parameters cell holds the same names and
@@ -54,11 +54,6 @@ class Params(ScheduleParams):
     alpha: float = 0.05
     power: float = 0.8
     scratch_depth: int = 4
-    latency_batches: tuple[int, ...] = (1, 64)
-    latency_seq_len: int = 32
-    latency_repeats: int = 30
-    torch_threads: int = 2
-    n_bootstrap: int = 10_000
 
     def validate(self) -> None:
         """Fail before any model loads on settings the chapter cannot use."""
@@ -77,7 +72,7 @@ class Params(ScheduleParams):
         return replace(cp.Params(), tiny=self.tiny, seeds=self.seeds, tasks=self.tasks, models=self.models, sources=self.sources,
                        neutral_band=self.neutral_band, mr_max_train=self.mr_max_train, device=self.device,
                        lr_full=self.lr_full, **self.schedule_fields(), recipes=("first_k", "finetune"), base_recipe="finetune",
-                       torch_threads=self.torch_threads, latency_repeats=self.latency_repeats,
+                       latency_repeats=self.latency_repeats,
                        latency_batches=self.latency_batches, latency_seq_len=self.latency_seq_len)
 
 
@@ -260,10 +255,8 @@ def run(params: Params) -> Result:
     """Run the chapter: tune, train every depth, summarise, test, time."""
     units_mod.start(params)
     result, started = Result(), time.time()
-    lrs, result.tables["lr_search"] = units_mod.per_task(params, lambda m, t: _lr_per_depth(params, m, t))
-    units_mod.failed_search_runs(result, result.tables["lr_search"])
-    units = units_mod.run_units(params, lambda m, t, s: _unit(params, m, t, s, lrs[(m, t)]), "depth")
-    units_mod.failed_trainings(result, units, params)
+    units = units_mod.tuned_units(params, result, lambda m, t: _lr_per_depth(params, m, t),
+                                  lambda m, t, s, lrs: _unit(params, m, t, s, lrs), "depth")
     _summarise(result, units, params)
     result.tables["scratch_gate"] = _scratch_gate(params)
     _latency(result, params, units)

@@ -55,8 +55,6 @@ class Params(ScheduleParams):
     compute_dtype: str = "float32"
     cost_batch_size: int = 32
     cost_seq_len: int = 64
-    torch_threads: int = 2
-    n_bootstrap: int = 10_000
 
     def validate(self) -> None:
         """Fail before any model loads on settings the chapter cannot use."""
@@ -267,10 +265,8 @@ def run(params: Params) -> Result:
     """Run the chapter: tune, train every adapter, quantize the references, summarise, test."""
     units_mod.start(params)
     result, started = Result(), time.time()
-    lrs, result.tables["lr_search"] = units_mod.per_task(params, lambda m, t: _lr_search(params, m, t))
-    units_mod.failed_search_runs(result, result.tables["lr_search"])
-    units = units_mod.run_units(params, lambda m, t, s: _unit(params, m, t, s, lrs[(m, t)]), "qlora")
-    units_mod.failed_trainings(result, units, params)
+    units = units_mod.tuned_units(params, result, lambda m, t: _lr_search(params, m, t),
+                                  lambda m, t, s, lrs: _unit(params, m, t, s, lrs), "qlora")
     _summarise(result, units, params)
     result.tables["kernel_check"] = _kernel_check(params)
     errors = pd.concat([u["weight_errors"] for u in units], ignore_index=True)

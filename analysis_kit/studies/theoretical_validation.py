@@ -45,7 +45,7 @@ from scipy.stats import norm, rankdata
 
 from .. import cache, data, importance, layers, models, stats, train
 from ..cache import cached_dir
-from ..device import pick, progress
+from ..device import pick
 from ..errors import LayerwiseError
 from ..models import ModelSpec
 from ..report import fmt_ci
@@ -445,7 +445,7 @@ def _tests(fam: stats.TestFamilies, units: list[dict[str, Any]], name: str, para
             if pooled:
                 vals = _unit_values(group, method, what, params)
                 test = stats.wilcoxon(vals, np.zeros_like(vals), name=f"{name}: {method} {family} (pooled tasks)")
-                test.extras.update(mean=float(vals.mean()), n_units=int(vals.size),
+                test.extras.update(member=method, scope="pooled tasks", mean=float(vals.mean()), n_units=int(vals.size),
                                    mde=float(_wilcoxon_mde(vals, alpha)), statistic_of=what,
                                    min_p=stats.min_attainable_p(test))
                 fam.add(f"{name}_{family}", test)
@@ -462,7 +462,8 @@ def _tests(fam: stats.TestFamilies, units: list[dict[str, Any]], name: str, para
                 rec, test = stats.bootstrap_test(groups, statistic, name=f"{name}: {method} {family} ({task})",
                                                  n_resamples=params.n_bootstrap, what=what)
                 se = (rec["ci_high"] - rec["ci_low"]) / (2 * norm.ppf(0.975))
-                test.extras.update(mde=float((norm.ppf(1 - alpha / 2) + norm.ppf(0.8)) * se), statistic_of=what)
+                test.extras.update(member=method, scope=task, mde=float((norm.ppf(1 - alpha / 2) + norm.ppf(0.8)) * se),
+                                   statistic_of=what)
                 fam.add(f"{name}_{family}", test)
 
 
@@ -631,12 +632,20 @@ def _ci(rec: dict[str, Any], digits: int = 2) -> str:
     return fmt_ci(rec, scale=1, unit="", digits=digits)
 
 
-def _wins(tests: pd.DataFrame, family: str) -> list[str]:
-    """Methods significantly better than the family's reference after Holm (negative effect = less damage)."""
-    if tests.empty:
-        return []
-    sig = tests[(tests["family"] == family) & (tests["p_holm"] < 0.05) & (tests["effect_size"] < 0)]
-    return sorted({n.split(": ", 1)[1].split(" ")[0] for n in sig["name"]})
+def _beats(tests: pd.DataFrame, family: str, reference: str) -> str:
+    """"N methods pick less damaging blocks than <reference> (...)" after Holm; for a model tested per task,
+    the methods that win on every task, then those that win on some tasks only, named with their tasks."""
+    won = stats.wins(tests, family) if not tests.empty else {}
+    if list(won) == ["pooled tasks"]:
+        every, some = won["pooled tasks"], {}
+    else:
+        every = [m for m in dict.fromkeys(m for ms in won.values() for m in ms) if all(m in ms for ms in won.values())]
+        some = {m: [sc for sc, ms in won.items() if m in ms] for ms in won.values() for m in ms if m not in every}
+    verb = "method picks" if len(every) == 1 else "methods pick"
+    text = f"{len(every)} {verb} less damaging blocks than {reference} ({', '.join(every) or 'none'})"
+    if len(won) > 1:
+        text = f"{text} on every task" + "".join(f"; {m} only on {', '.join(sc)}" for m, sc in some.items())
+    return text
 
 
 def _oracle_summary(oracle: pd.DataFrame) -> pd.DataFrame:
@@ -676,11 +685,9 @@ def _key_findings(result: Result, params: Params) -> str:
                        f"every task ({', '.join(above) or 'none'}). Least regret: {least}.")
         refs = "; ".join(f"{t}: drop_last {_ci(m[f'regret/{name}/{t}/drop_last'], 3)}, random "
                          f"{_ci(m[f'regret/{name}/{t}/random'], 3)} nats" for t in tasks)
-        beat_dl, beat_rnd = _wins(tests, f"{name}_vs_drop_last"), _wins(tests, f"{name}_vs_random")
         bullets.append(f"**{LABELS[name]}: better than the simple rules?** Regret of the references: {refs}. "
-                       f"After Holm, {len(beat_rnd)} methods pick less damaging blocks than random "
-                       f"({', '.join(beat_rnd) or 'none'}) and {len(beat_dl)} than drop_last "
-                       f"({', '.join(beat_dl) or 'none'}).")
+                       f"After Holm, {_beats(tests, f'{name}_vs_random', 'random')}; "
+                       f"{_beats(tests, f'{name}_vs_drop_last', 'drop_last')}.")
     cost = result.tables.get("cost_summary")
     if cost is not None and len(cost):
         c = cost.sort_values("ratio")
@@ -707,14 +714,8 @@ def run(params: Params) -> Result:
     units_mod.start(params)
     result = Result()
     started = time.time()
-    todo = [(m, t, s) for m in params.models for t in params.tasks
-            for s in (params.seeds[:1] if params.is_lm(m) else params.seeds)]
-    units = []
-    bar = progress(total=len(todo), desc="importance units (model x task x seed)")
-    for name, task, seed in todo:
-        units.append(_cached_unit(params, name, task, seed))
-        bar.update(1)
-    bar.close()
+    units = units_mod.run_units(params, lambda m, t, s: _cached_unit(params, m, t, s), "importance",
+                                seeds=lambda m: params.seeds[:1] if params.is_lm(m) else params.seeds)
     result.values["unit_seconds"] = time.time() - started
     for name in params.models:
         for task in params.tasks:

@@ -1,16 +1,16 @@
-"""What every fine-tuning study's ``run()`` does around its own work, written once.
+"""What every study's ``run()`` does around its own work, written once.
 
-A study of this kind checks its parameters and tasks before any model loads, sets torch's thread count,
-chooses a learning rate per (model, task) on validation, runs one *unit* per (model, task, seed) with a
-progress bar, and counts the failed trainings it left out. :func:`start`, :func:`per_task`,
-:func:`choose_lowest_val_loss`, :func:`run_units` and :func:`failed_trainings` are those steps: every chapter
-starts with :func:`start`; the compression, depth and QLoRA studies use the rest (theoretical_validation and
-dynamic_selection keep their own unit loops, which read per-unit caches with their own keys).
+A study checks its parameters and tasks before any model loads and sets torch's thread count
+(:func:`start`), runs one *unit* per (model, task, seed) with a progress bar (:func:`run_units`), and
+reports what failed. A fine-tuning study also chooses a learning rate per (model, task) on validation first:
+:func:`tuned_units` is that whole sequence (:func:`per_task` with :func:`choose_lowest_val_loss`,
+:func:`failed_search_runs`, :func:`run_units`, :func:`failed_trainings`); the compression, depth and QLoRA
+studies use it, the importance and dynamic-depth studies call :func:`run_units` with their cached units.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import pandas as pd
@@ -66,15 +66,33 @@ def failed_search_runs(result: Result, table: pd.DataFrame) -> None:
             "unit": "runs", "method": FAILED_METHOD.replace("(excluded)", "(never chosen unless all failed)")}
 
 
-def run_units(params: Any, fn: Callable[[str, str, int], dict[str, Any]], desc: str) -> list[dict[str, Any]]:
-    """``fn(model, task, seed)`` for every unit, in (model, task, seed) order, with a progress bar."""
-    todo = [(m, t, s) for m in params.models for t in params.tasks for s in params.seeds]
+def run_units(params: Any, fn: Callable[[str, str, int], dict[str, Any]], desc: str,
+              seeds: Callable[[str], Sequence[int]] | None = None) -> list[dict[str, Any]]:
+    """``fn(model, task, seed)`` for every unit, in (model, task, seed) order, with a progress bar.
+
+    ``seeds(model)`` gives the seeds a model runs (default: every one of ``params.seeds``), e.g. one for a
+    pretrained model that has no training seed."""
+    todo = [(m, t, s) for m in params.models for t in params.tasks
+            for s in (params.seeds if seeds is None else seeds(m))]
     units = []
     bar = progress(total=len(todo), desc=f"{desc} units (model x task x seed)")
     for name, task, seed in todo:
         units.append(fn(name, task, seed))
         bar.update(1)
     bar.close()
+    return units
+
+
+def tuned_units(params: Any, result: Result, search: Callable[[str, str], tuple[Any, pd.DataFrame]],
+                unit: Callable[[str, str, int, Any], dict[str, Any]], desc: str) -> list[dict[str, Any]]:
+    """A fine-tuning study's units: ``search(model, task) -> (choice, table)`` once per (model, task) (the
+    stacked tables become ``result.tables["lr_search"]``, its failed runs ``failed_search_runs/...``), then
+    ``unit(model, task, seed, choice)`` for every unit and their failed trainings counted
+    (``failed_trainings/...``)."""
+    chosen, result.tables["lr_search"] = per_task(params, search)
+    failed_search_runs(result, result.tables["lr_search"])
+    units = run_units(params, lambda m, t, s: unit(m, t, s, chosen[(m, t)]), desc)
+    failed_trainings(result, units, params)
     return units
 
 
