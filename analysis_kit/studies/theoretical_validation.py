@@ -633,8 +633,9 @@ def _ci(rec: dict[str, Any], digits: int = 2) -> str:
 
 
 def _beats(tests: pd.DataFrame, family: str, reference: str) -> str:
-    """"N methods pick less damaging blocks than <reference> (...)" after Holm; for a model tested per task,
-    the methods that win on every task, then those that win on some tasks only, named with their tasks."""
+    """The key-findings clause "N methods pick less damaging blocks than <reference> (...)" after Holm; for a
+    model tested per task, the methods that win on every task, then those that win on some tasks only, each
+    named with its tasks (``stats.wins`` keeps the tasks apart)."""
     won = stats.wins(tests, family) if not tests.empty else {}
     if list(won) == ["pooled tasks"]:
         every, some = won["pooled tasks"], {}
