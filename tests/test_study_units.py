@@ -127,3 +127,10 @@ def test_tuned_units_searches_once_per_task_then_runs_every_unit_with_its_choice
     assert list(result.tables["lr_search"]["task"]) == ["a", "b"]
     assert result.metrics["failed_search_runs/m/b"]["mean"] == 1 and result.metrics["failed_search_runs/m/a"]["mean"] == 0
     assert result.metrics["failed_trainings/m/a"]["mean"] == 1 and result.metrics["failed_trainings/m/a"]["n"] == 5
+
+
+def test_groups_follow_the_declared_order_and_skip_what_has_no_units():
+    units = [{"model": "b", "task": "mr"}, {"model": "a", "task": "mr"}, {"model": "a", "task": "amazon"}]
+    got = [(name, [(t, len(tu)) for t, tu in U.groups(mu, "task", ("amazon", "mr", "yelp"))])
+           for name, mu in U.groups(units, "model", ("a", "c", "b"))]
+    assert got == [("a", [("amazon", 1), ("mr", 1)]), ("b", [("mr", 1)])]

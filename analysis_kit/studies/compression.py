@@ -411,12 +411,8 @@ def _summarise(result: Result, units: list[dict[str, Any]], params: Params) -> p
                    "blocks (and does the pretrained model's first k blocks, fine-tuned, do as well)?",
         "references": "is the best compressed model more accurate than bag-of-words at each ratio?"})
     retention_rows = []
-    for name in params.models:
-        mu = [u for u in ok if u["model"] == name]
-        for task in params.tasks:
-            tu = [u for u in mu if u["task"] == task]
-            if not tu:
-                continue
+    for name, mu in units_mod.groups(ok, "model", params.models):
+        for task, tu in units_mod.groups(mu, "task", params.tasks):
             for (ratio, strategy, recipe), _ in rows[(rows["model"] == name) & (rows["task"] == task)].groupby(
                     ["ratio", "strategy", "recipe"], sort=False):
                 rec = _retention(tu, lambda u, r=ratio, s=strategy, c=recipe: _arm_of(u, r, s, c), params)

@@ -151,14 +151,10 @@ def _summarise(result: Result, units: list[dict[str, Any]], params: Params) -> N
         "depth_vs_deepest": "is a model of k blocks less accurate than the deepest one on the same seeds (paired "
                             "accuracy difference, pooled over the (task, seed) units)?"})
     curve, cmp_rows = [], []
-    for name in params.models:
-        mu = [u for u in ok if u["model"] == name]
-        if not mu:
-            continue
+    for name, mu in units_mod.groups(ok, "model", params.models):
         ks = sorted(mu[0]["arms"])
         deepest = ks[-1]
-        for task in params.tasks:
-            tu = [u for u in mu if u["task"] == task]
+        for task, tu in units_mod.groups(mu, "task", params.tasks):
             for k in ks:
                 acc = stats.accuracy_ci([u["arms"][k]["test_correct"] for u in tu], n_resamples=params.n_bootstrap)
                 ret = stats.retention_ci([u["full_test"] for u in tu], [u["arms"][k]["test_correct"] for u in tu],

@@ -168,12 +168,8 @@ def _summarise(result: Result, units: list[dict[str, Any]], params: Params) -> p
     runs = pd.DataFrame([{k: v for k, v in r.items() if k not in ("correct", "history")}
                          for u in ok for r in u["runs"].values()])
     rows = []
-    for name in params.models:
-        mu = [u for u in ok if u["model"] == name]
-        for task in params.tasks:
-            tu = [u for u in mu if u["task"] == task]
-            if not tu:
-                continue
+    for name, mu in units_mod.groups(ok, "model", params.models):
+        for task, tu in units_mod.groups(mu, "task", params.tasks):
             full = [u["full"] for u in tu]
             result.metrics[f"accuracy/{name}/{task}/full"] = stats.accuracy_ci(full, n_resamples=params.n_bootstrap)
             result.metrics[f"accuracy/{name}/{task}/nf4_no_adapter"] = stats.accuracy_ci(

@@ -10,7 +10,7 @@ studies use it, the importance and dynamic-depth studies call :func:`run_units` 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import pandas as pd
@@ -94,6 +94,17 @@ def tuned_units(params: Any, result: Result, search: Callable[[str, str], tuple[
     units = run_units(params, lambda m, t, s: unit(m, t, s, chosen[(m, t)]), desc)
     failed_trainings(result, units, params)
     return units
+
+
+def groups(units: Iterable[dict[str, Any]], key: str, order: Sequence[str]) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """``(value, units whose [key] is value)`` for each value of ``order`` that has units, in that order: the
+    per-model and per-task loops of a study's summary (``for name, mu in groups(ok, "model", params.models)``),
+    written once, skipping a model or task whose every unit was left out."""
+    units = list(units)
+    for value in order:
+        these = [u for u in units if u[key] == value]
+        if these:
+            yield value, these
 
 
 def failed_trainings(result: Result, units: Iterable[dict[str, Any]], params: Any) -> None:
