@@ -750,9 +750,10 @@ def angular_runs(model: nn.Module, batches: Any, *, trace: Trace | None = None, 
     encoder). Columns ``start``, ``n``, ``distance`` and ``se``, the standard error over examples (of each
     example's mean over its tokens for ``"all"``).
 
-    The one implementation of the distance: the ``angular`` and ``angular_gromov`` scores are its n = 1 rows,
-    ``compress.angular_distances`` its every run. Gromov et al. drop the run of n blocks with the smallest
-    distance (``best_run``).
+    The ``angular`` and ``angular_gromov`` scores are its n = 1 rows. ``compress.angular_distances`` computes
+    the same token-averaged distance for every run of any model without a trace (no head, no labels: the
+    angular strategy runs on bare models too); ``tests/test_analyze.py`` checks the two agree. Gromov et al.
+    drop the run of n blocks with the smallest distance (``best_run``).
     """
     if token not in ("all", "read"):
         raise ImportanceError(f"token={token!r}; choose 'all' (every non-padding token) or 'read' (the read-out token).")
