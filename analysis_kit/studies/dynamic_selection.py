@@ -30,8 +30,6 @@ counted in ``failed_trainings/<model>/<task>`` and left out (in smoke, counted a
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import pickle
 import platform
 import tempfile
@@ -44,7 +42,7 @@ import pandas as pd
 import torch
 
 from .. import dynamic, stats, train
-from ..cache import cached_dir
+from ..cache import cached_dir, code_key
 from ..device import pick
 from ..errors import LayerwiseError
 from ..report import fmt_ci
@@ -278,12 +276,12 @@ SUMMARY_ONLY = ("seeds", "tasks", "models", "goal_speedup", "max_loss_points", "
 def _cached_unit(params: Params, name: str, task: str, seed: int) -> dict[str, Any]:
     """``_unit``, stored on disk once complete, so an interrupted run keeps the (model, task, seed) units it
     finished and a re-run of the summary does not re-time them. The key holds every parameter a unit
-    reads, the source of the unit's code and of :mod:`analysis_kit.dynamic`, and the hardware and thread
-    count (timings belong to a machine)."""
-    code = "".join(inspect.getsource(f) for f in (_unit, _curves, _op_point, _depths, _runner_config, _ship_check))
+    reads, the code of the unit and of :mod:`analysis_kit.dynamic` (``cache.code_key``, the kit's one
+    invalidation rule: a reworded docstring re-times nothing), and the hardware and thread count (timings
+    belong to a machine)."""
     spec = {"kind": "dynamic_unit", "model": name, "task": task, "seed": seed,
             "params": {k: v for k, v in asdict(params).items() if k not in SUMMARY_ONLY},
-            "code": hashlib.sha256((code + inspect.getsource(dynamic)).encode()).hexdigest(),
+            "code": code_key(_unit, _curves, _op_point, _depths, _runner_config, _ship_check, dynamic),
             "hardware": {"machine": platform.machine(), "processor": platform.processor(), "node": platform.node(),
                          "threads": torch.get_num_threads(), "device": str(pick(params.device))}}
 
