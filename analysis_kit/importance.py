@@ -27,13 +27,14 @@ that agree on their first blocks share those computations.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -941,31 +942,90 @@ def _conductance_target(model: nn.Module, task: str, h: torch.Tensor, mask: torc
     return -nll / units
 
 
+class _PathPoint(NamedTuple):
+    """One point of the integration path: alpha, the gradient of the target at every block output, the block
+    outputs and updates (float32, real positions only, on CPU) and the target's value."""
+
+    alpha: float
+    grad: torch.Tensor
+    out: torch.Tensor
+    update: torch.Tensor
+    value: float
+
+
+def _path_points(model: nn.Module, task: str, x0: torch.Tensor, base: torch.Tensor, mask: torch.Tensor,
+                 labels: torch.Tensor, target: torch.Tensor | None, alphas: Sequence[float],
+                 chunk: int) -> list[_PathPoint]:
+    """One forward and one backward per alpha (``chunk`` alphas per pass), for every block at once."""
+    n_layers, keep = layers.num_blocks(model), mask[0].bool()
+    points = []
+    for a in torch.tensor(list(alphas), dtype=torch.float64).split(chunk):
+        m = a.shape[0]
+        h = (base + a.to(device=x0.device, dtype=x0.dtype)[:, None, None] * (x0 - base)).requires_grad_(True)
+        mk, lb = mask.expand(m, -1), labels.expand(m, *labels.shape[1:])
+        outs, cur = [], h
+        for i in range(n_layers):
+            nxt = layers.block_forward(model, i, cur, mk)
+            nxt.retain_grad()
+            outs.append((cur, nxt))
+            cur = nxt
+        f = _conductance_target(model, task, cur, mk, lb, None if target is None else target.expand(m))
+        f.sum().backward()
+        grad = torch.stack([o.grad.detach()[:, keep] for _, o in outs], 1).float().cpu()
+        out = torch.stack([o.detach()[:, keep] for _, o in outs], 1).float().cpu()
+        update = torch.stack([(o - c).detach()[:, keep] for c, o in outs], 1).float().cpu()
+        values = f.detach().double().cpu()
+        points += [_PathPoint(float(a[j]), grad[j], out[j], update[j], float(values[j])) for j in range(m)]
+    return points
+
+
+def _interval(p: _PathPoint, q: _PathPoint) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per block, over the path interval from ``p`` to ``q``: the trapezoid conductance through the update and
+    through the input (gradient averaged over the two ends times the change), and the local error estimate
+    |trapezoid - left Riemann| = |(change of gradient) x (change of output)| / 2."""
+    g_mid = (p.grad.double() + q.grad.double()) / 2
+    d_o, d_u = q.out.double() - p.out.double(), q.update.double() - p.update.double()
+    err = ((q.grad.double() - p.grad.double()) * d_o).sum((1, 2)).abs() / 2
+    return (g_mid * d_u).sum((1, 2)), (g_mid * (d_o - d_u)).sum((1, 2)), err
+
+
 def _conductance_rows(model: nn.Module, tr: Trace, *, n_steps: int, internal_batch_size: int,
-                      max_examples: int | None, baseline: str, counter: _Counter | None = None) -> pd.DataFrame:
+                      max_examples: int | None, baseline: str, tolerance: float | None, max_points: int,
+                      counter: _Counter | None = None) -> pd.DataFrame:
     """Layer conductance of every block in one integration pass (see :class:`Conductance`).
 
-    Along the straight path from the baseline embedding to the input (``n_steps`` intervals, endpoints
-    included), one forward and one backward per point give, for *every* block at once, the gradient of the
-    target with respect to the block's output and the block's input and update at that point: a block's
-    conductance is the path integral of gradient x d(update) (and of gradient x d(input) through the residual
-    branch). captum's ``LayerConductance`` computes the same integral one block at a time with a left Riemann
-    sum; here the gradient is averaged over each interval's two ends (the trapezoid rule), whose error falls as
-    1/n_steps^2 instead of 1/n_steps, and one pass serves all L blocks instead of L passes.
-    ``gap``: the completeness gap per block, |conductance of input + update - (F(x) - F(baseline))| / |F(x) -
-    F(baseline)|, averaged over examples (0 for the exact integral).
+    Along the straight path from the baseline embedding to the input, one forward and one backward per point
+    give, for *every* block at once, the gradient of the target with respect to the block's output and the
+    block's input and update at that point: a block's conductance is the path integral of gradient x
+    d(update) (and of gradient x d(input) through the residual branch). captum's ``LayerConductance``
+    computes the same integral one block at a time with a left Riemann sum; here the gradient is averaged
+    over each interval's two ends (the trapezoid rule), and one pass serves all L blocks instead of L passes.
+
+    The path starts as ``n_steps`` equal intervals. With a ``tolerance``, the quadrature is then adaptive:
+    while some block's completeness gap exceeds it, the ``internal_batch_size`` intervals with the largest
+    local error estimate are bisected (one more batched pass), up to ``max_points`` points per example. Where
+    the integrand turns sharply over a short stretch of the path (a decoder's massive activations switching
+    on), uniform steps converge only as 1/n_steps; bisecting where the error is resolves the turn at the
+    cost of a few points. ``gap``: the completeness gap per block, |conductance of input + update - (F(x) -
+    F(baseline))| / |F(x) - F(baseline)|, averaged over examples (0 for the exact integral); ``gap_uniform``:
+    the same on the ``n_steps`` equal intervals alone (what bisection bought); ``n_points``: the points
+    evaluated per example, averaged.
     """
     if n_steps < 2:
         raise ImportanceError(f"conductance n_steps={n_steps}; use at least 2 integration steps.")
     if baseline not in ("pad", "zero"):
         raise ImportanceError(f"conductance baseline={baseline!r}; choose 'pad' (pad-token embeddings) or 'zero'.")
+    if tolerance is not None and not (0 < tolerance < 1 and max_points > n_steps + 1):
+        raise ImportanceError(f"conductance tolerance={tolerance}, max_points={max_points}: the tolerance is a "
+                              f"fraction in (0, 1) and max_points must exceed n_steps + 1 = {n_steps + 1}.")
     tr = tr.subset(max_examples)
     n_layers, task = tr.n_blocks, tr.task
-    alphas = torch.linspace(0.0, 1.0, n_steps + 1, dtype=torch.float64)
     upd = np.zeros((tr.n_examples, n_layers))
     inp = np.zeros_like(upd)
     gap = np.zeros_like(upd)
+    gap_uniform = np.zeros_like(upd)
     total = np.zeros(tr.n_examples)
+    used = np.zeros(tr.n_examples)
     chunk = max(1, int(internal_batch_size))
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
@@ -981,42 +1041,43 @@ def _conductance_rows(model: nn.Module, tr: Trace, *, n_steps: int, internal_bat
                 with torch.no_grad():
                     logits = layers.classify(model, hs[-1][sl], mask)
                 target = logits.argmax(-1) if task == "classifier" else None
-                grads, ins, ups, values = [], [], [], []
-                for a in alphas.split(chunk):
-                    m = a.shape[0]
-                    h = (base + a.to(x0.dtype)[:, None, None] * (x0 - base)).requires_grad_(True)
-                    mk, lb = mask.expand(m, -1), labels.expand(m, *labels.shape[1:])
-                    outs, cur = [], h
-                    for i in range(n_layers):
-                        nxt = layers.block_forward(model, i, cur, mk)
-                        nxt.retain_grad()
-                        outs.append((cur, nxt))
-                        cur = nxt
-                    f = _conductance_target(model, task, cur, mk, lb, None if target is None else target.expand(m))
-                    f.sum().backward()
-                    grads.append(torch.stack([o.grad.detach().double() for _, o in outs], 1))
-                    ins.append(torch.stack([c.detach().double() for c, _ in outs], 1))
-                    ups.append(torch.stack([(o - c).detach().double() for c, o in outs], 1))
-                    values.append(f.detach().double())
-                g, hin, u, fv = torch.cat(grads), torch.cat(ins), torch.cat(ups), torch.cat(values)
-                keep = mask[0].bool()
-                g_mid = (g[1:] + g[:-1]) / 2  # trapezoid: the gradient averaged over each interval's ends
-                c_u = (g_mid * (u[1:] - u[:-1]))[:, :, keep].sum((0, 2, 3))
-                c_i = (g_mid * (hin[1:] - hin[:-1]))[:, :, keep].sum((0, 2, 3))
-                diff = float(fv[-1] - fv[0])
+
+                evaluate = functools.partial(_path_points, model, task, x0, base, mask, labels, target, chunk=chunk)
+                points = evaluate(np.linspace(0.0, 1.0, n_steps + 1).tolist())
+                diff = points[-1].value - points[0].value
+                parts = {(p.alpha, q.alpha): _interval(p, q) for p, q in itertools.pairwise(points)}
+                while True:
+                    c_u = torch.stack([c[0] for c in parts.values()]).sum(0)
+                    c_i = torch.stack([c[1] for c in parts.values()]).sum(0)
+                    block_gap = (c_u + c_i - diff).abs().numpy() / max(abs(diff), 1e-12)
+                    if len(points) == n_steps + 1:
+                        gap_uniform[row] = block_gap
+                    room = 0 if tolerance is None else max_points - len(points)
+                    if room <= 0 or block_gap.max() <= tolerance:
+                        break
+                    ranked = sorted(parts, key=lambda ab: -float(parts[ab][2].max()))[:min(chunk, room)]
+                    by_alpha = {p.alpha: p for p in points}
+                    for (a, b), mid in zip(ranked, evaluate([(a + b) / 2 for a, b in ranked]), strict=True):
+                        del parts[(a, b)]
+                        parts[(a, mid.alpha)] = _interval(by_alpha[a], mid)
+                        parts[(mid.alpha, b)] = _interval(mid, by_alpha[b])
+                        points.append(mid)
                 upd[row], inp[row], total[row] = c_u.numpy(), c_i.numpy(), diff
-                gap[row] = np.abs(c_u.numpy() + c_i.numpy() - diff) / max(abs(diff), 1e-12)
+                gap[row], used[row] = block_gap, len(points)
                 row += 1
     finally:
         for p in params:
             p.requires_grad_(True)
-    if counter is not None:  # n_steps + 1 points, each one pass through the stack (its backward is n_backward)
-        counter.blocks += (n_steps + 1) * n_layers * tr.n_examples
+    if counter is not None:  # every point is one pass through the stack (its backward is n_backward)
+        counter.blocks += int(used.sum()) * n_layers
     return pd.DataFrame({"layer": range(n_layers), "score": np.abs(upd).mean(0), "se": _se(np.abs(upd)),
                          "signed": upd.mean(0), "via_input": inp.mean(0),
                          "update_share": upd.sum(0) / total.sum() if total.sum() != 0 else np.nan,
                          "total": total.mean(), "gap": gap.mean(0), "gap_max": gap.max(0),
-                         "n_steps": n_steps, "n_examples": tr.n_examples, "quadrature": "trapezoid",
+                         "gap_uniform": gap_uniform.mean(0),
+                         "n_steps": n_steps, "n_points": used.mean(), "n_examples": tr.n_examples,
+                         "tolerance": np.nan if tolerance is None else tolerance,
+                         "quadrature": "trapezoid" if tolerance is None else "trapezoid, adaptive bisection",
                          "baseline": "pad-token embeddings" if baseline == "pad" else "zero embedding output"})
 
 
@@ -1378,21 +1439,25 @@ class Conductance(ImportanceMethod):
     All blocks are integrated in one pass along the path, with the trapezoid rule (see ``_conductance_rows``;
     ``tests/test_importance.py`` checks it against captum's per-block result). The block output is split into
     (input, update), a cut of the network, so completeness is a real check: ``gap`` reports it, and should stay
-    under 5 % for the scores to mean what they say. Baseline: the embedding output of the same positions with
+    under 5 % for the scores to mean what they say. So the quadrature is adaptive: intervals are bisected where
+    the error is until every block's gap is under ``tolerance`` (2 %) or ``max_points`` are spent
+    (``tolerance=None``: the ``n_steps`` uniform intervals only, as captum). Baseline: the embedding output of the same positions with
     every token replaced by the pad token. (The zero embedding output, ``baseline="zero"``, is a poor reference
     here: LayerNorm/RMSNorm are scale-invariant, so the path from 0 has a near-discontinuity at the origin.)
     """
 
     name = "conductance"
     description = "mean |conductance through the block's update| of the predicted-class probability"
-    options = {"n_steps": 32, "internal_batch_size": 33, "max_examples": None, "baseline": "pad"}
+    options = {"n_steps": 32, "internal_batch_size": 33, "max_examples": None, "baseline": "pad",
+               "tolerance": 0.02, "max_points": 512}
 
     def score(self, passes: Passes, seed: int, **options: Any) -> pd.DataFrame:
         return _conductance_rows(passes.model, passes.trace, counter=passes.counter, **options)
 
     def n_backward(self, rows: pd.DataFrame, passes: Passes, options: Mapping[str, Any]) -> float:
-        """One backward per point of the path (n_steps + 1), for all blocks at once, over the examples it used."""
-        return float(options["n_steps"] + 1) * int(rows["n_examples"].iloc[0]) / passes.trace.n_examples
+        """One backward per point of the path (``n_points`` per example, for all blocks at once), over the
+        examples it used."""
+        return float(rows["n_points"].iloc[0]) * int(rows["n_examples"].iloc[0]) / passes.trace.n_examples
 
 
 @register

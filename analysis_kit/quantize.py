@@ -473,13 +473,21 @@ def train_step_cost(model: nn.Module, batch: Mapping[str, torch.Tensor], lr: flo
     ``peak_train_bytes`` = :func:`state_bytes` + the peak of what one step allocates (activations,
     gradients, AdamW state, dequantization buffers), measured from a fresh optimizer: CUDA's allocator
     peak on GPU, the profiler's allocation trace on CPU. ``step_seconds`` is the median of ``repeats``
-    further steps. Trainable parameters are restored afterwards, so measuring does not change the model.
+    further steps. Trainable parameters are restored afterwards, so measuring does not change the model's
+    weights; a full-precision model is moved to ``device`` (a 4-bit one must already be there).
     """
     from .measure import cuda_peak_bytes
 
     dev = pick(device)
     if "labels" not in batch:
         raise QuantizeError("batch needs 'labels' (class indices) to take a training step.")
+    if is_quantized(model):
+        where = sorted({str(p.device.type) for p in model.parameters()})
+        if where != [dev.type]:
+            raise QuantizeError(f"the 4-bit model is on {where} but device={str(dev)!r}: quantize it where you "
+                                "measure, prepare(model, 'qlora', device=...) with the same device.")
+    else:
+        model.to(dev)  # prepare() builds full and LoRA candidates on CPU; they are measured where asked
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise QuantizeError("model has no trainable parameters; prepare it with prepare(model, method) first.")

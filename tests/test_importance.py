@@ -281,6 +281,23 @@ def test_conductance_is_complete_on_tuple_returning_blocks():
     assert small["n_examples"].iloc[0] == 3
 
 
+def test_adaptive_conductance_bisects_until_every_block_is_complete():
+    """Two uniform intervals leave a large gap; bisecting where the local error is closes it to the tolerance
+    with a few more points, and ``tolerance=None`` keeps the uniform grid (captum's)."""
+    model, batches = _bert(3, init=0.4), _cls_batches()[:1]
+    uniform = imp.compute("conductance", model, batches, n_steps=2, tolerance=None)
+    adaptive = imp.compute("conductance", model, batches, n_steps=2, tolerance=0.01, max_points=400)
+    assert uniform["n_points"].iloc[0] == 3 and uniform["gap_max"].max() > 0.05
+    assert adaptive["gap_max"].max() <= 0.01 and 3 < adaptive["n_points"].iloc[0] < 400
+    assert adaptive["gap_uniform"].to_numpy() == pytest.approx(uniform["gap"].to_numpy())  # before bisecting
+    fine = imp.compute("conductance", model, batches, n_steps=256, tolerance=None)
+    assert adaptive["score"].to_numpy() == pytest.approx(fine["score"].to_numpy(), rel=0.02, abs=1e-5)
+    capped = imp.compute("conductance", model, batches, n_steps=2, tolerance=1e-9, max_points=5)
+    assert capped["n_points"].iloc[0] == 5  # the budget is a hard cap: the gap is then reported, not hidden
+    with pytest.raises(imp.ImportanceError, match="max_points must exceed"):
+        imp.compute("conductance", model, batches, n_steps=8, tolerance=0.02, max_points=9)
+
+
 def test_conductance_matches_captum_per_block():
     """The one-pass trapezoid integral and captum's LayerConductance (one block at a time, fine Riemann grid)
     converge to the same per-block conductance of the block's update."""

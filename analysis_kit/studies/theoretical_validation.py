@@ -497,13 +497,14 @@ def _minimum(unit: dict[str, Any], row: pd.Series, params: Params) -> tuple[floa
     t_f, t_fb = unit["t_forward"], unit["t_forward_backward"]
     lm = params.is_lm(unit["model"])
     share = min(params.lm_expensive_n if lm else params.expensive_n, unit["calib_examples"]) / unit["calib_examples"]
-    steps = params.lm_conductance_steps if lm else params.conductance_steps
     if method in ("fisher", "gradient"):
         return t_fb, "1 forward + backward"
     if method == "ablation":
         return t_f * (1 + (n_layers - 1) / 2), "1 forward + (L-1)/2 block passes"
     if method == "conductance":
-        return t_fb * (steps + 1) * share, "(steps + 1) forward + backward on its examples"
+        sc = unit["scores"]
+        points = float(sc.loc[sc["method"] == "conductance", "n_points"].iloc[0])
+        return t_fb * points * share, "1 forward + backward per path point (n_points) on its examples"
     if method == "shap":
         return t_f * max(float(row["n_forward"]) - 1, 1e-9), "the block passes its estimator evaluates"
     return t_f, "1 forward"
@@ -612,7 +613,10 @@ def _convergence(result: Result, units: list[dict[str, Any]]) -> None:
         if len(c):
             rows.append({"model": u["model"], "task": u["task"], "seed": u["seed"], "method": "conductance",
                          "gap": float(c["gap"].mean()), "gap_max": float(c["gap_max"].max()),
-                         "setting": f"{int(c['n_steps'].iloc[0])} steps, {int(c['n_examples'].iloc[0])} examples"})
+                         "gap_uniform": float(c["gap_uniform"].mean()), "n_points": float(c["n_points"].iloc[0]),
+                         "setting": f"{int(c['n_steps'].iloc[0])} steps, {c['quadrature'].iloc[0]} to "
+                                    f"{c['n_points'].iloc[0]:.0f} points on average, "
+                                    f"{int(c['n_examples'].iloc[0])} examples"})
         s = sc[sc["method"] == "shap"]
         if len(s):
             span = float(s["v_all"].iloc[0] - s["v_none"].iloc[0])
