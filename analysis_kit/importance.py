@@ -1441,8 +1441,8 @@ class Conductance(ImportanceMethod):
     (input, update), a cut of the network, so completeness is a real check: ``gap`` reports it, and should stay
     under 5 % for the scores to mean what they say. So the quadrature is adaptive: intervals are bisected where
     the error is until every block's gap is under ``tolerance`` (2 %) or ``max_points`` are spent
-    (``tolerance=None``: the ``n_steps`` uniform intervals only, as captum). Baseline: the embedding output of the same positions with
-    every token replaced by the pad token. (The zero embedding output, ``baseline="zero"``, is a poor reference
+    (``tolerance=None``: the ``n_steps`` uniform intervals only, as captum). Baseline: the embedding output of
+    the same positions with every token replaced by the pad token. (The zero embedding output, ``baseline="zero"``, is a poor reference
     here: LayerNorm/RMSNorm are scale-invariant, so the path from 0 has a near-discontinuity at the origin.)
     """
 

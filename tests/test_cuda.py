@@ -19,12 +19,12 @@ from test_dynamic import WORDS, tiny_bert, toy_frame
 from test_heal_recipes import CFG, frame, teacher
 from test_heal_recipes import WORDS as HEAL_WORDS
 from test_importance import _bert, _cls_batches, _llama, _lm_batches
+from test_quantize import step_cost_check
 
 from analysis_kit import dynamic as dy
 from analysis_kit import heal, layers
 from analysis_kit import importance as imp
 from analysis_kit import quantize as q
-from analysis_kit.quantize import LoraSpec
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on CI)")
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -146,24 +146,5 @@ def test_4bit_matmul_on_the_gpu_matches_nf4_expectation(in_features):
 
 
 def test_qlora_training_step_cost_reads_the_cuda_allocator():
-    torch.manual_seed(0)
-    from transformers import BertConfig, BertForSequenceClassification
-
-    bert = BertForSequenceClassification(BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2,
-                                                    num_attention_heads=4, intermediate_size=128,
-                                                    max_position_embeddings=64, num_labels=2, pad_token_id=0)).eval()
-    from types import SimpleNamespace
-
-    batch = q.cost_batch(SimpleNamespace(all_special_ids=[0, 1, 2, 3, 4], vocab_size=120), batch_size=4, seq_len=16)
-    costs = {}
-    for method in ("full", "lora", "qlora"):
-        model = q.prepare(bert, method, LoraSpec(rank=4), device="cuda")
-        before = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
-        costs[method] = q.train_step_cost(model, batch, repeats=2, device="cuda")
-        assert all(p.device.type == "cuda" for p in model.parameters()), method  # measured where asked
-        assert all(torch.equal(p.detach().cpu(), before[n]) for n, p in model.named_parameters()), method
-    fp_bytes = sum(p.numel() * 4 for p in bert.parameters())
-    assert all(c["memory_kind"] == "cuda allocator peak" for c in costs.values()), costs
-    assert costs["full"]["peak_train_bytes"] >= 4 * fp_bytes, (costs, fp_bytes)
-    assert costs["lora"]["peak_train_bytes"] < costs["full"]["peak_train_bytes"], costs
-    assert costs["qlora"]["weight_bytes"] < costs["lora"]["weight_bytes"], costs
+    """tests/test_quantize.py's step-cost check on CUDA: measured on the GPU, by CUDA's allocator."""
+    step_cost_check("cuda", "cuda allocator peak")

@@ -239,16 +239,18 @@ from analysis_kit import quantize as q
 from analysis_kit.quantize import LoraSpec
 torch.set_num_threads(1)
 torch.manual_seed(0)
-bert = BertForSequenceClassification(BertConfig(vocab_size=120, hidden_size=%d, num_hidden_layers=%d,
-    num_attention_heads=4, intermediate_size=%d, max_position_embeddings=64, num_labels=2, pad_token_id=0)).eval()
+bert = BertForSequenceClassification(BertConfig(vocab_size=120, hidden_size=%(hidden)d, num_hidden_layers=%(blocks)d,
+    num_attention_heads=4, intermediate_size=%(inter)d, max_position_embeddings=64, num_labels=2, pad_token_id=0)).eval()
 batch = q.cost_batch(SimpleNamespace(all_special_ids=[0, 1, 2, 3, 4], vocab_size=120), batch_size=4, seq_len=16)
 costs = {}
 for method in ("full", "lora", "qlora"):
-    model = q.prepare(bert, method, LoraSpec(rank=4), device="cpu")
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    costs[method] = q.train_step_cost(model, batch, repeats=2, device="cpu")
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), method
+    model = q.prepare(bert, method, LoraSpec(rank=4), device="%(device)s")
+    before = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+    costs[method] = q.train_step_cost(model, batch, repeats=2, device="%(device)s")
+    assert all(p.device.type == "%(device)s" for p in model.parameters()), method  # measured where asked
+    assert all(torch.equal(p.detach().cpu(), before[n]) for n, p in model.named_parameters()), method
     assert costs[method]["step_seconds"] > 0
+    assert costs[method]["memory_kind"] == "%(kind)s", costs[method]
 fp_bytes = sum(p.numel() * 4 for p in bert.parameters())
 # full fine-tuning holds the weights, their gradients and AdamW's two moments: at least 4x the weights
 assert costs["full"]["peak_train_bytes"] >= 4 * fp_bytes, (costs, fp_bytes)
@@ -257,13 +259,19 @@ assert costs["qlora"]["weight_bytes"] < costs["lora"]["weight_bytes"], costs
 """
 
 
-def test_train_step_cost_counts_gradients_and_adam_and_restores():
-    """Checked in a fresh interpreter: after other tests in the same process (tests/test_heal.py) the
-    profiler's CPU allocation trace was seen to record about 10% less for the same step, a known limit
-    of the CPU measurement (the chapter measures each configuration the same way, in one kernel)."""
-    code = _STEP_COST_CHECK % (HIDDEN, BLOCKS, INTER)
+def step_cost_check(device: str, kind: str) -> None:
+    """Run the training-step cost check on ``device`` in a fresh interpreter, expecting memory read by ``kind``.
+
+    A fresh interpreter: after other tests in the same process (tests/test_heal.py) the profiler's CPU
+    allocation trace was seen to record about 10% less for the same step, a known limit of the CPU
+    measurement (the chapter measures each configuration the same way, in one kernel)."""
+    code = _STEP_COST_CHECK % {"hidden": HIDDEN, "blocks": BLOCKS, "inter": INTER, "device": device, "kind": kind}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_train_step_cost_counts_gradients_and_adam_and_restores():
+    step_cost_check("cpu", "torch CPU allocation trace")
 
 
 # ---------------------------------------------------------------------------------------- bad input
