@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from .errors import LayerwiseError
 
@@ -118,7 +119,10 @@ def _cmd_units(args: argparse.Namespace) -> int:
         if not rows:
             print(f"the ledger ({ledger.ledger_dir()}) holds no unit")
         return 0
-    moved = ledger.save() if args.action == "save" else ledger.restore()
+    if args.since is not None and args.action != "save":
+        raise LayerwiseError("--since applies to save only (the entries finished in the last MINUTES minutes).")
+    moved = (ledger.save(since=None if args.since is None else time.time() - 60 * args.since)
+             if args.action == "save" else ledger.restore())
     print(f"{args.action}: {moved}")
     return 0
 
@@ -206,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "units) between machines in results/units, so a long chapter resumes")
     p.add_argument("action", choices=("save", "restore", "status"),
                    help="save: cache -> ledger (new entries only); restore: ledger -> cache; status: what it holds")
+    p.add_argument("--since", type=float, default=None, metavar="MINUTES",
+                   help="save only entries finished in the last MINUTES minutes (the run now going), not the "
+                        "cache's leftovers of older code; default: every finished entry")
     p.set_defaults(func=_cmd_units)
 
     p = sub.add_parser("compress", help="remove blocks from a model folder and save a plain Hugging Face folder")

@@ -20,8 +20,9 @@ same processor family and torch build (README, "Results are identical ..."), ent
 that computed them (``<host>``: :func:`host_id`, the processor model and torch build; ``host.json`` beside
 each entry says it in full) and restore only on a host of the same kind, so a resumed chapter never mixes
 numbers from two kinds of machine, and each kind of machine keeps its own units. The runner restores before
-every run and saves after every run, failed or interrupted ones included; ``analysis-kit units save`` saves what
-a run that is still going (or was killed) has finished so far. Smoke-profile entries (tiny random models) are never saved.
+every run and saves after every run, failed or interrupted ones included, the units that run finished (never
+the cache's leftovers of older code); ``analysis-kit units save`` saves what a run that is still going (or was
+killed) has finished so far (``--since MINUTES``: only what finished in the last MINUTES minutes). Smoke-profile entries (tiny random models) are never saved.
 ``LAYERWISE_LEDGER=0`` turns both directions off (every number is then computed on this machine).
 """
 
@@ -141,10 +142,16 @@ def _copy_entry(kind: str, src: Path, dst: Path, extra: dict[str, str]) -> int:
 
 
 def save(kinds: tuple[str, ...] = tuple(PORTABLE), cache: Path | None = None, ledger: Path | None = None,
-         include_tiny: bool = False) -> Moved:
+         include_tiny: bool = False, since: float | None = None) -> Moved:
     """Copy every finished cache entry of ``kinds`` that this host's part of the ledger lacks into it; entries
     of tiny (smoke) models are skipped unless ``include_tiny`` (tests), and entries already in the ledger are
-    left as they are."""
+    left as they are.
+
+    ``since`` (a ``time.time()``): only entries finished at or after it (their ``.complete`` marker's time),
+    i.e. the units a run computed. A cache keeps the entries of code that has since changed (their keys no
+    longer match anything); without ``since`` they would return to the ledger beside their replacements.
+    Entries a run read instead of computing came from the ledger or were saved by the run that computed them.
+    """
     facts = host()
     cache, ledger = cache or cache_dir(), (ledger or ledger_dir()) / host_id(facts)
     record = {HOST: json.dumps(facts, indent=2) + "\n"}
@@ -152,6 +159,8 @@ def save(kinds: tuple[str, ...] = tuple(PORTABLE), cache: Path | None = None, le
     for kind, entry in _entries(cache, kinds):
         dst = ledger / kind / entry.name
         if dst.exists() or not (entry / COMPLETE).exists():
+            continue
+        if since is not None and (entry / COMPLETE).stat().st_mtime < since:
             continue
         if not include_tiny and _is_tiny(json.loads((entry / SPEC).read_text())):
             continue

@@ -675,15 +675,16 @@ def run_one(slug: str, profile: str, overrides: dict[str, Any] | None = None, fo
     return RunResult(slug, "ran", secs, out, params=params, label=label)
 
 
-def _carry_units(direction: str) -> None:
-    """Restore the ledger's finished units into the cache before a run, or save the run's new ones after it
-    (:mod:`analysis_kit.ledger`; ``LAYERWISE_LEDGER=0`` skips both), and say what moved."""
+def _carry_units(direction: str, since: float | None = None) -> None:
+    """Restore the ledger's finished units into the cache before a run, or save after it the units finished
+    since ``since``, the run's start (:mod:`analysis_kit.ledger`; ``LAYERWISE_LEDGER=0`` skips both), and say
+    what moved."""
     from . import ledger
     from .paths import shown
 
     if not ledger.enabled():
         return
-    moved = ledger.restore() if direction == "restore" else ledger.save()
+    moved = ledger.restore() if direction == "restore" else ledger.save(since=since)
     if sum(moved.counts.values()):
         verb = "restored from" if direction == "restore" else "saved to"
         print(f"[analysis-kit] finished units {verb} {shown(ledger.ledger_dir())}: {moved}", flush=True)
@@ -704,6 +705,7 @@ def run(slugs: list[str] | None, profile: str, overrides: dict[str, Any] | None 
 
     check_present()  # a damaged asset stops the run here, in a second, with the fix named
     clean_stale()
+    started = time.time()
     _carry_units("restore")
     results: list[RunResult] = []
     for i, slug in enumerate(slugs, 1):
@@ -717,7 +719,7 @@ def run(slugs: list[str] | None, profile: str, overrides: dict[str, Any] | None 
                 f"every model already trained (in the cache); the last good results of {slug} are untouched. "
                 f"Run the same command again to resume: finished chapters are skipped.") from None
         finally:  # what the run finished travels with the results, whatever happened to the run
-            _carry_units("save")
+            _carry_units("save", since=started)
         detail = f" — {res.error}" if res.error else f" ({res.reason})" if res.reason else ""
         where = f" → {os.path.relpath(res.output, REPO_ROOT)}" if res.status == "ran" and res.output else ""
         print(f"[analysis-kit] {slug}: {res.status} in {res.seconds:.0f}s{where}{detail}", flush=True)

@@ -56,6 +56,29 @@ def test_smoke_entries_and_unfinished_builds_stay_behind(roots):
     assert ledger.save(include_tiny=True).counts["healed_arm"] == 1
 
 
+def test_a_run_saves_the_units_it_finished_not_the_caches_leftovers_of_older_code(roots, capsys):
+    import os
+    import time
+
+    old = _entry(roots / "cache", "qlora_runs", {"kind": "qlora_runs", "code": "before"})
+    an_hour_ago = time.time() - 3600
+    os.utime(old / ledger.COMPLETE, (an_hour_ago, an_hour_ago))
+    started = time.time() - 1
+    new = _entry(roots / "cache", "qlora_runs", {"kind": "qlora_runs", "code": "now"})
+    runner._carry_units("save", since=started)
+    saved = ledger.ledger_dir() / ledger.host_id() / "qlora_runs"
+    assert sorted(p.name for p in saved.iterdir()) == [new.name]
+    assert cli_main(["units", "save", "--since", "30"]) == 0 and "nothing" in capsys.readouterr().out
+    assert cli_main(["units", "save"]) == 0 and "1 qlora_runs" in capsys.readouterr().out  # every finished entry
+    assert cli_main(["units", "restore", "--since", "30"]) != 0 and "save only" in capsys.readouterr().err
+
+
+def cli_main(argv):
+    from analysis_kit import cli
+
+    return cli.main(argv)
+
+
 def test_restore_makes_a_finished_entry_that_cached_dir_returns_without_building(roots, monkeypatch):
     spec = {"kind": "qlora_runs", "run": 7}
     _entry(roots / "cache", "qlora_runs", spec, value=0.91)

@@ -34,6 +34,10 @@ def test_every_metric_the_chapter_promises_is_there(result):
     for method in TINY.methods:
         assert f"cost_ratio/minilm/{method}" in m
     assert "ablation_speedup/minilm" in m
+    bench = result.tables["ablation_bench"].set_index("model")
+    assert m["ablation_predicted/minilm"]["mean"] == pytest.approx(bench.loc["minilm", "predicted"])
+    assert 1 < bench.loc["minilm", "predicted"] < 2 * 3 / (3 + 1) + 1e-9  # tiny: 3 blocks, at most 2L / (L + 1)
+    assert 0 < bench.loc["minilm", "head_share"] < 1
     for n in TINY.memory_sizes:
         for mode in ("budget", "keep_all"):
             assert m[f"peak_memory/tiny_llama/{n}/{mode}"]["unit"] == "MiB"
@@ -87,6 +91,15 @@ def test_random_regret_is_the_mean_of_its_draws_and_the_oracle_has_none(result):
     reg = result.tables["regret"]
     assert (reg["regret"] > -1e-9).all()  # nothing beats the best set measured on the same examples
     assert (result.tables["oracle"]["search"] == "exhaustive").all()  # tiny stacks: every k-set is searched
+
+
+def test_ablation_prediction_counts_the_evaluations_caching_cannot_avoid():
+    # no head: L² blocks naive against L + L(L - 1)/2 cached, i.e. 2L / (L + 1)
+    assert tv.ablation_predicted(900.0, 0.0, 30) == pytest.approx(60 / 31)
+    # a head worth 7 blocks (b = 1): naive 900 + 31·7, cached 465 + 31·7
+    assert tv.ablation_predicted(900.0 + 31 * 7, 7.0, 30) == pytest.approx((900 + 217) / (465 + 217))
+    with pytest.raises(LayerwiseError, match="head alone"):
+        tv.ablation_predicted(10.0, 1.0, 30)
 
 
 def test_regret_weights_cancel_the_oracle_in_a_difference():
