@@ -121,6 +121,8 @@ def _cmd_units(args: argparse.Namespace) -> int:
         return 0
     if args.since is not None and args.action != "save":
         raise LayerwiseError("--since applies to save only (the entries finished in the last MINUTES minutes).")
+    if args.since is not None and not args.since > 0:
+        raise LayerwiseError(f"--since {args.since:g}: give a positive number of minutes, e.g. --since 90.")
     moved = (ledger.save(since=None if args.since is None else time.time() - 60 * args.since)
              if args.action == "save" else ledger.restore())
     print(f"{args.action}: {moved}")

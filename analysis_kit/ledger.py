@@ -150,7 +150,9 @@ def save(kinds: tuple[str, ...] = tuple(PORTABLE), cache: Path | None = None, le
     ``since`` (a ``time.time()``): only entries finished at or after it (their ``.complete`` marker's time),
     i.e. the units a run computed. A cache keeps the entries of code that has since changed (their keys no
     longer match anything); without ``since`` they would return to the ledger beside their replacements.
-    Entries a run read instead of computing came from the ledger or were saved by the run that computed them.
+    Entries a run read instead of computing came from the ledger or were saved by the run that computed them
+    (a run killed outright, SIGKILL, saves nothing: ``analysis-kit units save`` without ``--since`` carries
+    what it finished).
     """
     facts = host()
     cache, ledger = cache or cache_dir(), (ledger or ledger_dir()) / host_id(facts)

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from analysis_kit import cache, ledger, runner
+from analysis_kit import cache, cli, ledger, runner
 from analysis_kit.studies import compression as cp
 
 
@@ -68,15 +68,10 @@ def test_a_run_saves_the_units_it_finished_not_the_caches_leftovers_of_older_cod
     runner._carry_units("save", since=started)
     saved = ledger.ledger_dir() / ledger.host_id() / "qlora_runs"
     assert sorted(p.name for p in saved.iterdir()) == [new.name]
-    assert cli_main(["units", "save", "--since", "30"]) == 0 and "nothing" in capsys.readouterr().out
-    assert cli_main(["units", "save"]) == 0 and "1 qlora_runs" in capsys.readouterr().out  # every finished entry
-    assert cli_main(["units", "restore", "--since", "30"]) != 0 and "save only" in capsys.readouterr().err
-
-
-def cli_main(argv):
-    from analysis_kit import cli
-
-    return cli.main(argv)
+    assert cli.main(["units", "save", "--since", "30"]) == 0 and "nothing" in capsys.readouterr().out
+    assert cli.main(["units", "save"]) == 0 and "1 qlora_runs" in capsys.readouterr().out  # every finished entry
+    assert cli.main(["units", "restore", "--since", "30"]) != 0 and "save only" in capsys.readouterr().err
+    assert cli.main(["units", "save", "--since", "-5"]) != 0 and "positive number" in capsys.readouterr().err
 
 
 def test_restore_makes_a_finished_entry_that_cached_dir_returns_without_building(roots, monkeypatch):
@@ -140,8 +135,6 @@ def test_a_restored_healed_arm_without_weights_gives_the_same_record(roots, monk
 
 
 def test_the_units_command_saves_restores_and_lists(roots, capsys):
-    from analysis_kit import cli
-
     _entry(roots / "cache", "qlora_runs")
     assert cli.main(["units", "status"]) == 0 and "holds no unit" in capsys.readouterr().out
     assert cli.main(["units", "save"]) == 0 and "1 qlora_runs" in capsys.readouterr().out
