@@ -448,7 +448,7 @@ class Analyzer:
             self._base_key = cache.key_of({"model": cache.file_digest(self.model_dir), "data": self.data.fingerprint(),
                                            "settings": {k: v for k, v in self.settings.items()
                                                         if k not in ("device", "latency_batch", "latency_rounds")},
-                                           "code": cache.code_key(sys.modules[__name__])})
+                                           "code": cache.code_key(*_key_modules())})
         return {"base": self._base_key}
 
     def load(self) -> Any:
@@ -908,6 +908,24 @@ def _paired_ratio(compressed: np.ndarray, full: np.ndarray, ratio: Callable[[Any
             "ci_high": None if math.isnan(high) else float(high), "n": len(c), "unit": "ratio",
             "method": f"{what}; {how}"}
 
+
+#: The kit's modules whose code computes what the stages cache (importance scores, the plan, the healed model, the
+#: evaluation), with everything they import. A cached stage is reused only if none of them changed: a new
+#: importance method or a fixed healing loss re-computes a user's run instead of serving the old result. Left out:
+#: :data:`KEY_EXEMPT`.
+KEY_MODULES = ("analyze", "compress", "data", "device", "heal", "importance", "layers", "measure", "models", "stats",
+               "strategies", "train")
+#: Modules analyze reaches that cannot change a cached number: ``assets``, ``cache`` and ``paths`` find, verify and
+#: store files (the data and the model are keyed by their own digests), ``errors`` words failures, and ``report``
+#: and ``plots`` render the record on every run, uncached.
+KEY_EXEMPT = ("assets", "cache", "errors", "paths", "plots", "report")
+
+
+def _key_modules() -> tuple[Any, ...]:
+    """The modules of :data:`KEY_MODULES` (imported here: ``heal`` and ``importance`` load lazily elsewhere)."""
+    import importlib
+
+    return tuple(importlib.import_module(f"{__package__}.{name}") for name in KEY_MODULES)
 
 # --------------------------------------------------------------------------------------------------
 # The report files

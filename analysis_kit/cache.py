@@ -80,6 +80,36 @@ def code_key(*code: Any) -> str:
                           ).hexdigest()
 
 
+def reachable(*roots: Any) -> tuple[Any, ...]:
+    """``roots`` and every function and class of their own modules that they reach by name, transitively.
+
+    What a cache key's ``code_key`` must hold is not only the builder but the helpers it calls: a key of
+    ``train_exits`` alone would keep serving heads trained by an older loss function after the loss changed.
+    ``code_key(*reachable(builder))`` follows the builder's names through its module (a helper of a helper
+    counts), so a new helper is covered the day it is written. Other modules are not followed: name them
+    (or the module itself) beside the builder. Sorted by qualified name, so the key does not depend on the
+    order of discovery. Call it when the module has loaded (at its end), so the key is bound to the code as
+    written, not to a name a test replaces.
+    """
+    found: dict[str, Any] = {}
+    todo = [inspect.unwrap(r) for r in roots]
+    while todo:
+        obj = todo.pop()
+        name = f"{obj.__module__}.{obj.__qualname__}"
+        if name in found:
+            continue
+        found[name] = obj
+        namespace = vars(inspect.getmodule(obj))
+        for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(obj)))):
+            target = namespace.get(node.id) if isinstance(node, ast.Name) else None
+            if callable(target):
+                target = inspect.unwrap(target)
+                if ((inspect.isfunction(target) or inspect.isclass(target))
+                        and target.__module__ == obj.__module__):
+                    todo.append(target)
+    return tuple(found[k] for k in sorted(found))
+
+
 def file_digest(path: Path) -> str:
     """SHA-256 over the names and contents of a file, or of every file in a folder (a model folder, a
     ``datasets`` folder): the content part of the key of anything computed from a user's files."""

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import layers
-from .cache import atomic_write_json, cached_dir, code_key
+from .cache import atomic_write_json, cached_dir, code_key, reachable
 from .device import pick, progress, seed_everything
 from .errors import LayerwiseError
 
@@ -510,10 +510,6 @@ def exit_model(model: nn.Module, tokenizer: Any, base_key: str, train_df: pd.Dat
 # --------------------------------------------------------------------------------------------------
 # Exit policies
 
-
-#: The code whose hash keys cached exit heads (``cache.code_key``), bound when the module loads so that a test
-#: replacing one of these names (to prove a second call reads the cache) does not change the key.
-_EXIT_CODE = (exit_model, train_exits, ExitHeads)
 
 
 def _probs(logits: np.ndarray) -> np.ndarray:
@@ -1397,3 +1393,10 @@ class ExitModel:
 def load_exit_model(folder: str | Path, device: str | torch.device = "auto") -> ExitModel:
     """Load a folder written by :func:`save_exit_model`."""
     return ExitModel(folder, device)
+
+
+#: The code whose hash keys cached exit heads (``cache.code_key``): the builder, every helper of this module it
+#: reaches (``cache.reachable``: the training loops, the exit loss, the pooling, the heads) and :mod:`layers`,
+#: which runs the blocks they read. Bound at the end of the module, when every helper exists, so that a test
+#: replacing one of these names (to prove a second call reads the cache) does not change the key.
+_EXIT_CODE = (*reachable(exit_model, train_exits), layers)

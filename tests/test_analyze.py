@@ -495,3 +495,30 @@ def test_length_groups_bound_the_padding():
         assert len(g) <= 4 and (len(g) == 1 or len(g) * max(lengths[i] for i in g) <= 1.25 * real)
     padded = sum(len(g) * max(lengths[i] for i in g) for g in groups)
     assert padded < 0.5 * len(lengths) * max(lengths)  # one padded batch would hold twice as much or more
+
+
+def test_analyze_stages_are_keyed_by_every_module_that_computes_them():
+    """A cached stage (scores, plan, healed model, evaluation) is reused only while the code that computed it is
+    unchanged: the key holds every kit module analyze imports, directly or through another, except the declared
+    file-keeping and rendering ones."""
+    import ast
+
+    package = Path(analyze.__file__).parent
+
+    def imports(name: str) -> set[str]:
+        tree = ast.parse((package / f"{name}.py").read_text())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                found |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+        return {m for m in found if (package / f"{m}.py").is_file()}
+
+    reached, todo = set(), ["analyze"]
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo.extend(imports(name))
+    assert reached - set(analyze.KEY_EXEMPT) == set(analyze.KEY_MODULES)
+    assert not set(analyze.KEY_MODULES) & set(analyze.KEY_EXEMPT)
+    assert [m.__name__.rsplit(".", 1)[1] for m in analyze._key_modules()] == list(analyze.KEY_MODULES)

@@ -164,3 +164,55 @@ def test_code_key_follows_code_not_docstrings(tmp_path, monkeypatch):
     b = module('def f(x):\n    """Say it differently, at length."""\n    # a comment\n    return x + 1\n', "ck_b")
     c = module('def f(x):\n    """Say what."""\n    return x + 2\n', "ck_c")
     assert code_key(a.f) == code_key(b.f) != code_key(c.f)
+
+
+REACH = '''import functools
+from json import dumps  # another module's function: not followed
+
+
+def builder(x):
+    return helper(x) + len(dumps(x))
+
+
+def helper(x):
+    return Thing().value(x) + deeper(x) + memo(x)
+
+
+class Thing:
+    def value(self, x):
+        return x
+
+
+def deeper(x):
+    return x * {factor}
+
+
+@functools.lru_cache
+def memo(x):
+    return x
+
+
+def unrelated():
+    return deeper(0)
+'''
+
+
+def test_reachable_keys_a_builder_with_every_helper_it_calls(tmp_path, monkeypatch):
+    """``cache.reachable`` follows a builder's names through its module, helpers of helpers and decorated ones
+    included, and nothing it does not call; a change two calls deep changes the key, which ``code_key`` of the
+    builder alone misses."""
+    import importlib
+    import sys
+
+    def module(name: str, factor: int):
+        (tmp_path / f"{name}.py").write_text(REACH.format(factor=factor))
+        monkeypatch.syspath_prepend(str(tmp_path))
+        sys.modules.pop(name, None)
+        return importlib.import_module(name)
+
+    a, b = module("reach_a", 2), module("reach_b", 3)
+    found = cache.reachable(a.builder)
+    assert [o.__qualname__ for o in found] == ["Thing", "builder", "deeper", "helper", "memo"]
+    assert cache.reachable(a.helper, a.builder) == found  # the same tuple whatever the roots' order
+    assert cache.code_key(a.builder) == cache.code_key(b.builder)  # the builder alone: the change is invisible
+    assert cache.code_key(*found) != cache.code_key(*cache.reachable(b.builder))

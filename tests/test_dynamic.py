@@ -344,6 +344,15 @@ def test_exit_model_is_cached_and_keyed_by_seed(tokenizer, splits, tmp_path, mon
         dy.exit_model(model, tokenizer, "base-x", small["train"], small["val"], cfg, seed=1, device="cpu")
 
 
+
+def test_the_exit_heads_key_holds_the_code_that_trains_them():
+    """Cached heads are re-trained when their training changes, not only when ``train_exits`` does: the key
+    holds the joint and frozen loops, the exit loss, the pooling and the block runner (``layers``)."""
+    code = set(dy._EXIT_CODE)
+    assert {dy.exit_model, dy.train_exits, dy._train_joint, dy._train_frozen, dy._exit_loss, dy.exit_weights,
+            dy.pooled_states, dy.ExitHeads, dy.layers} <= code
+    assert not code & {dy.make_policy, dy.predict_exits}  # policies and inference read the heads, never train them
+
 # ------------------------------------------------------------------------------------------ complexity
 
 

@@ -100,6 +100,8 @@ def test_ablation_prediction_counts_the_evaluations_caching_cannot_avoid():
     assert tv.ablation_predicted(900.0 + 31 * 7, 7.0, 30) == pytest.approx((900 + 217) / (465 + 217))
     with pytest.raises(LayerwiseError, match="head alone"):
         tv.ablation_predicted(10.0, 1.0, 30)
+    # the head's share of a full pass of 30 blocks of b = 1: 7 / (30 + 7), not 7 / the naive run's mean pass
+    assert tv.head_share(900.0 + 31 * 7, 7.0, 30) == pytest.approx(7 / 37)
 
 
 def test_regret_weights_cancel_the_oracle_in_a_difference():

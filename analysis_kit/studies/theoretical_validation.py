@@ -523,30 +523,45 @@ def _head_seconds(model: torch.nn.Module, batches: Any, repeats: int) -> float:
     return float(np.median(times))
 
 
-def ablation_predicted(naive_seconds: float, head_seconds: float, n_blocks: int) -> float:
-    """The speed-up that counting evaluations predicts for cached ablation over a naive run of ``naive_seconds``.
-
-    The naive run evaluates L² blocks (the full model, then L models of L − 1 blocks) and L + 1 heads; cached
-    ablation has to evaluate one full pass (the trace), the L(L − 1)/2 blocks after every skipped block and one
-    head per skipped block. With the head's measured time h and the block time b = (naive − (L + 1) h) / L²
-    (embedding look-ups and per-pass set-up fall into b), the prediction is naive / ((L + L(L − 1)/2) b +
-    (L + 1) h): 2L/(L + 1) for a free head, less where the head costs several blocks (a language model's
-    vocabulary projection). Exact ablation cannot do fewer evaluations; a measured speed-up a little above the
-    prediction means the naive passes also paid per-pass costs that ``b`` spreads over the blocks.
-    """
+def _block_seconds(naive_seconds: float, head_seconds: float, n_blocks: int) -> float:
+    """One block's time b in a naive run of L + 1 passes (the full model, then L models of L − 1 blocks: L² blocks
+    and L + 1 heads) whose head takes ``head_seconds``: b = (naive − (L + 1) h) / L². Embedding look-ups and
+    per-pass set-up fall into b."""
     n = n_blocks
     block = (naive_seconds - (n + 1) * head_seconds) / n**2
     if block <= 0:
         raise LayerwiseError(f"the head alone ({head_seconds:.3g} s) took longer than a naive run allows "
                              f"({naive_seconds:.3g} s for {n + 1} passes); time on an idle machine.")
+    return block
+
+
+def ablation_predicted(naive_seconds: float, head_seconds: float, n_blocks: int) -> float:
+    """The speed-up that counting evaluations predicts for cached ablation over a naive run of ``naive_seconds``.
+
+    The naive run evaluates L² blocks and L + 1 heads; cached ablation has to evaluate one full pass (the trace),
+    the L(L − 1)/2 blocks after every skipped block and one head per skipped block. With the head's measured
+    time h and the block time b (:func:`_block_seconds`), the prediction is naive / ((L + L(L − 1)/2) b +
+    (L + 1) h): 2L/(L + 1) for a free head, less where the head costs several blocks (a language model's
+    vocabulary projection). Exact ablation cannot do fewer evaluations; a measured speed-up a little above the
+    prediction means the naive passes also paid per-pass costs that ``b`` spreads over the blocks.
+    """
+    n = n_blocks
+    block = _block_seconds(naive_seconds, head_seconds, n)
     return naive_seconds / ((n + n * (n - 1) / 2) * block + (n + 1) * head_seconds)
 
 
-#: The benchmark's models: name in the metrics, model, and whether it runs as a language model. SmolLM2 runs
+def head_share(naive_seconds: float, head_seconds: float, n_blocks: int) -> float:
+    """The head's share of one full pass, h / (L b + h), with b from :func:`_block_seconds` (the naive run's
+    mean pass would be slightly short: L of its L + 1 passes run L − 1 blocks)."""
+    return head_seconds / (n_blocks * _block_seconds(naive_seconds, head_seconds, n_blocks) + head_seconds)
+
+
+#: The benchmark's models: name in the metrics, model, whether it runs as a language model, and how many amazon
+#: sentences it reads (a 30-block model's naive ablation is 31 full passes: one batch is enough). SmolLM2 runs
 #: both ways: its language-model head (49,152 × 576) costs several blocks per pass, which caching cannot avoid
 #: (``ablation_predicted``); as a classifier its head is negligible.
-BENCH_MODELS = (("minilm", "minilm", False), ("mpnet", "mpnet", False), ("smollm2", "smollm2", True),
-                ("smollm2_classifier", "smollm2", False))
+BENCH_MODELS = (("minilm", "minilm", False, 64), ("mpnet", "mpnet", False, 64), ("smollm2", "smollm2", True, 8),
+                ("smollm2_classifier", "smollm2", False, 32))
 
 
 def _bench(result: Result, params: Params) -> None:
@@ -557,18 +572,17 @@ def _bench(result: Result, params: Params) -> None:
     task = params.task_spec(params.tasks[0])
     df = data.subsample(train.load_task(task, params.seeds[0])["train"], 64 if not params.tiny else 16, 0)
     rows = []
-    for label, name, lm in BENCH_MODELS:
+    for label, name, lm, n in BENCH_MODELS:
         if params.tiny and name != "minilm":
             continue
         if lm:
             spec = ModelSpec(name)
             model, tok = models.load_causal_lm(spec), models.load_tokenizer(spec)
-            batches = importance.lm_batches(tok, df["text"].tolist()[:8], batch_size=params.batch_size,
-                                            max_length=params.max_length)  # naive ablation = 31 full passes
+            batches = importance.lm_batches(tok, df["text"].tolist()[:n], batch_size=params.batch_size,
+                                            max_length=params.max_length)
         else:
             spec = train.standard_spec(name, params.tiny)
             model, tok = models.build_classifier(spec, 2, seed=0), models.load_tokenizer(spec)
-            n = 32 if name == "smollm2" else len(df)  # 31 full passes of a 135M model: one batch is enough
             batches = _classifier_batches(tok, df.iloc[:n], params)
         model.eval()
         b = importance.bench_ablation(model, batches, repeats=params.bench_repeats)
@@ -578,11 +592,10 @@ def _bench(result: Result, params: Params) -> None:
                                         over="timing repeats")
         result.metrics[f"ablation_speedup/{label}"] = rec
         result.metrics[f"ablation_predicted/{label}"] = predicted
-        full_pass = b["naive_seconds"] / (b["n_blocks"] + 1)
         rows.append({"model": label, "blocks": b["n_blocks"], "examples": b["n_examples"],
                      "naive_s": b["naive_seconds"], "cached_s": b["cached_seconds"], "speedup": rec["mean"],
                      "ci_low": rec["ci_low"], "ci_high": rec["ci_high"], "predicted": predicted["mean"],
-                     "of_predicted": rec["mean"] / predicted["mean"], "head_share": head / full_pass,
+                     "of_predicted": rec["mean"] / predicted["mean"], "head_share": head_share(b["naive_seconds"], head, b["n_blocks"]),
                      "max_abs_diff": b["max_abs_diff"]})
         del model
     result.tables["ablation_bench"] = pd.DataFrame(rows)
