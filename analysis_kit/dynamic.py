@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import layers
+from . import train as train_mod
 from .cache import atomic_write_json, cached_dir, code_key, reachable
 from .device import pick, progress, seed_everything
 from .errors import LayerwiseError
@@ -369,15 +370,8 @@ def _train_joint(model, heads, tokenizer, train_df, val_df, cfg, seed, dev, weig
     lengths = _lengths(tokenizer, texts, cfg.max_length)
     steps_per_epoch = math.ceil(len(texts) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
-    warm = max(1, int(cfg.warmup_ratio * total))
-    params = [(p, cfg.lr, n) for n, p in model.named_parameters() if p.requires_grad]
-    params += [(p, cfg.head_lr, n) for n, p in heads.named_parameters()]
-    groups = [{"params": [p for p, lr_, n in params if lr_ == lr and (p.ndim > 1) == decay],
-               "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0}
-              for lr in {cfg.lr, cfg.head_lr} for decay in (True, False)]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]])
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    opt = train_mod.Optimizer([(model.parameters(), cfg.lr), (heads.parameters(), cfg.head_lr)], total,
+                              cfg.weight_decay, cfg.warmup_ratio, cfg.grad_clip)
     val_texts = val_df["text"].tolist()
     y_va = torch.tensor(val_df["label"].to_numpy(), dtype=torch.long)
     best, bad, state, rows = math.inf, 0, None, []
@@ -391,11 +385,7 @@ def _train_joint(model, heads, tokenizer, train_df, val_df, cfg, seed, dev, weig
             batch = {k: v.to(dev) for k, v in _encode(tokenizer, [texts[i] for i in idx], cfg.max_length).items()}
             loss = _exit_loss(heads(pooled_states(model, batch, cfg.pooling)), y_all[idx].to(dev), weights,
                               cfg.distill)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p, _, _ in params], cfg.grad_clip)
-            opt.step()
-            sched.step()
+            opt.step(loss)
             losses.append(loss.item())
             bar.update(1)
             step += 1
@@ -1399,4 +1389,4 @@ def load_exit_model(folder: str | Path, device: str | torch.device = "auto") -> 
 #: reaches (``cache.reachable``: the training loops, the exit loss, the pooling, the heads) and :mod:`layers`,
 #: which runs the blocks they read. Bound at the end of the module, when every helper exists, so that a test
 #: replacing one of these names (to prove a second call reads the cache) does not change the key.
-_EXIT_CODE = (*reachable(exit_model, train_exits), layers)
+_EXIT_CODE = (*reachable(exit_model, train_exits), train_mod.Optimizer, layers)

@@ -8,7 +8,9 @@ Two families live here:
   ``train.fine_tune`` (epochs over the whole training split, early stopping on validation loss), so budgets
   are equal by construction; only the learning rate and the recipe's own options differ.
 - **A fixed step budget** (:func:`heal`, ``distill``/``lora`` with a :class:`HealConfig`), what
-  ``analysis-kit analyze --heal`` runs on a user's data when there is no validation split to stop on:
+  ``analysis-kit analyze --heal`` runs on a user's data when there is no validation split to stop on (and
+  on causal LMs, which ``train.fine_tune`` does not train). It steps through the same optimizer as the
+  recipes (``train.Optimizer``) and distils with the same loss (``_distill_loss``):
 
   - ``distill``: knowledge distillation from the full (teacher) model. Loss = ``kd_weight`` · T² ·
     KL(teacher ‖ student) on temperature-softened logits (Hinton et al., 2015) + ``hidden_weight`` ·
@@ -34,7 +36,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from . import layers
+from . import layers, train
 from .device import pick, progress, seed_everything
 from .errors import LayerwiseError
 
@@ -122,12 +124,9 @@ def _task_loss(model: torch.nn.Module, logits: torch.Tensor, batch: dict[str, to
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                               batch["input_ids"][:, 1:].reshape(-1), reduction="none").view_as(mask)
         return (nll * mask).sum() / mask.sum().clamp_min(1.0)
-    if "labels" not in batch:
+    if batch.get("labels") is None:
         raise HealError("this batch has no labels; encode the training texts with labels= for LoRA or ce_weight > 0.")
-    labels = batch["labels"]
-    if logits.shape[-1] == 1:
-        return F.mse_loss(logits[:, 0], labels.float())
-    return F.cross_entropy(logits, labels.long())
+    return train._loss(logits, batch["labels"])
 
 
 def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None) -> torch.Tensor:
@@ -155,46 +154,37 @@ def _hidden_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], pairs
     return torch.stack(losses).mean()
 
 
-def _batches(train: Sequence[dict[str, torch.Tensor]], steps: int, seed: int):
-    """``steps`` batches, cycling through ``train`` in a seeded new order on every pass."""
+def _batches(batches: Sequence[dict[str, torch.Tensor]], steps: int, seed: int):
+    """``steps`` batches, cycling through ``batches`` in a seeded new order on every pass."""
     g = torch.Generator().manual_seed(seed)
     done = 0
     while done < steps:
-        for i in torch.randperm(len(train), generator=g).tolist():
+        for i in torch.randperm(len(batches), generator=g).tolist():
             if done >= steps:
                 return
             done += 1
-            yield train[i]
+            yield batches[i]
 
 
-def _optimise(model: torch.nn.Module, loss_fn, train: Sequence[dict[str, torch.Tensor]], cfg: HealConfig,
-              lr: float, seed: int, dev: torch.device, desc: str) -> pd.DataFrame:
-    """AdamW with linear warm-up and decay over exactly ``cfg.steps`` steps; returns the loss history."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    warm = max(1, int(cfg.warmup_ratio * cfg.steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (cfg.steps - s) / max(1, cfg.steps - warm)))
+def _optimise(model: torch.nn.Module, loss_fn: train.LossFn, batches: Sequence[dict[str, torch.Tensor]],
+              cfg: HealConfig, lr: float, seed: int, dev: torch.device, desc: str) -> pd.DataFrame:
+    """Exactly ``cfg.steps`` updates of ``train.Optimizer`` (the kit's AdamW, warm-up and clipping) on
+    ``loss_fn(model, batch, labels)``, the signature ``train.fine_tune`` takes; returns the loss history."""
+    opt = train.Optimizer([(model.parameters(), lr)], cfg.steps, cfg.weight_decay, cfg.warmup_ratio, cfg.grad_clip)
     rows, start = [], time.time()
     model.train()
-    for step, batch in enumerate(progress(_batches(train, cfg.steps, seed), total=cfg.steps, desc=desc), 1):
+    for step, batch in enumerate(progress(_batches(batches, cfg.steps, seed), total=cfg.steps, desc=desc), 1):
         batch = {k: v.to(dev) for k, v in batch.items()}
-        loss, parts = loss_fn(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        rows.append({"step": step, "loss": float(loss.detach()), **parts, "seconds": time.time() - start})
+        labels = batch.pop("labels", None)
+        loss = loss_fn(model, batch, labels)
+        opt.step(loss)
+        rows.append({"step": step, "loss": float(loss.detach()), "seconds": time.time() - start})
     model.eval()
     return pd.DataFrame(rows)
 
 
 def distill(student: torch.nn.Module, teacher: torch.nn.Module, keep: Sequence[int],
-            train: Sequence[dict[str, torch.Tensor]], cfg: HealConfig = HealConfig(), seed: int = 0,
+            batches: Sequence[dict[str, torch.Tensor]], cfg: HealConfig = HealConfig(), seed: int = 0,
             device: str | torch.device = "auto") -> tuple[torch.nn.Module, pd.DataFrame]:
     """Distil ``teacher`` into ``student`` (= ``teacher`` with only blocks ``keep``); see the module doc.
 
@@ -212,29 +202,12 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, keep: Sequence[i
     for p in student.parameters():
         p.requires_grad_(True)
 
-    def loss_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        mask = batch["attention_mask"]
-        with torch.no_grad():
-            t_states = layers.run_blocks(teacher, batch, return_all=True)
-            t_logits = layers.classify(teacher, t_states[-1], mask)
-        s_states = layers.run_blocks(student, batch, return_all=True)
-        s_logits = layers.classify(student, s_states[-1], mask)
-        kd = _kd_loss(s_logits, t_logits, cfg.temperature, mask.float() if s_logits.dim() == 3 else None)
-        hid = _hidden_loss(s_states, t_states, pairs, mask)
-        loss = cfg.kd_weight * kd + cfg.hidden_weight * hid
-        parts = {"kd": float(kd.detach()), "hidden": float(hid.detach())}
-        if cfg.ce_weight > 0:
-            ce = _task_loss(student, s_logits, batch)
-            loss = loss + cfg.ce_weight * ce
-            parts["ce"] = float(ce.detach())
-        return loss, parts
-
     label = "distill" if cfg.kd_weight or cfg.hidden_weight else "fine-tune"  # ce only: plain fine-tuning
-    hist = _optimise(student, loss_fn, train, cfg, cfg.lr_distill, seed, dev, label)
+    hist = _optimise(student, _distill_loss(teacher, pairs, cfg), batches, cfg, cfg.lr_distill, seed, dev, label)
     return student, hist
 
 
-def lora(student: torch.nn.Module, train: Sequence[dict[str, torch.Tensor]], cfg: HealConfig = HealConfig(),
+def lora(student: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], cfg: HealConfig = HealConfig(),
          seed: int = 0, device: str | torch.device = "auto") -> tuple[torch.nn.Module, pd.DataFrame]:
     """LoRA-tune a copy of ``student`` on its task loss (labels, or next tokens for a causal LM), then merge
     the adapters into the weights (``merge_and_unload``) so the result is a plain Hugging Face model."""
@@ -249,13 +222,10 @@ def lora(student: torch.nn.Module, train: Sequence[dict[str, torch.Tensor]], cfg
                         lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=lora_targets(student))
     model = get_peft_model(base, config).to(dev)
 
-    def loss_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs).logits
-        loss = _task_loss(student, logits, batch)
-        return loss, {"task": float(loss.detach())}
+    def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor | None) -> torch.Tensor:
+        return _task_loss(student, model(**batch).logits, {**batch, "labels": labels})
 
-    hist = _optimise(model, loss_fn, train, cfg, cfg.lr_lora, seed, dev, "lora")
+    hist = _optimise(model, loss_fn, batches, cfg, cfg.lr_lora, seed, dev, "lora")
     merged = model.merge_and_unload()
     merged.eval()
     for p in merged.parameters():
@@ -264,7 +234,7 @@ def lora(student: torch.nn.Module, train: Sequence[dict[str, torch.Tensor]], cfg
 
 
 def heal(method: str, student: torch.nn.Module, teacher: torch.nn.Module | None, keep: Sequence[int],
-         train: Sequence[dict[str, torch.Tensor]], cfg: HealConfig = HealConfig(), seed: int = 0,
+         batches: Sequence[dict[str, torch.Tensor]], cfg: HealConfig = HealConfig(), seed: int = 0,
          device: str | torch.device = "auto") -> tuple[torch.nn.Module, pd.DataFrame]:
     """Heal ``student`` by ``method`` (one of ``HEAL_METHODS``) and return ``(model, history)``.
 
@@ -272,15 +242,15 @@ def heal(method: str, student: torch.nn.Module, teacher: torch.nn.Module | None,
     """
     if method not in HEAL_METHODS:
         raise HealError(f"unknown healing method {method!r}; choose from {', '.join(HEAL_METHODS)}.")
-    if method != "none" and not train:
+    if method != "none" and not batches:
         raise HealError("no training batches; pass compress.encode(tokenizer, texts, labels) batches.")
     if method == "none":
         return student, pd.DataFrame(columns=["step", "loss", "seconds"])
     if method == "distill":
         if teacher is None:
             raise HealError("distillation needs the full model as teacher=.")
-        return distill(student, teacher, keep, train, cfg, seed, device)
-    return lora(student, train, cfg, seed, device)
+        return distill(student, teacher, keep, batches, cfg, seed, device)
+    return lora(student, batches, cfg, seed, device)
 
 
 def describe(cfg: HealConfig) -> dict[str, Any]:
@@ -304,18 +274,21 @@ def describe(cfg: HealConfig) -> dict[str, Any]:
 RECIPES = ("finetune", "distill", "lora", "partial", "first_k")
 
 
-def _distill_loss(teacher: torch.nn.Module, pairs: list[int], opts: RecipeOptions):
-    """``train.fine_tune``'s loss for ``distill``: ce · label loss + kd · T² KL on logits + hidden · relative MSE
-    of each student block's output against its teacher block (``teacher_map``)."""
+def _distill_loss(teacher: torch.nn.Module, pairs: list[int], opts: RecipeOptions) -> train.LossFn:
+    """The one distillation loss, for ``train.fine_tune`` (the ``distill`` recipe) and the step budget
+    (:func:`distill`): kd · T² KL(teacher ‖ student) on logits (per real token for a causal LM) + hidden ·
+    relative MSE of each student block's output against its teacher block (``teacher_map``) + ce · the label
+    loss (the next-token loss for a causal LM)."""
 
-    def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor | None) -> torch.Tensor:
         mask = batch["attention_mask"]
         with torch.no_grad():
             t_states = layers.run_blocks(teacher, batch, return_all=True)
             t_logits = layers.classify(teacher, t_states[-1], mask)
         s_states = layers.run_blocks(model, batch, return_all=True)
         s_logits = layers.classify(model, s_states[-1], mask)
-        loss = opts.kd_weight * _kd_loss(s_logits, t_logits, opts.temperature, None)
+        token_mask = mask.float() if s_logits.dim() == 3 else None  # a causal LM's logits: one row per token
+        loss = opts.kd_weight * _kd_loss(s_logits, t_logits, opts.temperature, token_mask)
         loss = loss + opts.hidden_weight * _hidden_loss(s_states, t_states, pairs, mask)
         if opts.ce_weight > 0:
             loss = loss + opts.ce_weight * _task_loss(model, s_logits, {**batch, "labels": labels})
@@ -365,8 +338,6 @@ def heal_recipe(recipe: str, teacher: torch.nn.Module, keep: Sequence[int], toke
     model (LoRA merged), the training history and ``info``: trainable and total parameters, steps, examples
     seen and wall seconds.
     """
-    from . import train
-
     options.validate()
     cfg.validate()
     keep = sorted(int(i) for i in keep)

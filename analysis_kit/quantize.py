@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import layers
-from .cache import cached_dir, cached_json, code_key
+from . import train as train_mod
+from .cache import cached_dir, cached_json, code_key, reachable
 from .device import pick, seed_everything
 from .errors import LayerwiseError
 
@@ -586,8 +587,6 @@ def run(spec: RunSpec, build_base: Callable[[], nn.Module], tokenizer: Any, spli
     total_params, weight_bytes, peak_train_bytes, step_seconds, train_seconds, steps, and ``correct``
     (per test example, for paired tests on examples).
     """
-    from . import train as train_mod
-
     for name in ("train", "val", "test"):
         if name not in splits or len(splits[name]) == 0:
             raise QuantizeError(f"splits lacks a non-empty {name!r} frame; pass train.load_task(...) output.")
@@ -616,9 +615,13 @@ def run(spec: RunSpec, build_base: Callable[[], nn.Module], tokenizer: Any, spli
                 "train_seconds": seconds, "steps": int(hist["step"].max()) if len(hist) else 0,
                 "device": str(pick(device)), "correct": [bool(c) for c in test["correct"]]}
 
-    key = {"kind": "qlora_run", "code": code_key(run, quantize, add_lora, prepare, train_mod.fine_tune), "data": dict(data_key), "run": spec.key()}
+    key = {"kind": "qlora_run", "code": code_key(*_QLORA_CODE), "data": dict(data_key), "run": spec.key()}
     record = cached_json("qlora_runs", key, compute) if cache else json.loads(json.dumps(compute()))
     return {"method": spec.method, "seed": spec.seed, "rank": spec.lora.rank if spec.method != "full" else 0,
             "targets": spec.lora.targets if spec.method != "full" else "all", **record}
 
 
+#: The code whose hash keys a QLoRA run (``cache.code_key``): :func:`run`, the quantization and adapter code and
+#: every helper of this module they reach (``cache.reachable``: the run's dataclasses, the cost probe), and the
+#: kit's fine-tuning loop with its helpers (optimizer, batches, evaluation). Bound at the end of the module.
+_QLORA_CODE = reachable(run, quantize, add_lora, prepare, train_mod.fine_tune)

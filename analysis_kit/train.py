@@ -1,7 +1,9 @@
 """Seeded fine-tuning and evaluation, with a content-addressed cache of trained models.
 
 ``fine_tune`` is a plain loop (AdamW, linear warm-up/decay, gradient clipping, early stopping on
-validation loss, best weights restored) so that every step is visible and deterministic on CPU.
+validation loss, best weights restored) so that every step is visible and deterministic on CPU. Its optimizer,
+:class:`Optimizer`, is the kit's one update rule: the step-budget healing of ``analyze`` and the exit heads'
+joint training step through it too, so a change to the schedule or the clipping reaches every trainer.
 ``get_trained`` wraps it in the cache: the key is everything that determines the weights (model spec,
 task spec, training config, seed), so notebooks stay independent and nothing is trained twice.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -24,7 +26,8 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 
 from . import data as data_mod
-from .cache import atomic_write_json, cached_dir, code_key, file_digest
+from . import models
+from .cache import atomic_write_json, cached_dir, code_key, file_digest, reachable
 from .device import pick, progress, seed_everything
 from .errors import LayerwiseError
 
@@ -175,6 +178,43 @@ def _batches(tokenizer, df: pd.DataFrame, cfg_batch: int, max_length: int, shuff
                                 seed=seed, max_length=max_length, bucket=True)
 
 
+class Optimizer:
+    """The kit's one update rule: AdamW, linear warm-up then linear decay to zero, gradient clipping.
+
+    ``sources`` are ``(parameters, learning rate)`` pairs (one for a model; the exit heads' joint training
+    adds its heads at their own rate); of each, only the parameters that require gradients train, weights
+    (``ndim > 1``) with ``weight_decay`` and biases and norms without, as BERT's recipe does. The learning
+    rate rises linearly over the first ``max(1, int(warmup_ratio · total))`` steps and falls linearly to zero
+    at step ``total``. :meth:`step` clips the gradient norm over every trained parameter (in ``sources``'
+    order) to ``grad_clip`` before the update.
+    """
+
+    def __init__(self, sources: Sequence[tuple[Iterable[torch.nn.Parameter], float]], total: int,
+                 weight_decay: float, warmup_ratio: float, grad_clip: float) -> None:
+        trained = [[p for p in params if p.requires_grad] for params, _ in sources]
+        self.params = [p for group in trained for p in group]
+        if not self.params:
+            raise LayerwiseError("no parameter of the model requires gradients; unfreeze the part to train.")
+        groups = [{"params": [p for p in group if (p.ndim > 1) == decay], "lr": lr,
+                   "weight_decay": weight_decay if decay else 0.0}
+                  for group, (_, lr) in zip(trained, sources, strict=True) for decay in (True, False)]
+        self.opt = torch.optim.AdamW([g for g in groups if g["params"]])
+        self.total, self.warm, self.grad_clip = total, max(1, int(warmup_ratio * total)), grad_clip
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
+
+    def lr_factor(self, s: int) -> float:
+        """The schedule's multiplier of the learning rate at step ``s`` (0-based)."""
+        return (s + 1) / self.warm if s < self.warm else max(0.0, (self.total - s) / max(1, self.total - self.warm))
+
+    def step(self, loss: torch.Tensor) -> None:
+        """One update from ``loss``: gradients, clipping, AdamW, the schedule's next rate."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.opt.step()
+        self.sched.step()
+
+
 @torch.no_grad()
 def predict(model, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 128,
             device: str | torch.device = "auto") -> np.ndarray:
@@ -238,8 +278,8 @@ def fine_tune(model, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFrame, cf
               device: str | torch.device = "auto", loss_fn: LossFn | None = None) -> tuple[Any, pd.DataFrame]:
     """Train ``model`` on ``train_df``; early-stop on validation loss and restore the best weights.
 
-    The one training loop of the kit: AdamW (no decay on biases and norms) over the parameters that require
-    gradients (freeze some to train a part), linear warm-up then decay, gradient clipping, validation every
+    The kit's fine-tuning loop: :class:`Optimizer` (AdamW without decay on biases and norms, linear warm-up then
+    decay, gradient clipping) over the parameters that require gradients (freeze some to train a part), validation every
     ``cfg.eval_every`` steps of each epoch and at its end (default: once, at the end). ``loss_fn`` replaces
     the label loss (e.g. distillation from a teacher, :mod:`analysis_kit.heal`); validation always reads the
     label loss, so early stopping and the best weights are chosen on the task whatever the training objective.
@@ -256,18 +296,7 @@ def fine_tune(model, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFrame, cf
     steps_per_epoch = math.ceil(len(train_df) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     eval_every = cfg.eval_every or steps_per_epoch
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    if not decay and not no_decay:
-        raise LayerwiseError("no parameter of the model requires gradients; unfreeze the part to train.")
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    warm = max(1, int(cfg.warmup_ratio * total))
-
-    def lr_factor(s: int) -> float:  # linear warm-up, then linear decay to zero at the last step
-        return (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    opt = Optimizer([(model.parameters(), cfg.lr)], total, cfg.weight_decay, cfg.warmup_ratio, cfg.grad_clip)
     state = {"best": math.inf, "weights": None, "bad": 0}
     step, seen, rows, run_loss = 0, 0, [], []
     start = time.time()
@@ -294,11 +323,7 @@ def fine_tune(model, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFrame, cf
             batch = {k: v.to(dev) for k, v in batch.items()}
             labels = batch.pop("labels")
             loss = _loss(model(**batch).logits, labels) if loss_fn is None else loss_fn(model, batch, labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
+            opt.step(loss)
             step += 1
             seen += int(labels.shape[0])
             run_loss.append(loss.item())
@@ -326,11 +351,8 @@ def trained_record(model_spec, task: TaskSpec, cfg: TrainConfig, seed: int, devi
     device, ``folder`` (the cached Hugging Face folder), ``val_majority`` (the majority class's validation
     accuracy) and ``failed`` (:func:`is_failed`). Use :func:`get_trained` for the model itself.
     """
-    from . import models
-
     spec = {"kind": "trained_classifier", "model": asdict(model_spec), "task": asdict(task), "train": asdict(cfg),
-            "seed": seed, "code": code_key(trained_record, fine_tune, load_task, _batches, _loss, evaluate,
-                                           models.build_classifier, data_mod.make_loader, data_mod.split)}
+            "seed": seed, "code": code_key(*_TRAINED_CODE)}
 
     def build(folder: Path) -> None:
         tokenizer = models.load_tokenizer(model_spec)
@@ -364,8 +386,6 @@ def get_trained(model_spec, task: TaskSpec, cfg: TrainConfig, seed: int, device:
     Returns ``(model, tokenizer, record)``; see :func:`trained_record` for the record.
     """
     from transformers import AutoModelForSequenceClassification
-
-    from . import models
 
     record = trained_record(model_spec, task, cfg, seed, device)
     model = AutoModelForSequenceClassification.from_pretrained(record["folder"]).eval()
@@ -576,3 +596,23 @@ def baseline(name: str, seed: int, tiny: bool = False, task: TaskSpec | None = N
     task = task or standard_task(tiny)
     cfg = recipe(name, task, tiny, device)
     return get_trained(standard_spec(name, tiny, num_layers), task, cfg, seed, device)
+
+
+def baseline_folder(name: str, seed: int, tiny: bool = False, task: TaskSpec | None = None,
+                    device: str | torch.device = "auto") -> str:
+    """The cache folder name of :func:`baseline`'s model (trained on first use, then read from its record).
+
+    A cached unit that reads the baseline holds this name in its key, as a healed arm holds its teacher's: the
+    name is the hash of everything that determined the weights, so a re-trained baseline re-computes the unit
+    instead of serving scores of the old model.
+    """
+    task = task or standard_task(tiny)
+    cfg = recipe(name, task, tiny, device)
+    return Path(trained_record(standard_spec(name, tiny), task, cfg, seed, device)["folder"]).name
+
+
+#: The code whose hash keys a trained classifier (``cache.code_key``): :func:`trained_record` and every helper of
+#: this module it reaches (``cache.reachable``: the loop, :class:`Optimizer`, the batches, the loss, evaluation
+#: and the scores it records), the model builder with its helpers, and the loader and split that feed it.
+#: Bound at the end of the module, when every helper exists.
+_TRAINED_CODE = reachable(trained_record, models.build_classifier, data_mod.make_loader, data_mod.split)

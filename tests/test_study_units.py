@@ -134,3 +134,32 @@ def test_groups_follow_the_declared_order_and_skip_what_has_no_units():
     got = [(name, [(t, len(tu)) for t, tu in U.groups(mu, "task", ("amazon", "mr", "yelp"))])
            for name, mu in U.groups(units, "model", ("a", "c", "b"))]
     assert got == [("a", [("amazon", 1), ("mr", 1)]), ("b", [("mr", 1)])]
+
+
+def _stub_unit(*args):
+    """Stands in for a chapter's unit: records that it ran."""
+    _stub_unit.calls.append(args)
+    return {"args": args}
+
+
+@pytest.mark.parametrize("chapter", ["theoretical_validation", "sensitivity", "dynamic_selection"])
+def test_a_unit_that_reads_a_baseline_is_recomputed_when_the_baseline_is_retrained(chapter, monkeypatch, tmp_path):
+    """The importance, sensitivity and dynamic units hold the baseline's cache folder in their keys, as a healed
+    arm holds its teacher's: the same folder reads the cache, a re-trained baseline (a new folder) re-computes."""
+    import importlib
+
+    from analysis_kit import train
+
+    study = importlib.import_module(f"analysis_kit.studies.{chapter}")
+    monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path))
+    folder = {"name": "trained_classifier-aaa"}
+    monkeypatch.setattr(train, "baseline_folder", lambda *a, **k: folder["name"])
+    monkeypatch.setattr(study, "_unit", _stub_unit)
+    _stub_unit.calls = []
+    params = study.Params(tiny=True, seeds=(0,), tasks=("amazon",))
+    args = (params, "amazon", 0) if chapter == "sensitivity" else (params, "minilm", "amazon", 0)
+    study._cached_unit(*args)
+    study._cached_unit(*args)
+    assert len(_stub_unit.calls) == 1
+    folder["name"] = "trained_classifier-bbb"
+    assert study._cached_unit(*args)["args"] == args and len(_stub_unit.calls) == 2

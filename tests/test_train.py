@@ -192,3 +192,52 @@ def test_standard_models_train_as_sequence_classifiers(name, monkeypatch, tmp_pa
     model, tok, rec = train.get_trained(train.standard_spec(name, tiny=True), task, cfg, seed=0, device="cpu")
     assert rec["steps"] == 3 and "val_majority" in rec and isinstance(rec["failed"], bool)
     assert train.predict(model, tok, ["good phone", "bad movie"]).shape == (2, 2)
+
+
+def test_the_optimizer_warms_up_decays_to_zero_and_skips_decay_on_biases_and_norms():
+    model, head = _model(), torch.nn.Linear(16, 2)
+    for p in model.bert.embeddings.parameters():
+        p.requires_grad_(False)
+    opt = train.Optimizer([(model.parameters(), 1e-3), (head.parameters(), 1e-2)], total=10, weight_decay=0.1,
+                          warmup_ratio=0.2, grad_clip=1.0)
+    assert [opt.lr_factor(s) for s in range(10)] == pytest.approx([0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375,
+                                                                   0.25, 0.125])
+    assert opt.lr_factor(10) == 0.0
+    groups = [(g["initial_lr"], g["weight_decay"], {p.ndim > 1 for p in g["params"]}) for g in opt.opt.param_groups]
+    assert groups == [(1e-3, 0.1, {True}), (1e-3, 0.0, {False}), (1e-2, 0.1, {True}), (1e-2, 0.0, {False})]
+    trained = {id(p) for p in opt.params}
+    assert trained == {id(p) for p in [*model.parameters(), *head.parameters()] if p.requires_grad}
+    assert not trained & {id(p) for p in model.bert.embeddings.parameters()}
+    big = (head.weight * 1e6).sum() + model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum()
+    before = head.weight.detach().clone()
+    opt.step(big)  # a gradient norm near 1e6, clipped to 1 in place before the update
+    assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in opt.params if p.grad is not None])) <= 1.0001
+    assert opt.sched.get_last_lr() == pytest.approx([1e-3, 1e-3, 1e-2, 1e-2])  # step 1 of 2 warm-up steps done
+    # Adam's first step moves a weight by the step's rate (lr · 0.5) times the sign of its gradient, plus decay
+    assert (head.weight.detach() - before).abs().max() <= 1e-2 * 0.5 * (1 + 0.1 * before.abs().max()) + 1e-7
+    with pytest.raises(LayerwiseError, match="requires gradients"):
+        train.Optimizer([(torch.nn.Linear(2, 2).requires_grad_(False).parameters(), 1e-3)], 5, 0.0, 0.1, 1.0)
+
+
+def test_every_trainer_of_the_kit_steps_through_the_one_optimizer(monkeypatch, tmp_path):
+    """fine_tune (and with it every healing recipe and QLoRA), the step-budget healing of ``analyze`` and the exit
+    heads' joint training all update through ``train.Optimizer.step``: one schedule, one clipping rule."""
+    from conftest import word_tokenizer
+
+    from analysis_kit import dynamic, heal
+
+    calls = []
+    step = train.Optimizer.step
+    monkeypatch.setattr(train.Optimizer, "step", lambda self, loss: (calls.append(1), step(self, loss)))
+    tok, tr, val = word_tokenizer(tmp_path, list(WordTokenizer.vocab)), _frame(16, 0), _frame(8, 1)
+    train.fine_tune(_model(), WordTokenizer(), tr, val, train.TrainConfig(epochs=1, batch_size=8, max_length=8), 0, "cpu")
+    assert len(calls) == 2
+    ids = torch.randint(1, 16, (4, 6))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 0, 1])}
+    heal.distill(_model(), _model(), [0], [batch], heal.HealConfig(steps=3), device="cpu")
+    assert len(calls) == 5
+    cfg = dynamic.ExitTrainConfig(mode="joint", epochs=1, batch_size=8, max_length=8)
+    model = _model()
+    model.resize_token_embeddings(len(tok))
+    dynamic.train_exits(model, tok, tr, val, cfg, seed=0, device="cpu")
+    assert len(calls) == 7

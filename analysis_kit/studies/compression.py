@@ -164,8 +164,7 @@ def _arm_spec(params: Params, name: str, task_name: str, seed: int, keep: tuple[
     return {"kind": "healed_arm", "model": name, "task": task_name, "seed": seed, "keep": list(keep),
             "recipe": recipe, "lr": lr, "teacher": Path(teacher_folder).name,
             "params": {k: v for k, v in asdict(params).items() if k not in SUMMARY_ONLY and not k.startswith("lr_")},
-            "code": cache.code_key(_build_arm, heal.heal_recipe, heal.recipe_student, heal._distill_loss,
-                                   heal._freeze_but_last, heal._kd_loss, heal._hidden_loss, train.fine_tune)}
+            "code": cache.code_key(*_ARM_CODE)}
 
 
 def _build_arm(folder: Path, params: Params, name: str, task: train.TaskSpec, seed: int, keep: tuple[int, ...],
@@ -745,3 +744,10 @@ def run(params: Params) -> Result:
     result.values["key_findings"] = _key_findings(result, params)
     result.in_summary = ("families", "budget", "lr_search", "anchors")
     return result
+
+
+#: The code whose hash keys a healed arm (``cache.code_key``): :func:`_build_arm` and the helpers of this module
+#: it reaches, the healing recipes with every helper of :mod:`~analysis_kit.heal` they reach (losses, teacher
+#: map, freezing, LoRA targets) and the kit's fine-tuning loop with its helpers (``cache.reachable``). Bound at
+#: the end of the module, when every helper exists.
+_ARM_CODE = cache.reachable(_build_arm, heal.heal_recipe, train.fine_tune)

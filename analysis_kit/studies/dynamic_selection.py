@@ -276,12 +276,15 @@ SUMMARY_ONLY = ("seeds", "tasks", "models", "goal_speedup", "max_loss_points", "
 def _cached_unit(params: Params, name: str, task: str, seed: int) -> dict[str, Any]:
     """``_unit``, stored on disk once complete, so an interrupted run keeps the (model, task, seed) units it
     finished and a re-run of the summary does not re-time them. The key holds every parameter a unit
-    reads, the code of the unit and of :mod:`analysis_kit.dynamic` (``cache.code_key``, the kit's one
-    invalidation rule: a reworded docstring re-times nothing), and the hardware and thread count (timings
-    belong to a machine)."""
-    spec = {"kind": "dynamic_unit", "model": name, "task": task, "seed": seed,
+    reads, the code of the unit, of :mod:`analysis_kit.dynamic` and of everything the exit heads' key holds
+    (``cache.code_key``, the kit's one invalidation rule: a reworded docstring re-times nothing), the reference
+    model's cache folder (``train.baseline_folder``: the exit model copies its recipe and budget), and the
+    hardware and thread count (timings belong to a machine)."""
+    baseline = train.baseline_folder(params.model_ref(name), seed, params.tiny, params.task_spec(task), params.device)
+    spec = {"kind": "dynamic_unit", "model": name, "task": task, "seed": seed, "baseline": baseline,
             "params": {k: v for k, v in asdict(params).items() if k not in SUMMARY_ONLY},
-            "code": code_key(_unit, _curves, _op_point, _depths, _runner_config, _ship_check, dynamic),
+            "code": code_key(_unit, _curves, _op_point, _depths, _runner_config, _ship_check, dynamic,
+                             *dynamic._EXIT_CODE),
             "hardware": {"machine": platform.machine(), "processor": platform.processor(), "node": platform.node(),
                          "threads": torch.get_num_threads(), "device": str(pick(params.device))}}
 

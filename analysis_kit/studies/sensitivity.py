@@ -144,8 +144,11 @@ def _unit(params: Params, task_name: str, seed: int) -> dict[str, Any]:
 
 
 def _cached_unit(params: Params, task: str, seed: int) -> dict[str, Any]:
-    """``_unit`` stored on disk once complete (key: the parameters it reads, its code and ``importance``'s)."""
-    spec = {"kind": "sensitivity_unit", "task": task, "seed": seed,
+    """``_unit`` stored on disk once complete (key: the parameters it reads, its code and ``importance``'s, and
+    the fine-tuned model's cache folder, ``train.baseline_folder``)."""
+    baseline = train.baseline_folder(params.model_ref(params.models[0]), seed, params.tiny, params.task_spec(task),
+                                     params.device)
+    spec = {"kind": "sensitivity_unit", "task": task, "seed": seed, "baseline": baseline,
             "params": {k: v for k, v in asdict(params).items() if k not in SUMMARY_ONLY},
             "code": cache.code_key(_unit, tv._classifier_batches, importance),
             "hardware": {"machine": platform.machine(), "device": str(pick(params.device))}}

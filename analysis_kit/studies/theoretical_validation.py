@@ -235,9 +235,12 @@ def _unit(params: Params, name: str, task_name: str, seed: int) -> dict[str, Any
 def _cached_unit(params: Params, name: str, task: str, seed: int) -> dict[str, Any]:
     """``_unit`` stored on disk once complete, so an interrupted run keeps the units it finished. The key holds
     every parameter a unit reads, the code of the unit's functions and of :mod:`analysis_kit.importance` (their
-    syntax trees without docstrings, ``cache.code_key``: a reworded docstring re-runs nothing), and the
+    syntax trees without docstrings, ``cache.code_key``: a reworded docstring re-runs nothing), the fine-tuned
+    model's cache folder (``train.baseline_folder``; none for a language model, read as it ships), and the
     hardware and thread count (the cost columns are timings, which belong to a machine)."""
-    spec = {"kind": "importance_unit", "model": name, "task": task, "seed": seed,
+    baseline = None if params.is_lm(name) else train.baseline_folder(params.model_ref(name), seed, params.tiny,
+                                                                     params.task_spec(task), params.device)
+    spec = {"kind": "importance_unit", "model": name, "task": task, "seed": seed, "baseline": baseline,
             "params": {k: v for k, v in asdict(params).items() if k not in SUMMARY_ONLY},
             "code": cache.code_key(_unit, _load, _choices, _classifier_batches, importance),
             "hardware": {"machine": platform.machine(), "processor": platform.processor(), "node": platform.node(),
