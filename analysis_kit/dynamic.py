@@ -501,7 +501,6 @@ def exit_model(model: nn.Module, tokenizer: Any, base_key: str, train_df: pd.Dat
 # Exit policies
 
 
-
 def _probs(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(-1, keepdims=True)
     e = np.exp(z)
